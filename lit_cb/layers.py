@@ -1,0 +1,201 @@
+"""The compressed linear layer shared by every codebook method (LLM-Codebook: M=1, AQLM: M>=1).
+
+One storage format, so that one kernel family, one save/load path and one LoRA dispatcher serve
+all methods:
+
+* ``codes``     ``[num_out_groups, num_in_groups, num_codebooks]``  uint8 (B <= 8) or int16 (B <= 16)
+* ``codebooks`` ``[num_codebooks, codebook_size, out_group_size, in_group_size]``  float16
+* ``scales``    ``[num_out_groups, 1, 1, 1]``  float16
+* ``bias``      ``[out_features]`` or None
+
+Weight row-group ``o``, column-group ``i`` is ``scales[o] * sum_m codebooks[m, codes[o, i, m]]``.
+int16 codes above 2**15 are stored wrapped (two's complement) and unwrapped with a bit mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ALLOWED_GROUP_SIZES = (1, 2, 4, 8, 16)
+MIN_NBITS, MAX_NBITS = 1, 16
+
+
+@dataclass(frozen=True)
+class CodebookFormat:
+    """Shape parameters of a :class:`CodebookLinear`; serialised next to checkpoints."""
+
+    in_features: int
+    out_features: int
+    in_group_size: int = 4
+    out_group_size: int = 1
+    num_codebooks: int = 1
+    nbits_per_codebook: int = 8
+    bias: bool = False
+
+    def __post_init__(self) -> None:
+        if self.in_group_size not in ALLOWED_GROUP_SIZES:
+            raise ValueError(f"in_group_size={self.in_group_size} is not allowed; use one of {ALLOWED_GROUP_SIZES}")
+        if self.out_group_size not in ALLOWED_GROUP_SIZES:
+            raise ValueError(
+                f"out_group_size={self.out_group_size} is not allowed; use one of {ALLOWED_GROUP_SIZES}"
+            )
+        if not MIN_NBITS <= self.nbits_per_codebook <= MAX_NBITS:
+            raise ValueError(
+                f"nbits_per_codebook={self.nbits_per_codebook} is out of range [{MIN_NBITS}, {MAX_NBITS}]"
+            )
+        if self.num_codebooks < 1:
+            raise ValueError(f"num_codebooks={self.num_codebooks} must be >= 1")
+        if self.in_features % self.in_group_size:
+            raise ValueError(
+                f"in_features={self.in_features} is not divisible by in_group_size={self.in_group_size}"
+            )
+        if self.out_features % self.out_group_size:
+            raise ValueError(
+                f"out_features={self.out_features} is not divisible by out_group_size={self.out_group_size}"
+            )
+
+    @property
+    def codebook_size(self) -> int:
+        return 2**self.nbits_per_codebook
+
+    @property
+    def num_in_groups(self) -> int:
+        return self.in_features // self.in_group_size
+
+    @property
+    def num_out_groups(self) -> int:
+        return self.out_features // self.out_group_size
+
+    @property
+    def code_dtype(self) -> torch.dtype:
+        return torch.uint8 if self.nbits_per_codebook <= 8 else torch.int16
+
+    def storage_bits(self) -> dict[str, int]:
+        """Bits held by codes, codebooks and scales (fp16), as counted for bits/weight."""
+        codes = self.num_out_groups * self.num_in_groups * self.num_codebooks * self.nbits_per_codebook
+        codebooks = self.num_codebooks * self.codebook_size * self.out_group_size * self.in_group_size * 16
+        scales = self.num_out_groups * 16
+        return {"codes": codes, "codebooks": codebooks, "scales": scales}
+
+    def bits_per_weight(self) -> float:
+        return sum(self.storage_bits().values()) / (self.in_features * self.out_features)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def unpack_codes(codes: torch.Tensor, nbits: int) -> torch.Tensor:
+    """Codes as int64 indices in ``[0, 2**nbits)`` (undoes the int16 wrap of B > 15)."""
+    return codes.to(torch.int64) & ((1 << nbits) - 1)
+
+
+def pack_codes(indices: torch.Tensor, nbits: int) -> torch.Tensor:
+    """int64 indices -> the storage dtype of the format (uint8 for B <= 8, wrapped int16 above)."""
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= 2**nbits):
+        raise ValueError(f"code indices must lie in [0, {2**nbits}) for nbits={nbits}")
+    if nbits <= 8:
+        return indices.to(torch.uint8)
+    wrapped = torch.where(indices >= 2**15, indices - 2**16, indices)
+    return wrapped.to(torch.int16)
+
+
+def dequantize_weight(
+    codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, nbits: int
+) -> torch.Tensor:
+    """Dense ``[out_features, in_features]`` weight in the codebooks' dtype (differentiable in
+    codebooks and scales)."""
+    num_out_groups, num_in_groups, num_codebooks = codes.shape
+    _, _, out_group_size, in_group_size = codebooks.shape
+    idx = unpack_codes(codes, nbits)
+    groups = codebooks[0][idx[..., 0]]  # [num_out_groups, num_in_groups, out_group_size, in_group_size]
+    for m in range(1, num_codebooks):
+        groups = groups + codebooks[m][idx[..., m]]
+    groups = groups * scales  # scales: [num_out_groups, 1, 1, 1]
+    return groups.permute(0, 2, 1, 3).reshape(num_out_groups * out_group_size, num_in_groups * in_group_size)
+
+
+class CodebookLinear(nn.Module):
+    """A linear layer whose weight is stored as codes into learned codebooks.
+
+    Codes are frozen buffers; codebooks and scales are parameters (frozen by default, trainable
+    for AQLM's block fine-tuning and end-to-end recovery). The forward pass picks a Triton kernel
+    for the format and device when one exists (``lit_cb.kernels``) and otherwise the PyTorch
+    reference: dequantize, then matmul.
+    """
+
+    def __init__(self, fmt: CodebookFormat, dtype: torch.dtype = torch.float16, device=None) -> None:
+        super().__init__()
+        self.fmt = fmt
+        self.in_features = fmt.in_features
+        self.out_features = fmt.out_features
+        self.register_buffer(
+            "codes",
+            torch.zeros(fmt.num_out_groups, fmt.num_in_groups, fmt.num_codebooks, dtype=fmt.code_dtype, device=device),
+        )
+        self.codebooks = nn.Parameter(
+            torch.zeros(
+                fmt.num_codebooks, fmt.codebook_size, fmt.out_group_size, fmt.in_group_size, dtype=dtype, device=device
+            ),
+            requires_grad=False,
+        )
+        self.scales = nn.Parameter(torch.ones(fmt.num_out_groups, 1, 1, 1, dtype=dtype, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(fmt.out_features, dtype=dtype, device=device), requires_grad=False) if fmt.bias else None
+        self.use_kernels = True
+
+    @classmethod
+    def from_tensors(
+        cls,
+        fmt: CodebookFormat,
+        codes: torch.Tensor,
+        codebooks: torch.Tensor,
+        scales: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float16,
+    ) -> CodebookLinear:
+        """Build a layer from int64 code indices ``[num_out_groups, num_in_groups, M]`` and float tensors."""
+        layer = cls(fmt, dtype=dtype, device=codebooks.device)
+        expected = (fmt.num_out_groups, fmt.num_in_groups, fmt.num_codebooks)
+        if tuple(codes.shape) != expected:
+            raise ValueError(f"codes have shape {tuple(codes.shape)}, expected {expected}")
+        layer.codes.copy_(pack_codes(codes, fmt.nbits_per_codebook))
+        layer.codebooks.data.copy_(codebooks.reshape(layer.codebooks.shape))
+        layer.scales.data.copy_(scales.reshape(layer.scales.shape))
+        if fmt.bias:
+            if bias is None:
+                raise ValueError("format has bias=True but no bias tensor was given")
+            layer.bias.data.copy_(bias)
+        return layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight (materialised; for evaluation, LoRA merging and tests)."""
+        return self.dequantize()
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_weight(self.codes, self.codebooks, self.scales, self.fmt.nbits_per_codebook)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_kernels and x.is_cuda:
+            from lit_cb.kernels import dispatch
+
+            kernel = dispatch.select_kernel(self.fmt, x)
+            if kernel is not None:
+                return kernel(x, self.codes, self.codebooks, self.scales, self.bias, self.fmt)
+        weight = self.dequantize().to(x.dtype)
+        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        f = self.fmt
+        return (
+            f"in={f.in_features}, out={f.out_features}, {f.num_codebooks}x{f.nbits_per_codebook} "
+            f"g{f.in_group_size} og{f.out_group_size}, bits/weight={f.bits_per_weight():.3f}"
+        )
+
+
+def is_compressed(module: nn.Module) -> bool:
+    return isinstance(module, CodebookLinear)
+
