@@ -40,19 +40,13 @@ class CodebookFormat:
         if self.in_group_size not in ALLOWED_GROUP_SIZES:
             raise ValueError(f"in_group_size={self.in_group_size} is not allowed; use one of {ALLOWED_GROUP_SIZES}")
         if self.out_group_size not in ALLOWED_GROUP_SIZES:
-            raise ValueError(
-                f"out_group_size={self.out_group_size} is not allowed; use one of {ALLOWED_GROUP_SIZES}"
-            )
+            raise ValueError(f"out_group_size={self.out_group_size} is not allowed; use one of {ALLOWED_GROUP_SIZES}")
         if not MIN_NBITS <= self.nbits_per_codebook <= MAX_NBITS:
-            raise ValueError(
-                f"nbits_per_codebook={self.nbits_per_codebook} is out of range [{MIN_NBITS}, {MAX_NBITS}]"
-            )
+            raise ValueError(f"nbits_per_codebook={self.nbits_per_codebook} is out of range [{MIN_NBITS}, {MAX_NBITS}]")
         if self.num_codebooks < 1:
             raise ValueError(f"num_codebooks={self.num_codebooks} must be >= 1")
         if self.in_features % self.in_group_size:
-            raise ValueError(
-                f"in_features={self.in_features} is not divisible by in_group_size={self.in_group_size}"
-            )
+            raise ValueError(f"in_features={self.in_features} is not divisible by in_group_size={self.in_group_size}")
         if self.out_features % self.out_group_size:
             raise ValueError(
                 f"out_features={self.out_features} is not divisible by out_group_size={self.out_group_size}"
@@ -103,9 +97,7 @@ def pack_codes(indices: torch.Tensor, nbits: int) -> torch.Tensor:
     return wrapped.to(torch.int16)
 
 
-def dequantize_weight(
-    codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, nbits: int
-) -> torch.Tensor:
+def dequantize_weight(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, nbits: int) -> torch.Tensor:
     """Dense ``[out_features, in_features]`` weight in the codebooks' dtype (differentiable in
     codebooks and scales)."""
     num_out_groups, num_in_groups, num_codebooks = codes.shape
@@ -142,8 +134,14 @@ class CodebookLinear(nn.Module):
             ),
             requires_grad=False,
         )
-        self.scales = nn.Parameter(torch.ones(fmt.num_out_groups, 1, 1, 1, dtype=dtype, device=device), requires_grad=False)
-        self.bias = nn.Parameter(torch.zeros(fmt.out_features, dtype=dtype, device=device), requires_grad=False) if fmt.bias else None
+        self.scales = nn.Parameter(
+            torch.ones(fmt.num_out_groups, 1, 1, 1, dtype=dtype, device=device), requires_grad=False
+        )
+        self.bias = (
+            nn.Parameter(torch.zeros(fmt.out_features, dtype=dtype, device=device), requires_grad=False)
+            if fmt.bias
+            else None
+        )
         self.use_kernels = True
 
     @classmethod
@@ -175,6 +173,9 @@ class CodebookLinear(nn.Module):
         """The dense weight (materialised; for evaluation, LoRA merging and tests)."""
         return self.dequantize()
 
+    def bits_per_weight(self) -> float:
+        return self.fmt.bits_per_weight()
+
     def dequantize(self) -> torch.Tensor:
         return dequantize_weight(self.codes, self.codebooks, self.scales, self.fmt.nbits_per_codebook)
 
@@ -198,4 +199,3 @@ class CodebookLinear(nn.Module):
 
 def is_compressed(module: nn.Module) -> bool:
     return isinstance(module, CodebookLinear)
-

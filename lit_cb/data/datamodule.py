@@ -1,0 +1,237 @@
+"""One LightningDataModule for the three kinds of text a compression run needs.
+
+* calibration: token windows that drive the Hessians and block fine-tuning (seeded; by default
+  drawn the way GPTQ/AQLM draw C4 calibration data: a random document longer than the window,
+  then a random window inside it);
+* fine-tuning: windows for LoRA recovery, from documents disjoint from the validation ones;
+* evaluation: the whole evaluation string tokenized once and cut into non-overlapping windows
+  (the GPTQ/AQLM perplexity protocol).
+
+Document files (``.jsonl``/``.json`` with a text field, or ``.txt``, optionally ``.xz``) are read
+through ``datasets``; the evaluation string is read verbatim because the protocol depends on its
+exact bytes.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lit_cb.data.texts import read_eval_text, resolve_text
+
+SAMPLING_MODES = ("document", "concat")
+
+
+@dataclass
+class DataConfig:
+    """Which texts to use and how to cut them. Sources are shipped names (``c4``,
+    ``wikitext2``) or local file paths."""
+
+    calibration_source: str = "c4"
+    finetune_source: str = "c4"
+    eval_source: str = "wikitext2"
+    num_calibration_samples: int = 128
+    calibration_seqlen: int = 2048
+    calibration_sampling: Literal["document", "concat"] = "document"
+    num_finetune_samples: int = 512
+    finetune_seqlen: int = 2048
+    num_val_samples: int = 16
+    val_fraction_docs: float = 0.1
+    eval_seqlen: int = 2048
+    max_eval_windows: int | None = None
+    batch_size: int = 1
+    eval_batch_size: int = 1
+    text_field: str = "text"
+    seed: int = 0
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "num_calibration_samples",
+            "calibration_seqlen",
+            "num_finetune_samples",
+            "finetune_seqlen",
+            "eval_seqlen",
+            "batch_size",
+            "eval_batch_size",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"data.{name}={value!r} must be a positive integer")
+        if self.num_val_samples < 0:
+            raise ValueError(f"data.num_val_samples={self.num_val_samples} must be >= 0")
+        if self.calibration_sampling not in SAMPLING_MODES:
+            raise ValueError(
+                f"data.calibration_sampling={self.calibration_sampling!r}; allowed: {list(SAMPLING_MODES)}"
+            )
+        if not 0.0 < self.val_fraction_docs < 1.0:
+            raise ValueError(f"data.val_fraction_docs={self.val_fraction_docs} must lie in (0, 1)")
+        if self.max_eval_windows is not None and self.max_eval_windows < 1:
+            raise ValueError(f"data.max_eval_windows={self.max_eval_windows} must be >= 1 or null (all)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_documents(source: str, text_field: str = "text") -> list[str]:
+    """Documents of a shipped or local text file, through ``datasets``."""
+    path = resolve_text(source)
+    import datasets
+
+    name = path.name.removesuffix(".xz").removesuffix(".gz")
+    if name.endswith((".jsonl", ".json")):
+        ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    elif name.endswith(".txt"):
+        ds = datasets.load_dataset("text", data_files=str(path), split="train", sample_by="paragraph")
+    else:
+        raise ValueError(f"cannot read documents from {path}: use .jsonl, .json or .txt (optionally .xz)")
+    if text_field not in ds.column_names:
+        raise ValueError(f"{path} has no field {text_field!r}; its fields: {ds.column_names}")
+    return [t for t in ds[text_field] if t and t.strip()]
+
+
+def sample_document_windows(docs_ids: list[list[int]], num_samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """GPTQ/AQLM C4 sampling: a random document with more than ``seqlen`` tokens, then one random
+    window of it, ``num_samples`` times (documents may repeat). ``[num_samples, seqlen]``"""
+    if not any(len(ids) > seqlen for ids in docs_ids):
+        longest = max((len(ids) for ids in docs_ids), default=0)
+        raise ValueError(
+            f"no document has more than seqlen={seqlen} tokens (longest: {longest}); use "
+            "calibration_sampling='concat' or a shorter calibration_seqlen"
+        )
+    rng = random.Random(seed)
+    windows = []
+    while len(windows) < num_samples:
+        ids = docs_ids[rng.randint(0, len(docs_ids) - 1)]
+        if len(ids) <= seqlen:
+            continue
+        start = rng.randint(0, len(ids) - seqlen - 1)
+        windows.append(ids[start : start + seqlen])
+    return torch.tensor(windows, dtype=torch.long)
+
+
+def sample_concat_windows(
+    docs_ids: list[list[int]], num_samples: int, seqlen: int, seed: int, separator: int | None
+) -> torch.Tensor:
+    """Random windows of the documents concatenated (with ``separator`` between them)."""
+    stream: list[int] = []
+    for ids in docs_ids:
+        stream.extend(ids)
+        if separator is not None:
+            stream.append(separator)
+    if len(stream) <= seqlen:
+        raise ValueError(f"the documents hold {len(stream)} tokens, fewer than one window of {seqlen}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(stream) - seqlen, (num_samples,), generator=gen)
+    flat = torch.tensor(stream, dtype=torch.long)
+    return torch.stack([flat[s : s + seqlen] for s in starts.tolist()])
+
+
+def eval_windows(token_ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows of one token stream, the tail dropped. ``[num_windows, seqlen]``"""
+    n = token_ids.numel() // seqlen
+    if n == 0:
+        raise ValueError(f"the evaluation text has {token_ids.numel()} tokens, fewer than eval_seqlen={seqlen}")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return token_ids[: n * seqlen].view(n, seqlen)
+
+
+class TokenWindows(Dataset):
+    def __init__(self, windows: torch.Tensor) -> None:
+        self.windows = windows
+
+    def __len__(self) -> int:
+        return self.windows.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.windows[i]}
+
+
+class CompressionDataModule(L.LightningDataModule):
+    """Calibration windows for compression, train/val windows for recovery, test windows for
+    the perplexity protocol. All tensors are built once in :meth:`setup` and are deterministic
+    given ``config.seed``, so every rank of a multi-node run sees the same calibration set
+    (each rank then takes its own shard, see :meth:`calibration_windows`)."""
+
+    def __init__(self, tokenizer, config: DataConfig | None = None) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.config = config or DataConfig()
+        self._calibration: torch.Tensor | None = None
+        self._train: torch.Tensor | None = None
+        self._val: torch.Tensor | None = None
+        self._test: torch.Tensor | None = None
+        self._docs_cache: dict[str, list[list[int]]] = {}
+
+    # -- building ---------------------------------------------------------------------------------
+    def _tokenized_docs(self, source: str) -> list[list[int]]:
+        if source not in self._docs_cache:
+            docs = load_documents(source, self.config.text_field)
+            self._docs_cache[source] = self.tokenizer(docs, add_special_tokens=False)["input_ids"]
+        return self._docs_cache[source]
+
+    def calibration_windows(self, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        """This rank's share of the calibration windows ``[n, calibration_seqlen]``."""
+        if self._calibration is None:
+            cfg = self.config
+            docs = self._tokenized_docs(cfg.calibration_source)
+            if cfg.calibration_sampling == "document":
+                self._calibration = sample_document_windows(
+                    docs, cfg.num_calibration_samples, cfg.calibration_seqlen, cfg.seed
+                )
+            else:
+                self._calibration = sample_concat_windows(
+                    docs, cfg.num_calibration_samples, cfg.calibration_seqlen, cfg.seed, self.tokenizer.eos_token_id
+                )
+        return self._calibration[rank::world_size]
+
+    def _finetune_split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        docs = self._tokenized_docs(cfg.finetune_source)
+        order = list(range(len(docs)))
+        random.Random(cfg.seed + 1).shuffle(order)
+        n_val = max(1, int(len(docs) * cfg.val_fraction_docs))
+        val_docs = [docs[i] for i in order[:n_val]]
+        train_docs = [docs[i] for i in order[n_val:]]
+        eos = self.tokenizer.eos_token_id
+        train = sample_concat_windows(train_docs, cfg.num_finetune_samples, cfg.finetune_seqlen, cfg.seed + 2, eos)
+        val = sample_concat_windows(val_docs, max(cfg.num_val_samples, 1), cfg.finetune_seqlen, cfg.seed + 3, eos)
+        return train, val[: cfg.num_val_samples]
+
+    def test_windows(self) -> torch.Tensor:
+        """Evaluation windows ``[num_windows, eval_seqlen]`` of the whole evaluation text."""
+        if self._test is None:
+            text = read_eval_text(self.config.eval_source)
+            ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+            self._test = eval_windows(ids, self.config.eval_seqlen, self.config.max_eval_windows)
+        return self._test
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit", "validate") and self._train is None:
+            self._train, self._val = self._finetune_split()
+        if stage in (None, "test"):
+            self.test_windows()
+
+    # -- loaders ------------------------------------------------------------------------------------
+    def _loader(self, windows: torch.Tensor, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            TokenWindows(windows), batch_size=batch_size, shuffle=shuffle, num_workers=self.config.num_workers
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._train, self.config.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._val, self.config.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_windows(), self.config.eval_batch_size, shuffle=False)
+
+    def calibration_dataloader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
+        return self._loader(self.calibration_windows(rank, world_size), self.config.batch_size, shuffle=False)
