@@ -1,0 +1,75 @@
+"""Kernel selection for :class:`lit_cb.layers.CodebookLinear`: by token count, format and device.
+
+``select_kernel(fmt, x)`` returns a callable ``(x, codes, codebooks, scales, bias, fmt) -> y`` or None,
+in which case the layer runs its PyTorch reference. Thresholds come from bench/kernels.py on the H100
+(bench/results/kernels_h100.json): the FMA matvec for the fewest tokens, the decode-into-``tl.dot``
+kernel up to a few hundred tokens, and a transient dense W + cuBLAS beyond, where cuBLAS's better
+tensor-core pipeline outweighs writing and re-reading the dense copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Callable, Iterator
+
+import torch
+
+# tokens <= GEMV_MAX_TOKENS: FMA matvec; <= MM_MAX_TOKENS: decode-into-dot; beyond: dense + cuBLAS
+GEMV_MAX_TOKENS = 1
+MM_MAX_TOKENS = 256
+MAX_NUM_CODEBOOKS = 4
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_cpu_interpreter = False
+
+
+@contextlib.contextmanager
+def interpreter_on_cpu(enabled: bool = True) -> Iterator[None]:
+    """Let CPU tensors reach the kernels under ``TRITON_INTERPRET=1`` (tests); never on by default,
+    since the interpreter is orders of magnitude slower than the reference."""
+    global _cpu_interpreter
+    previous, _cpu_interpreter = _cpu_interpreter, enabled
+    try:
+        yield
+    finally:
+        _cpu_interpreter = previous
+
+
+def _device_ok(x: torch.Tensor) -> bool:
+    if x.is_cuda:
+        return True
+    return _cpu_interpreter and x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def supports(fmt, x: torch.Tensor) -> bool:
+    """Whether some kernel handles this format, dtype and device."""
+    return (
+        fmt.out_group_size == 1
+        and fmt.num_codebooks <= MAX_NUM_CODEBOOKS
+        and fmt.nbits_per_codebook <= 16
+        and fmt.in_group_size & (fmt.in_group_size - 1) == 0  # power of two: tl.arange needs it
+        and x.dtype in SUPPORTED_DTYPES
+        and x.shape[-1] == fmt.in_features
+        and _device_ok(x)
+    )
+
+
+def choose_algo(fmt, tokens: int) -> str:
+    """``gemv`` / ``mm`` / ``dense`` for a call with ``tokens`` rows of input."""
+    if tokens <= GEMV_MAX_TOKENS:
+        return "gemv"
+    if tokens <= MM_MAX_TOKENS:
+        return "mm"
+    return "dense"
+
+
+def select_kernel(fmt, x: torch.Tensor) -> Callable | None:
+    """The kernel for this call, or None for the PyTorch reference (unsupported format or device)."""
+    if not supports(fmt, x):
+        return None
+    from .ops import codebook_linear
+
+    tokens = x.numel() // max(1, x.shape[-1])
+    return functools.partial(codebook_linear, algo=choose_algo(fmt, tokens))

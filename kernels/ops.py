@@ -1,0 +1,121 @@
+"""Torch custom ops around the Triton launchers, so torch.compile and CUDA graphs see one opaque,
+shape-inferable op (``register_fake``) and autograd reaches the input through it (``register_autograd``).
+
+* ``lit_cb::codebook_linear(x, codes, codebooks, scales, bias, nbits, algo)`` -> ``[..., out_features]``
+* ``lit_cb::codebook_linear_grad_input(grad_out, codes, codebooks, scales, nbits)`` -> ``[..., in_features]``
+
+Gradients flow to ``x`` and ``bias`` only. Codebooks and scales get none here: when they require grad the
+layer-facing :func:`codebook_linear` takes the differentiable PyTorch reference instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import codebook as K
+
+ALGOS = ("gemv", "mm", "dense")
+
+
+def _mm_config(tokens: int, num_out: int, group_size: int) -> K.MMConfig:
+    """Tiles for the decode-into-dot kernel by token count (measured on the H100, bench/kernels.py)."""
+    if tokens <= 16:
+        return K.MMConfig(block_m=16, block_n=64, block_g=max(1, 128 // group_size), num_warps=4, num_stages=3)
+    if tokens <= 64:
+        return K.MMConfig(block_m=64, block_n=64, block_g=max(1, 128 // group_size), num_warps=4, num_stages=3)
+    return K.MMConfig(block_m=128, block_n=128, block_g=max(2, 64 // group_size), num_warps=8, num_stages=3)
+
+
+def _gemv_config(tokens: int, num_out: int, group_size: int) -> K.GemvConfig:
+    return K.GemvConfig(block_n=8, block_g=max(1, 512 // group_size), num_warps=4, num_stages=3)
+
+
+def run_algo(
+    x2d: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+    bias: torch.Tensor | None, nbits: int, algo: str,
+) -> torch.Tensor:
+    """One kernel family on a 2-D input, with the tile heuristics above."""
+    tokens, g, num_out = x2d.shape[0], codebooks.shape[3], codes.shape[0]
+    if algo == "gemv":
+        return K.codebook_gemv(x2d, codes, codebooks, scales, bias, nbits, _gemv_config(tokens, num_out, g))
+    if algo == "mm":
+        return K.codebook_mm(x2d, codes, codebooks, scales, bias, nbits, _mm_config(tokens, num_out, g))
+    if algo == "dense":
+        return K.codebook_dense(x2d, codes, codebooks, scales, bias, nbits)
+    raise ValueError(f"unknown algo {algo!r}; expected one of {ALGOS}")
+
+
+@torch.library.custom_op("lit_cb::codebook_linear", mutates_args=())
+def codebook_linear_op(
+    x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+    bias: torch.Tensor | None, nbits: int, algo: str,
+) -> torch.Tensor:
+    x2d = x.reshape(-1, x.shape[-1])
+    out = run_algo(x2d, codes, codebooks, scales, bias, nbits, algo)
+    return out.reshape(*x.shape[:-1], codes.shape[0])
+
+
+@codebook_linear_op.register_fake
+def _(x, codes, codebooks, scales, bias, nbits, algo):
+    return x.new_empty(*x.shape[:-1], codes.shape[0])
+
+
+@torch.library.custom_op("lit_cb::codebook_linear_grad_input", mutates_args=())
+def codebook_linear_grad_input_op(
+    grad_out: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, nbits: int
+) -> torch.Tensor:
+    """``grad_x = grad_out @ W``: a transient dense W (Triton dequant) and one cuBLAS matmul.
+
+    Training batches are large (LoRA: thousands of tokens), where the dequant is a few percent of the
+    matmul; small-batch backward is rare enough not to need its own kernel.
+    """
+    g2d = grad_out.reshape(-1, grad_out.shape[-1])
+    w = K.codebook_dequant(codes, codebooks, scales, nbits, grad_out.dtype)  # [out_features, in_features]
+    return (g2d @ w).reshape(*grad_out.shape[:-1], w.shape[1])
+
+
+@codebook_linear_grad_input_op.register_fake
+def _(grad_out, codes, codebooks, scales, nbits):
+    return grad_out.new_empty(*grad_out.shape[:-1], codes.shape[1] * codebooks.shape[3])
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, codes, codebooks, scales, bias, nbits, algo = inputs
+    ctx.save_for_backward(codes, codebooks, scales)
+    ctx.nbits = nbits
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad):
+    codes, codebooks, scales = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.lit_cb.codebook_linear_grad_input(grad.contiguous(), codes, codebooks, scales, ctx.nbits)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, None, grad_bias, None, None
+
+
+codebook_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def codebook_linear(
+    x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+    bias: torch.Tensor | None, fmt, algo: str | None = None,
+) -> torch.Tensor:
+    """The callable :func:`lit_cb.kernels.dispatch.select_kernel` hands to ``CodebookLinear.forward``.
+
+    When codebooks or scales are being trained the kernels cannot give them gradients, so this runs the
+    differentiable reference (dequantize + ``F.linear``) instead; the selector cannot see that itself.
+    """
+    if torch.is_grad_enabled() and (codebooks.requires_grad or scales.requires_grad):
+        from lit_cb.layers import dequantize_weight
+
+        weight = dequantize_weight(codes, codebooks, scales, fmt.nbits_per_codebook).to(x.dtype)
+        return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+    if algo is None:
+        from .dispatch import choose_algo
+
+        algo = choose_algo(fmt, x.numel() // max(1, x.shape[-1]))
+    return torch.ops.lit_cb.codebook_linear(x, codes, codebooks, scales, bias, fmt.nbits_per_codebook, algo)
