@@ -1,0 +1,583 @@
+"""LLM-Codebook quantizer: one learned codebook per layer (M=1, out_group_size=1).
+
+Each weight row is divided by a per-row fp16 scale and cut into groups of ``g`` consecutive input
+weights; all groups of the layer are clustered together into ``2**B`` centroids of dimension ``g``.
+The storage cost is ``B / g`` bits per weight plus the (tiny) codebook and scales, so ``g=4, B=8``
+gives ~2 bits/weight.
+
+Plain k-means minimises ``||W - Ŵ||²``, but what matters is the layer output error
+``||X Wᵀ - X Ŵᵀ||² / n = tr(ΔW H ΔWᵀ)`` with ``H = XᵀX / n``. Two Hessian-aware variants:
+
+* ``"hessian_diag"``: weighted k-means whose per-coordinate weights are ``diag(H)`` (times the
+  row scale squared, so that the error is measured in the original weight space). This is the
+  diagonal approximation of the layer objective, and Lloyd's algorithm stays monotone with it.
+* ``"gptvq"``: fit the codebook the same way (weights chosen by ``gptvq_fit_weights``), then assign
+  codes group by group of ``g`` columns in order, with GPTQ's inverse-Hessian Cholesky error
+  feedback: the error of each group is propagated onto the not yet quantized columns, and each
+  group's assignment uses the exact (g×g, not diagonal) OBS metric of that group.
+
+Both can finish with a few conjugate-gradient steps on the codebook (codes fixed) against the
+full objective ``tr(ΔW H ΔWᵀ)``, which is quadratic in the centroids.
+
+Everything is torch-only, vectorised and chunked so temporaries stay below ``MAX_TEMP_BYTES``;
+it runs on the device of the weight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+
+from lit_cb.layers import CodebookFormat, CodebookLinear
+from lit_cb.quant.registry import register_method
+
+ALLOWED_IN_GROUP_SIZES = (1, 2, 4, 8)
+MIN_NBITS, MAX_NBITS = 2, 16
+WEIGHTINGS = ("hessian_diag", "gptvq", "none")
+INITS = ("kmeans++", "random")
+SCALES = ("row_max", "row_norm", None)
+GPTVQ_FIT_WEIGHTS = ("hessian_diag", "hinv_chol")
+
+MAX_TEMP_BYTES = 1 << 28  # 256 MiB for the [chunk, K] distance blocks on GPU; well under the 1 GB budget
+MAX_TEMP_BYTES_CPU = 1 << 25  # on CPU, cache-sized blocks are faster than big ones
+KMEANS_FULL_ITERS = 3  # Lloyd iterations on all vectors after a subsampled fit (see kmeans_max_points)
+KMEANSPP_SAMPLE_PER_CLUSTER = 64  # k-means++ runs on a random subsample of this many vectors per centroid
+KMEANSPP_SEQUENTIAL_MAX = 4096  # above this many centroids, k-means++ picks several centroids per round
+
+
+@dataclass(frozen=True)
+class CodebookConfig:
+    """Settings of the LLM-Codebook quantizer (one ``2**nbits`` x ``in_group_size`` codebook per layer).
+
+    ``damp`` is relative: ``H + damp * mean(diag H) * I`` (as in GPTQ), which keeps the Cholesky
+    factorisation of the inverse stable for rank-deficient calibration Hessians.
+    """
+
+    in_group_size: int = 4
+    nbits: int = 8
+    weighting: str = "gptvq"
+    kmeans_iters: int = 30
+    init: str = "kmeans++"
+    seed: int = 0
+    damp: float = 0.01
+    gptvq_block_size: int = 128
+    gptvq_fit_weights: str = "hessian_diag"
+    scale: str | None = "row_norm"
+    codebook_update_steps: int = 10
+    kmeans_max_points: int | None = 65536
+
+    def __post_init__(self) -> None:
+        def bad(name: str, allowed: str) -> ValueError:
+            return ValueError(f"CodebookConfig.{name}={getattr(self, name)!r} is invalid; allowed: {allowed}")
+
+        if not _is_int(self.in_group_size) or self.in_group_size not in ALLOWED_IN_GROUP_SIZES:
+            raise bad("in_group_size", f"one of {ALLOWED_IN_GROUP_SIZES}")
+        if not _is_int(self.nbits) or not MIN_NBITS <= self.nbits <= MAX_NBITS:
+            raise bad("nbits", f"an integer in [{MIN_NBITS}, {MAX_NBITS}]")
+        if self.weighting not in WEIGHTINGS:
+            raise bad("weighting", f"one of {WEIGHTINGS}")
+        if not _is_int(self.kmeans_iters) or self.kmeans_iters < 0:
+            raise bad("kmeans_iters", "an integer >= 0")
+        if self.init not in INITS:
+            raise bad("init", f"one of {INITS}")
+        if not _is_int(self.seed):
+            raise bad("seed", "an integer")
+        if (
+            isinstance(self.damp, bool)
+            or not isinstance(self.damp, int | float)
+            or not (0.0 <= self.damp < math.inf)
+        ):
+            raise bad("damp", "a finite float >= 0")
+        if (
+            not _is_int(self.gptvq_block_size)
+            or self.gptvq_block_size < self.in_group_size
+            or self.gptvq_block_size % self.in_group_size
+        ):
+            raise bad("gptvq_block_size", f"a positive multiple of in_group_size={self.in_group_size}")
+        if self.gptvq_fit_weights not in GPTVQ_FIT_WEIGHTS:
+            raise bad("gptvq_fit_weights", f"one of {GPTVQ_FIT_WEIGHTS}")
+        if self.scale not in SCALES:
+            raise bad("scale", f"one of {SCALES}")
+        if not _is_int(self.codebook_update_steps) or self.codebook_update_steps < 0:
+            raise bad("codebook_update_steps", "an integer >= 0")
+        if self.kmeans_max_points is not None and (
+            not _is_int(self.kmeans_max_points) or self.kmeans_max_points < 2**self.nbits
+        ):
+            raise bad("kmeans_max_points", f"None (all vectors) or an integer >= 2**nbits={2**self.nbits}")
+
+    @property
+    def codebook_size(self) -> int:
+        return 2**self.nbits
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CodebookConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise so that typos in recipes are not ignored."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown CodebookConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def make_format(self, in_features: int, out_features: int, bias: bool) -> CodebookFormat:
+        return CodebookFormat(
+            in_features=in_features,
+            out_features=out_features,
+            in_group_size=self.in_group_size,
+            out_group_size=1,
+            num_codebooks=1,
+            nbits_per_codebook=self.nbits,
+            bias=bias,
+        )
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# --------------------------------------------------------------------------------------------
+# Layer objective
+# --------------------------------------------------------------------------------------------
+
+
+def layer_error(weight: torch.Tensor, weight_hat: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``tr(ΔW H ΔWᵀ)``, i.e. ``||X Wᵀ - X Ŵᵀ||² / n`` when ``H = XᵀX / n`` (computed in >= fp32)."""
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    delta = weight.to(dtype) - weight_hat.to(device=weight.device, dtype=dtype)  # [out, in]
+    h = hessian.to(device=weight.device, dtype=dtype)  # [in, in]
+    return float(((delta @ h) * delta).sum())
+
+
+def relative_layer_error(weight: torch.Tensor, weight_hat: torch.Tensor, hessian: torch.Tensor) -> float:
+    """:func:`layer_error` divided by ``tr(W H Wᵀ)`` (the output energy): 0 is perfect, 1 is Ŵ = 0."""
+    ref = layer_error(weight, torch.zeros_like(weight), hessian)
+    return layer_error(weight, weight_hat, hessian) / max(ref, 1e-30)
+
+
+@contextlib.contextmanager
+def _exact_fp32_matmul() -> Iterator[None]:
+    """Distances by the ``|c|² - 2 x·c`` expansion need full fp32; TF32 would pick wrong centroids."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+# --------------------------------------------------------------------------------------------
+# Weighted k-means
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class KMeansResult:
+    centroids: torch.Tensor  # [K, g]
+    codes: torch.Tensor  # [N] int64
+    history: list[float]  # objective after every assignment and every update step
+
+
+def weighted_error(
+    x: torch.Tensor, w: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor
+) -> torch.Tensor:
+    """Per-vector error ``sum_j w_nj (x_nj - c_{codes_n, j})²``, shape ``[N]``."""
+    return (w * (x - centroids[codes]).square()).sum(-1)
+
+
+def _chunk_rows(num_clusters: int, device: torch.device) -> int:
+    # Three live [chunk, K] fp32 temporaries (scores, argmin workspace, matmul output).
+    max_bytes = MAX_TEMP_BYTES_CPU if device.type == "cpu" else MAX_TEMP_BYTES
+    return max(1, max_bytes // (num_clusters * 4 * 3))
+
+
+def _argmin_scores(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``argmin_k (a @ bᵀ + bias)[n, k]`` for every row ``n``, chunked over rows.
+
+    a: [N, d], b: [K, d], bias: [K] or None -> [N] int64.
+    """
+    n, k = a.shape[0], b.shape[0]
+    out = torch.empty(n, dtype=torch.int64, device=a.device)
+    step = _chunk_rows(k, a.device)
+    bt = b.t().contiguous()  # [d, K]
+    for s in range(0, n, step):
+        scores = a[s : s + step] @ bt  # [chunk, K]
+        if bias is not None:
+            scores += bias
+        out[s : s + step] = scores.argmin(dim=1)
+    return out
+
+
+def _assign(x: torch.Tensor, w: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Nearest centroid under the per-vector diagonal metric ``w``.
+
+    ``sum_j w_j (x_j - c_j)² = const_n + [w, -2 w x] · [c², c]``, one matmul of width ``2g``.
+    """
+    a = torch.cat([w, -2.0 * w * x], dim=1)  # [N, 2g]
+    b = torch.cat([centroids.square(), centroids], dim=1)  # [K, 2g]
+    return _argmin_scores(a, b)
+
+
+def _guarded_assign(
+    x: torch.Tensor, w: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Assignment step that can never increase any vector's error.
+
+    The matmul expansion loses a few ulps to cancellation; re-evaluating the old and new errors
+    directly and keeping the old code unless the new one is strictly better makes the step
+    monotone in the objective as it is actually evaluated. Returns (codes [N], errors [N]).
+    """
+    new = _assign(x, w, centroids)
+    new_err = weighted_error(x, w, centroids, new)
+    if codes is None:
+        return new, new_err
+    old_err = weighted_error(x, w, centroids, codes)
+    better = new_err < old_err
+    return torch.where(better, new, codes), torch.where(better, new_err, old_err)
+
+
+def _update_centroids(
+    x: torch.Tensor, w: torch.Tensor, codes: torch.Tensor, centroids: torch.Tensor, errors: torch.Tensor
+) -> torch.Tensor:
+    """Per-coordinate weighted means; empty clusters are re-seeded at the worst-served vectors.
+
+    The weighted mean is the exact minimiser of each cluster's coordinate-separable objective, so
+    this step never increases it. An empty cluster contributes nothing to the objective, so moving
+    it does not change the objective now and lets the next assignment step lower it.
+    """
+    k, g = centroids.shape
+    num = torch.zeros(k, g, dtype=x.dtype, device=x.device).index_add_(0, codes, w * x)  # [K, g]
+    den = torch.zeros(k, g, dtype=x.dtype, device=x.device).index_add_(0, codes, w)  # [K, g]
+    new = torch.where(den > 0, num / den.clamp_min(torch.finfo(x.dtype).tiny), centroids)
+    counts = torch.bincount(codes, minlength=k)
+    empty = (counts == 0).nonzero().flatten()
+    if empty.numel():
+        n_seed = min(int(empty.numel()), x.shape[0])
+        worst = errors.topk(n_seed).indices
+        new[empty[:n_seed]] = x[worst]
+    return new
+
+
+def _kmeanspp_init(x: torch.Tensor, w: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Weighted k-means++ on a random subsample: centroids sampled ∝ weighted distance to the nearest.
+
+    Above ``KMEANSPP_SEQUENTIAL_MAX`` centroids several are drawn per round (k-means||-like) so
+    that B=16 codebooks do not need 65536 sequential rounds.
+    """
+    n = x.shape[0]
+    m = min(n, KMEANSPP_SAMPLE_PER_CLUSTER * k)
+    if m < n:
+        idx = torch.randperm(n, generator=gen, device=gen.device)[:m].to(x.device)
+        x, w = x[idx], w[idx]
+    mass = w.sum(-1).double()  # [m]
+    first = torch.multinomial(mass / mass.sum(), 1, generator=gen).to(x.device)
+    chosen = [first]
+    dist = (w * (x - x[first]).square()).sum(-1)  # [m] weighted distance to the nearest chosen centroid
+    per_round = max(1, k // KMEANSPP_SEQUENTIAL_MAX)
+    total = 1
+    while total < k:
+        r = min(per_round, k - total)
+        d = dist.double()
+        if float(d.sum()) <= 0:  # every vector coincides with a centroid: remaining picks are arbitrary
+            d = torch.ones_like(d)
+        pick = torch.multinomial(d / d.sum(), r, replacement=False, generator=gen).to(x.device)
+        chosen.append(pick)
+        total += r
+        new_c = x[pick]  # [r, g]
+        if r == 1:
+            dist = torch.minimum(dist, (w * (x - new_c).square()).sum(-1))
+        else:
+            codes = _assign(x, w, new_c)
+            dist = torch.minimum(dist, weighted_error(x, w, new_c, codes))
+    return x[torch.cat(chosen)].clone()
+
+
+def weighted_kmeans(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    num_clusters: int,
+    iters: int = 30,
+    init: str = "kmeans++",
+    seed: int = 0,
+    tol: float = 1e-7,
+    init_centroids: torch.Tensor | None = None,
+) -> KMeansResult:
+    """Lloyd's algorithm for ``min sum_n sum_j w_nj (x_nj - c_{a_n, j})²``.
+
+    x, w: [N, g] (w >= 0, per-vector, per-coordinate importance). Every step is non-increasing
+    in the objective (see :func:`_guarded_assign`, :func:`_update_centroids`); ``history`` records
+    it after the initial assignment and after each update and assignment. Stops after ``iters``
+    update steps or when an iteration improves the objective by less than ``tol`` (relative).
+    """
+    x = x.float()
+    w = w.float()
+    n, g = x.shape
+    gen = torch.Generator(device=x.device)
+    gen.manual_seed(seed)
+    with _exact_fp32_matmul():
+        if init_centroids is not None:
+            centroids = init_centroids.to(x).clone()
+        elif n <= num_clusters:
+            # At most as many vectors as centroids: every vector gets its own centroid (zero error).
+            pad = x[torch.randint(0, n, (num_clusters - n,), generator=gen, device=gen.device).to(x.device)]
+            centroids = torch.cat([x, pad], dim=0)
+        elif init == "kmeans++":
+            centroids = _kmeanspp_init(x, w, num_clusters, gen)
+        elif init == "random":
+            idx = torch.randperm(n, generator=gen, device=gen.device)[:num_clusters].to(x.device)
+            centroids = x[idx].clone()
+        else:
+            raise ValueError(f"init={init!r} is invalid; allowed: {INITS}")
+        codes, errors = _guarded_assign(x, w, centroids, None)
+        history = [float(errors.double().sum())]
+        for _ in range(iters):
+            centroids = _update_centroids(x, w, codes, centroids, errors)
+            errors = weighted_error(x, w, centroids, codes)
+            history.append(float(errors.double().sum()))
+            prev = history[-2]
+            codes, errors = _guarded_assign(x, w, centroids, codes)
+            history.append(float(errors.double().sum()))
+            if prev - history[-1] <= tol * max(prev, 1e-30):
+                break
+    return KMeansResult(centroids=centroids, codes=codes, history=history)
+
+
+# --------------------------------------------------------------------------------------------
+# Hessian helpers, scales
+# --------------------------------------------------------------------------------------------
+
+
+def damped_hessian(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """``H + damp * mean(diag H) * I``; dead columns (zero diagonal) get a unit diagonal as in GPTQ."""
+    h = hessian.float().clone()
+    diag = h.diagonal()
+    dead = diag <= 0
+    diag[dead] = 1.0
+    mean = float(diag.mean())
+    diag += damp * mean
+    return h
+
+
+def inverse_hessian_cholesky(h_damped: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``H⁻¹`` (``H⁻¹ = UᵀU``), the factor GPTQ's error feedback uses."""
+    lower = torch.linalg.cholesky(h_damped.double())
+    hinv = torch.cholesky_inverse(lower)
+    return torch.linalg.cholesky(hinv, upper=True).float()
+
+
+def row_scales(weight: torch.Tensor, mode: str | None) -> torch.Tensor:
+    """Per-output-row scales ``[out]``, rounded to fp16 (what is stored), never zero."""
+    if mode is None:
+        s = torch.ones(weight.shape[0], device=weight.device)
+    elif mode == "row_max":
+        s = weight.abs().amax(dim=1)
+    elif mode == "row_norm":
+        s = weight.square().mean(dim=1).sqrt()  # RMS: robust to single outliers, unlike the max
+    else:
+        raise ValueError(f"scale={mode!r} is invalid; allowed: {SCALES}")
+    s = s.half().float()
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+# --------------------------------------------------------------------------------------------
+# GPTVQ error-feedback assignment and codebook refinement
+# --------------------------------------------------------------------------------------------
+
+
+def gptvq_assign(
+    weight_n: torch.Tensor, codebook: torch.Tensor, hinv_chol: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """Assign codes group by group of ``g`` columns with GPTQ-style inverse-Hessian error feedback.
+
+    weight_n: [out, in] weights divided by their row scales; codebook: [K, g];
+    hinv_chol: [in, in] upper ``U`` with ``H⁻¹ = UᵀU``. Returns codes [out, in // g].
+
+    For the group ``J`` of columns about to be fixed (all earlier ones fixed, later ones free),
+    the OBS loss of an error ``δ`` (per row) is ``δ (U_JJᵀ U_JJ)⁻¹ δᵀ = ||δ U_JJ⁻¹||²``, so the
+    nearest centroid is found after mapping both rows and centroids by ``L_J = U_JJ⁻¹``; the
+    optimal compensation of the later columns is ``-δ L_J U_{J, rest}``. Since the row scale is a
+    constant per row, the feedback can run on the normalised weights. For g=1 this is GPTQ.
+    """
+    out_f, in_f = weight_n.shape
+    k, g = codebook.shape
+    ng = in_f // g
+    w = weight_n.float().clone()
+    u = hinv_chol.float()
+    # Inverse of every diagonal g×g block of U, batched: [ng, g, g]
+    blocks = u.reshape(ng, g, ng, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    eye = torch.eye(g, device=u.device).expand(ng, g, g)
+    inv_blocks = torch.linalg.solve_triangular(blocks, eye, upper=True)  # [ng, g, g]
+    cb_t = torch.einsum("kg,ngh->nkh", codebook, inv_blocks)  # [ng, K, g] mapped centroids
+    cb_bias = cb_t.square().sum(-1)  # [ng, K]
+    codes = torch.empty(out_f, ng, dtype=torch.int64, device=w.device)
+    for b0 in range(0, in_f, block_size):
+        b1 = min(b0 + block_size, in_f)
+        wb = w[:, b0:b1].clone()  # [out, bs]
+        err = torch.zeros_like(wb)  # [out, bs] scaled errors δ L_J
+        for j0 in range(0, b1 - b0, g):
+            gi = (b0 + j0) // g
+            cols = slice(j0, j0 + g)
+            x_t = wb[:, cols] @ inv_blocks[gi]  # [out, g]
+            c = _argmin_scores(-2.0 * x_t, cb_t[gi], cb_bias[gi])  # [out]
+            codes[:, gi] = c
+            e = (wb[:, cols] - codebook[c]) @ inv_blocks[gi]  # [out, g]
+            err[:, cols] = e
+            if j0 + g < b1 - b0:
+                wb[:, j0 + g :] -= e @ u[b0 + j0 : b0 + j0 + g, b0 + j0 + g : b1]
+        if b1 < in_f:
+            w[:, b1:] -= err @ u[b0:b1, b1:]
+    return codes
+
+
+def _expand(codebook: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Dense ``[out, in]`` from codebook [K, g], codes [out, ng], scales [out]."""
+    out_f, ng = codes.shape
+    return (codebook[codes] * scales[:, None, None]).reshape(out_f, ng * codebook.shape[1])
+
+
+def _scatter_to_codebook(
+    g_w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, k: int
+) -> torch.Tensor:
+    """Adjoint of :func:`_expand`: ``sum_{o,i: codes=k} s_o G[o, i]`` -> [K, g]."""
+    out_f, ng = codes.shape
+    gsz = g_w.shape[1] // ng
+    vals = (g_w.reshape(out_f, ng, gsz) * scales[:, None, None]).reshape(-1, gsz)  # [out*ng, g]
+    return torch.zeros(k, gsz, dtype=g_w.dtype, device=g_w.device).index_add_(0, codes.reshape(-1), vals)
+
+
+def refine_codebook(
+    weight: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    codebook: torch.Tensor,
+    hessian: torch.Tensor,
+    steps: int,
+) -> torch.Tensor:
+    """Minimise ``tr((W - Ŵ(C)) H (W - Ŵ(C))ᵀ)`` over the centroids ``C`` with the codes fixed.
+
+    The objective is quadratic in ``C`` (normal equations ``A C = b`` of size ``K·g``), so
+    Jacobi-preconditioned conjugate gradients is the natural solver: each step costs one
+    ``[out, in] @ [in, in]`` matmul and, in exact arithmetic, never increases the objective.
+    The fp32 result is only kept if it evaluates no worse (after fp16 rounding) than the input.
+    """
+    if steps <= 0:
+        return codebook
+    k, g = codebook.shape
+    h = hessian.float()
+    c = codebook.float().clone()
+    # Jacobi preconditioner: the diagonal of A restricted to each vector's own g coordinates.
+    hdiag = h.diagonal().reshape(1, -1).expand(codes.shape[0], -1)  # [out, in]
+    precond = _scatter_to_codebook(hdiag * scales[:, None], codes, scales, k)  # [K, g]
+    precond = torch.where(precond > 0, precond, torch.ones_like(precond))
+    r = _scatter_to_codebook((weight - _expand(c, codes, scales)) @ h, codes, scales, k)
+    z = r / precond
+    p = z.clone()
+    rz = float((r * z).sum())
+    for _ in range(steps):
+        ap = _scatter_to_codebook(_expand(p, codes, scales) @ h, codes, scales, k)
+        pap = float((p * ap).sum())
+        if pap <= 0 or rz <= 0:
+            break
+        alpha = rz / pap
+        c += alpha * p
+        r -= alpha * ap
+        z = r / precond
+        rz_new = float((r * z).sum())
+        p = z + (rz_new / rz) * p
+        rz = rz_new
+    c_half = c.half().float()
+    before = layer_error(weight, _expand(codebook.float(), codes, scales), h)
+    after = layer_error(weight, _expand(c_half, codes, scales), h)
+    return c_half if after <= before else codebook
+
+
+# --------------------------------------------------------------------------------------------
+# The registered transform
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CodebookQuantResult:
+    codes: torch.Tensor  # [out, in // g] int64
+    codebook: torch.Tensor  # [K, g] fp32 holding fp16-representable values
+    scales: torch.Tensor  # [out] fp32 holding fp16-representable values
+    kmeans_history: list[float]
+
+
+def codebook_quantize_tensors(
+    weight: torch.Tensor, hessian: torch.Tensor | None, config: CodebookConfig
+) -> CodebookQuantResult:
+    """Codes, codebook and scales for one ``[out, in]`` weight; see the module docstring."""
+    out_f, in_f = weight.shape
+    g, k = config.in_group_size, config.codebook_size
+    if in_f % g:
+        raise ValueError(f"in_features={in_f} is not divisible by in_group_size={g}")
+    w = weight.float()
+    scales = row_scales(w, config.scale)  # [out]
+    wn = w / scales[:, None]  # [out, in]
+    x = wn.reshape(-1, g)  # [out * ng, g]
+
+    if config.weighting != "none" and hessian is None:
+        raise ValueError(f"weighting={config.weighting!r} needs a Hessian")
+    h = damped_hessian(hessian.to(w.device), config.damp) if hessian is not None else None
+    u = None
+    if config.weighting == "none":
+        col_w = torch.ones(in_f, device=w.device)
+    elif config.weighting == "gptvq" and config.gptvq_fit_weights == "hinv_chol":
+        u = inverse_hessian_cholesky(h)
+        col_w = u.diagonal().square().reciprocal()  # GPTQ's per-column saliency 1 / U_jj²
+    else:
+        col_w = h.diagonal().clone()
+    # Error in the original space is s_o² times the error in the normalised space.
+    vw = (scales.square()[:, None] * col_w[None, :]).reshape(-1, g)  # [out * ng, g]
+
+    n = x.shape[0]
+    if config.kmeans_max_points is not None and n > config.kmeans_max_points:
+        # Fit on a random subsample (the costly part on CPU), then polish on every vector.
+        gen = torch.Generator(device=x.device)
+        gen.manual_seed(config.seed + 1)
+        idx = torch.randperm(n, generator=gen, device=gen.device)[: config.kmeans_max_points].to(x.device)
+        sub = weighted_kmeans(
+            x[idx], vw[idx], k, iters=config.kmeans_iters, init=config.init, seed=config.seed
+        )
+        km = weighted_kmeans(
+            x, vw, k, iters=min(KMEANS_FULL_ITERS, config.kmeans_iters), init_centroids=sub.centroids
+        )
+        km.history = sub.history + km.history
+    else:
+        km = weighted_kmeans(x, vw, k, iters=config.kmeans_iters, init=config.init, seed=config.seed)
+    codebook = km.centroids.half().float()  # what is stored; later steps see the rounded values
+    with _exact_fp32_matmul():
+        if config.weighting == "gptvq":
+            if u is None:
+                u = inverse_hessian_cholesky(h)
+            codes = gptvq_assign(wn, codebook, u, config.gptvq_block_size)
+        else:
+            codes, _ = _guarded_assign(x, vw, codebook, km.codes)
+            codes = codes.reshape(out_f, in_f // g)
+        if config.weighting != "none":  # "none" stays the plain k-means ablation baseline
+            codebook = refine_codebook(w, codes, scales, codebook, h, config.codebook_update_steps)
+    return CodebookQuantResult(codes=codes, codebook=codebook, scales=scales, kmeans_history=km.history)
+
+
+@register_method(CodebookConfig, "codebook")
+def quantize_codebook(
+    weight: torch.Tensor, hessian: torch.Tensor, config: CodebookConfig, bias: torch.Tensor | None = None
+) -> CodebookLinear:
+    """Compress one linear layer's ``[out, in]`` fp32 weight into a :class:`CodebookLinear`."""
+    out_f, in_f = weight.shape
+    res = codebook_quantize_tensors(weight, hessian, config)
+    fmt = config.make_format(in_f, out_f, bias is not None)
+    return CodebookLinear.from_tensors(
+        fmt,
+        res.codes.reshape(out_f, in_f // config.in_group_size, 1),  # [num_out_groups, num_in_groups, 1]
+        res.codebook.reshape(1, config.codebook_size, 1, config.in_group_size).half(),  # [1, K, 1, g]
+        res.scales.reshape(out_f, 1, 1, 1).half(),  # [num_out_groups, 1, 1, 1]
+        None if bias is None else bias.half(),
+    )
