@@ -146,6 +146,7 @@ def main() -> None:
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--out", default=None)
+    p.add_argument("--dump-asm", default=None, help="folder for PTX/SASS of the compiled kernels")
     args = p.parse_args()
 
     ensure_kernels_package()
@@ -248,6 +249,8 @@ def main() -> None:
         del ws, nf4
         torch.cuda.empty_cache()
 
+    if args.dump_asm:
+        dump_asm(K, args.dump_asm)
     props = torch.cuda.get_device_properties(0)
     result = {
         "device": f"{props.name}, {props.multi_processor_count} SMs",
@@ -268,20 +271,44 @@ def sweep_variants(K, batch: int, g: int):
     """Tile variants per kernel family for this batch size (for tuning dispatch thresholds)."""
     out = []
     if batch <= 16:
-        for bn, bk, warps, stages in [(4, 512, 4, 3), (8, 512, 4, 3), (16, 256, 4, 3), (8, 1024, 8, 2),
-                                      (2, 1024, 4, 3), (32, 128, 4, 4)]:
+        for bn, bk, warps, stages in [(16, 256, 4, 3), (8, 1024, 8, 2), (4, 512, 4, 3), (32, 128, 4, 4)]:
             cfg = K.GemvConfig(block_n=bn, block_g=bk // g, num_warps=warps, num_stages=stages)
             out.append((f"gemv_n{bn}_k{bk}_w{warps}_s{stages}",
                         lambda x, c, cb, s, b, cfg=cfg: K.codebook_gemv(x, c, cb, s, None, b, cfg)))
-    mm = [(16, 64, 128, 4, 3), (16, 32, 256, 4, 3), (16, 128, 64, 4, 4), (16, 16, 256, 4, 3)] if batch <= 16 else (
-        [(64, 64, 128, 4, 3), (64, 128, 64, 4, 4), (32, 64, 128, 4, 3)] if batch <= 64 else
-        [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)])
+    mm = ([(16, 32, 256, 4, 3), (16, 64, 128, 4, 3), (16, 128, 64, 4, 4)] if batch <= 16 else
+          [(128, 128, 32, 4, 4), (128, 128, 64, 8, 3), (128, 256, 32, 8, 3)])
     for bm, bn, bk, warps, stages in mm:
-        cfg = K.MMConfig(block_m=bm, block_n=bn, block_g=max(1, bk // g), num_warps=warps, num_stages=stages)
-        out.append((f"mm_m{bm}_n{bn}_k{bk}_w{warps}_s{stages}",
-                    lambda x, c, cb, s, b, cfg=cfg: K.codebook_mm(x, c, cb, s, None, b, cfg)))
-    out.append(("dense", lambda x, c, cb, s, b: K.codebook_dense(x, c, cb, s, None, b)))
+        for d2 in (False, True):
+            cfg = K.MMConfig(block_m=bm, block_n=bn, block_g=max(1, bk // g), num_warps=warps, num_stages=stages,
+                             decode_2d=d2)
+            out.append((f"mm{'2d' if d2 else ''}_m{bm}_n{bn}_k{bk}_w{warps}_s{stages}",
+                        lambda x, c, cb, s, b, cfg=cfg: K.codebook_mm(x, c, cb, s, None, b, cfg)))
+    for bn, bg, warps in [(32, 32, 4), (8, 128, 4), (64, 16, 4), (16, 64, 8), (128, 8, 4)]:
+        cfg = K.DequantConfig(block_n=bn, block_g=bg, num_warps=warps)
+        out.append((f"dense_n{bn}_g{bg}_w{warps}",
+                    lambda x, c, cb, s, b, cfg=cfg: K.codebook_dense(x, c, cb, s, None, b, cfg)))
     return out
+
+
+def dump_asm(K, directory: str) -> None:
+    """PTX, SASS and register/spill counts of every compiled variant (read offline: vector widths, spills)."""
+    path = pathlib.Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    summary = []
+    for name in ("_cb_gemv_kernel", "_cb_mm_kernel", "_cb_dequant_kernel"):
+        fn = getattr(K, name)
+        for cache in getattr(fn, "device_caches", {}).values():
+            for i, (key, kern) in enumerate(cache[0].items()):
+                tag = f"{name}_{i}"
+                summary.append({"tag": tag, "key": str(key)[:600], "n_regs": getattr(kern, "n_regs", None),
+                                "n_spills": getattr(kern, "n_spills", None),
+                                "shared": getattr(kern.metadata, "shared", None)})
+                for ext in ("ptx", "sass"):
+                    try:
+                        (path / f"{tag}.{ext}").write_text(kern.asm[ext])
+                    except Exception as e:  # noqa: BLE001
+                        print("asm", tag, ext, repr(e)[:100])
+    (path / "summary.json").write_text(json.dumps(summary, indent=1))
 
 
 def markdown_table(rows: list[dict]) -> str:

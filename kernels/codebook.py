@@ -47,6 +47,7 @@ class MMConfig:
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8
+    decode_2d: bool = False
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ def _cb_mm_kernel(
     NUM_CODEBOOKS: tl.constexpr, NBITS: tl.constexpr, G: tl.constexpr,
     PACKED: tl.constexpr, WORD_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, GROUP_M: tl.constexpr,
+    DECODE_2D: tl.constexpr,
 ):
     """out = (x @ W'^T) * scales + bias with W' tiles decoded in registers and fed to ``tl.dot``."""
     BLOCK_K: tl.constexpr = BLOCK_G * G
@@ -153,10 +155,21 @@ def _cb_mm_kernel(
         offs_k = kg * G + offs_kk
         xt = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k[None, :] < K_GROUPS * G),
                      other=0.0)  # [BLOCK_M, BLOCK_K]
-        w = _decode_tile(codes_ptr, cb_ptr, offs_n, offs_g, offs_j, n_mask[:, None] & g_mask[None, :],
-                         stride_cn, NUM_CODEBOOKS, NBITS, G, PACKED, WORD_BITS,
-                         BLOCK_N, BLOCK_G)  # [BLOCK_N, BLOCK_G, G]
-        w = tl.reshape(w, [BLOCK_N, BLOCK_K]).to(xt.dtype)
+        if DECODE_2D:
+            # element-wise decode straight into the [BLOCK_N, BLOCK_K] operand: scalar gathers, no reshape
+            grp = kg + offs_kk // G
+            mask2 = n_mask[:, None] & (grp < K_GROUPS)[None, :]
+            w = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            for m in tl.static_range(NUM_CODEBOOKS):
+                c = _load_codes(codes_ptr, offs_n, grp, mask2, stride_cn, m, NUM_CODEBOOKS, NBITS, PACKED,
+                                WORD_BITS)
+                w += tl.load(cb_ptr + (m * (1 << NBITS) * G) + c * G + (offs_kk % G)[None, :]).to(tl.float32)
+            w = w.to(xt.dtype)
+        else:
+            w = _decode_tile(codes_ptr, cb_ptr, offs_n, offs_g, offs_j, n_mask[:, None] & g_mask[None, :],
+                             stride_cn, NUM_CODEBOOKS, NBITS, G, PACKED, WORD_BITS,
+                             BLOCK_N, BLOCK_G)  # [BLOCK_N, BLOCK_G, G]
+            w = tl.reshape(w, [BLOCK_N, BLOCK_K]).to(xt.dtype)
         if IEEE:
             acc = tl.dot(xt, tl.trans(w), acc, input_precision="ieee")
         else:
@@ -267,7 +280,7 @@ def codebook_mm(
         NUM_CODEBOOKS=num_cb, NBITS=nbits, G=g, PACKED=packed, WORD_BITS=word_bits,
         HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_G=cfg.block_g, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DECODE_2D=cfg.decode_2d, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
@@ -295,9 +308,9 @@ def codebook_dequant(
 
 def codebook_dense(
     x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
-    bias: torch.Tensor | None, nbits: int,
+    bias: torch.Tensor | None, nbits: int, config: DequantConfig | None = None,
 ) -> torch.Tensor:
     """Transient dense W (Triton dequant) + cuBLAS: the prefill path where it beats ``codebook_mm``."""
     _check(x, codes, codebooks, nbits)
-    w = codebook_dequant(codes, codebooks, scales, nbits, x.dtype)
+    w = codebook_dequant(codes, codebooks, scales, nbits, x.dtype, config)
     return torch.nn.functional.linear(x, w, bias.to(x.dtype) if bias is not None else None)

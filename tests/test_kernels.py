@@ -151,10 +151,13 @@ def test_mm(spec, tokens):
     fmt = _fmt(*spec)
     idx, codes, codebooks, scales, bias = random_layer(fmt, gen)
     x = torch.randn(tokens, fmt.in_features, generator=gen).half()
-    cfg = K.MMConfig(block_m=16, block_n=16, block_g=16 // fmt.in_group_size, num_warps=1, num_stages=1, group_m=2)
-    y = K.codebook_mm(x, codes, codebooks, scales, bias, fmt.nbits_per_codebook, cfg)
-    assert y.shape == (tokens, fmt.out_features)
-    assert rel_err(y, reference_out(x, idx, codebooks, scales, bias)) < TOL[torch.float16]
+    ref = reference_out(x, idx, codebooks, scales, bias)
+    for decode_2d in (False, True):
+        cfg = K.MMConfig(block_m=16, block_n=16, block_g=16 // fmt.in_group_size, num_warps=1, num_stages=1,
+                         group_m=2, decode_2d=decode_2d)
+        y = K.codebook_mm(x, codes, codebooks, scales, bias, fmt.nbits_per_codebook, cfg)
+        assert y.shape == (tokens, fmt.out_features)
+        assert rel_err(y, ref) < TOL[torch.float16], decode_2d
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
