@@ -220,3 +220,27 @@ def test_registry_names() -> None:
 def test_bad_config_names_field(cls: type, kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         cls(**kwargs)
+
+
+def test_group_quant_linear_save_load_roundtrip(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from lit_cb.serialization import load_compressed, save_compressed
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    x = correlated_inputs(256, 32, seed=7).float()
+    h = x.T @ x / x.shape[0]
+    attn = model.model.layers[0].self_attn
+    attn.q_proj = quantize_gptq(attn.q_proj.weight.detach(), h, GPTQConfig(bits=3, group_size=16, act_order=True))
+    attn.k_proj = quantize_rtn(attn.k_proj.weight.detach(), h, RTNConfig(bits=2, group_size=-1))
+    ids = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        expected = model(ids).logits
+        loaded, _, meta = load_compressed(save_compressed(model, tmp_path / "run"))
+        got = loaded(ids).logits
+    assert meta["modules"]["model.layers.0.self_attn.q_proj"]["g_idx"] is True
+    assert isinstance(loaded.model.layers[0].self_attn.q_proj, GroupQuantLinear)
+    torch.testing.assert_close(got, expected)

@@ -196,8 +196,48 @@ class GroupQuantLinear(nn.Module):
     def bits_per_weight(self) -> float:
         return sum(self.storage_bits().values()) / (self.out_features * self.in_features)
 
+    def spec(self) -> dict:
+        """JSON description from which :func:`build_from_spec` rebuilds an empty layer of this shape
+        (the hook :mod:`lit_cb.serialization` uses; tensors then come from the state dict)."""
+        return {
+            "type": "GroupQuantLinear",
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "g_idx": self.g_idx is not None,
+            "bias_dtype": None if self.bias is None else str(self.bias.dtype).removeprefix("torch."),
+        }
+
+    @classmethod
+    def build_from_spec(cls, spec: dict) -> GroupQuantLinear:
+        in_f, out_f = spec["in_features"], spec["out_features"]
+        n_groups = in_f // resolve_group_size(spec["group_size"], in_f)
+        bias_dtype = spec.get("bias_dtype")
+        return cls(
+            torch.zeros(out_f, in_f, dtype=torch.uint8),
+            torch.ones(out_f, n_groups),
+            torch.zeros(out_f, n_groups),
+            spec["bits"],
+            spec["group_size"],
+            bias=None if bias_dtype is None else torch.zeros(out_f, dtype=getattr(torch, bias_dtype)),
+            g_idx=torch.zeros(in_f, dtype=torch.int32) if spec.get("g_idx") else None,
+        )
+
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}, "
             f"act_order_g_idx={self.g_idx is not None}, bits/weight={self.bits_per_weight():.3f}"
         )
+
+
+def _register_serialization() -> None:
+    # Lets lit_cb.serialization rebuild saved RTN/GPTQ layers once this module has been imported.
+    try:
+        from lit_cb.serialization import register_module_type
+    except ImportError:  # serialization's optional dependencies (safetensors) missing
+        return
+    register_module_type("GroupQuantLinear", GroupQuantLinear.build_from_spec)
+
+
+_register_serialization()
