@@ -77,6 +77,7 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return scale * (codes - zero)
 
 
+@torch.no_grad()
 def rtn_quantize_weight(
     weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -123,6 +123,7 @@ def upper_cholesky_of_inverse(hessian: torch.Tensor, damp: float) -> torch.Tenso
     raise RuntimeError("GPTQ: hessian is not positive definite even with heavy dampening")
 
 
+@torch.no_grad()
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
