@@ -48,6 +48,10 @@ def module_spec(module: nn.Module) -> dict:
 def build_module(spec: dict) -> nn.Module:
     kind = spec.get("type")
     if kind not in _BUILDERS:
+        from lit_cb.quant import registry
+
+        registry.method_names()  # importing the method modules registers their module types
+    if kind not in _BUILDERS:
         raise ValueError(f"unknown compressed module type {kind!r}; known: {sorted(_BUILDERS)}")
     return _BUILDERS[kind](spec)
 

@@ -1,0 +1,104 @@
+"""The compression step as a Lightning callback.
+
+:class:`CompressionCallback` compresses the LightningModule's ``model`` in ``setup("fit")``:
+after the process group exists (so Hessians all-reduce across ranks) and before
+``configure_model`` adds LoRA and the optimizers are built. Like Lightning's ModelPruning, it
+validates its arguments up front, reports on rank zero, and makes its change survive
+checkpoints: its state holds the compressed modules' specs, so resuming ``fit`` from a
+checkpoint rebuilds the compressed structure and the checkpoint fills in the tensors, with no
+recalibration.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from lit_cb.compress import CompressionConfig, CompressionReport, bits_per_weight, compress_model
+from lit_cb.serialization import build_module, compressed_specs
+
+
+def _peak_memory_gb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return None
+
+
+class CompressionCallback(L.Callback):
+    """Compress ``pl_module.model`` with calibration windows from the datamodule.
+
+    Args:
+        config: what to compress and how (validated here, before any work).
+        resume_dir: where finished blocks are written; an interrupted run resumes from there.
+        eval_fn: optional ``fn(model) -> float`` called right after compression (perplexity of the
+            compressed model before recovery); its result lands in ``metrics["compressed_ppl"]``.
+    """
+
+    def __init__(self, config: CompressionConfig, resume_dir: str | Path | None = None, eval_fn=None) -> None:
+        super().__init__()
+        if not isinstance(config, CompressionConfig):
+            raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}")
+        self.config = config
+        self.resume_dir = Path(resume_dir) if resume_dir else None
+        self.eval_fn = eval_fn
+        self.report: CompressionReport | None = None
+        self.specs: dict[str, dict] = {}
+        self.metrics: dict[str, float | dict | None] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.specs:
+            return
+        model = pl_module.model
+        if trainer.ckpt_path:
+            self._rebuild_from_checkpoint(trainer.ckpt_path, model)
+            return
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "calibration_windows"):
+            raise ValueError(
+                "CompressionCallback needs a datamodule with calibration_windows() (CompressionDataModule)"
+            )
+        windows = dm.calibration_windows(rank=trainer.global_rank, world_size=trainer.world_size)
+        device = trainer.strategy.root_device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        self.report = compress_model(
+            model, windows, self.config, device=device, resume_dir=self.resume_dir, progress=trainer.is_global_zero
+        )
+        self.specs = compressed_specs(model)
+        self.metrics["compress_seconds"] = time.perf_counter() - t0
+        self.metrics["compress_peak_gpu_gb"] = _peak_memory_gb(device)
+        self.metrics["bits_per_weight"] = bits_per_weight(model)
+        bpw = self.metrics["bits_per_weight"]
+        rank_zero_info(
+            f"compressed {len(self.specs)} linears with {self.config.method} "
+            f"in {self.metrics['compress_seconds']:.1f}s: "
+            f"{bpw['compressed_linears']:.3f} bits/weight over them, {bpw['whole_model']:.3f} over the model"
+        )
+        if self.eval_fn is not None:
+            model.to(device)
+            self.metrics["compressed_ppl"] = float(self.eval_fn(model))
+            rank_zero_info(f"perplexity after compression: {self.metrics['compressed_ppl']:.3f}")
+
+    def _rebuild_from_checkpoint(self, ckpt_path: str, model: torch.nn.Module) -> None:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = ckpt.get("callbacks", {}).get(self.state_key)
+        if not state or not state.get("specs"):
+            raise ValueError(f"{ckpt_path} holds no CompressionCallback state: it was not written by a lit_cb run")
+        for name, spec in state["specs"].items():
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, build_module(spec))
+        self.specs = state["specs"]
+        self.metrics = state.get("metrics", {})
+        rank_zero_info(f"rebuilt {len(self.specs)} compressed linears from {ckpt_path}; calibration skipped")
+
+    def state_dict(self) -> dict:
+        return {"config": self.config.to_dict(), "specs": self.specs, "metrics": self.metrics}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.specs = state_dict.get("specs", self.specs)
+        self.metrics = state_dict.get("metrics", self.metrics)

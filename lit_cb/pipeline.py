@@ -1,0 +1,162 @@
+"""The end-to-end recipe body: float eval -> compress (callback) -> recover (LightningModule) ->
+eval -> save. Recipes are thin typed wrappers around :func:`run` with their own YAML."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import resource
+import time
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from lit_cb.callbacks import CompressionCallback
+from lit_cb.config import RunConfig, save_config
+from lit_cb.data import CompressionDataModule
+from lit_cb.evaluate import perplexity
+from lit_cb.models import load_model
+from lit_cb.recovery import RecoveryModule
+from lit_cb.serialization import save_compressed
+
+
+def _device(cfg: RunConfig) -> torch.device:
+    if cfg.trainer.accelerator in ("gpu", "cuda") or (cfg.trainer.accelerator == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("trainer.accelerator asks for a GPU but torch sees none")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def make_eval_fn(cfg: RunConfig, dm: CompressionDataModule, device: torch.device, desc: str):
+    """``fn(model) -> perplexity`` on the evaluation windows, under the configured autocast."""
+    dtype = getattr(torch, cfg.eval.autocast_dtype) if cfg.eval.autocast_dtype else None
+
+    def fn(model) -> float:
+        ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        with ctx:
+            return perplexity(model, dm.test_windows(), cfg.eval.batch_size, device, desc=desc)
+
+    return fn
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run(cfg: RunConfig) -> dict:
+    """Run the whole pipeline; returns (and writes to ``run_dir/metrics.json``) the metrics."""
+    if cfg.model.requires_gpu and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"recipe {cfg.run_name!r} needs a GPU (model {cfg.model.name}); none is visible. "
+            "Use the smollm2 recipes on a CPU machine."
+        )
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "run_config.yaml")
+    device = _device(cfg)
+    metrics: dict = {"run_name": cfg.run_name, "method": cfg.compression.method, "stages": {}}
+
+    t = time.perf_counter()
+    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype)
+    dm = CompressionDataModule(tokenizer, cfg.data)
+    metrics["stages"]["load"] = {"seconds": time.perf_counter() - t}
+
+    ppl = metrics.setdefault("wikitext2_ppl", {})
+    if cfg.eval.float_model:
+        t = time.perf_counter()
+        model.to(device)
+        ppl["float"] = make_eval_fn(cfg, dm, device, "float ppl")(model)
+        model.cpu()
+        metrics["stages"]["eval_float"] = {"seconds": time.perf_counter() - t}
+        rank_zero_info(f"float perplexity: {ppl['float']:.3f}")
+
+    teacher = copy.deepcopy(model) if cfg.recovery.distill_alpha > 0 else None
+    compression = CompressionCallback(
+        cfg.compression,
+        resume_dir=run_dir / "blocks" if cfg.resume else None,
+        eval_fn=make_eval_fn(cfg, dm, device, "compressed ppl") if cfg.eval.compressed else None,
+    )
+    module = RecoveryModule(model, cfg.recovery, teacher=teacher)
+    ckpt_dir = run_dir / "checkpoints"
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir, save_last=True, every_n_train_steps=max(1, cfg.recovery.max_steps // 4)
+    )
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=cfg.trainer.strategy,
+        precision=cfg.trainer.precision,
+        max_steps=cfg.recovery.max_steps,
+        val_check_interval=cfg.trainer.val_check_interval or max(1, cfg.recovery.max_steps),
+        check_val_every_n_epoch=None,
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
+        gradient_clip_val=cfg.recovery.grad_clip or None,
+        callbacks=[compression, checkpoint],
+        logger=CSVLogger(run_dir, name="logs"),
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    last = ckpt_dir / "last.ckpt"
+    ckpt_path = str(last) if cfg.resume and last.is_file() else None
+    t = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    fit_seconds = time.perf_counter() - t
+    metrics["stages"]["compress"] = {
+        "seconds": compression.metrics.get("compress_seconds"),
+        "peak_gpu_gb": compression.metrics.get("compress_peak_gpu_gb"),
+    }
+    metrics["stages"]["recover"] = {
+        "seconds": fit_seconds - (compression.metrics.get("compress_seconds") or 0.0),
+        "steps": trainer.global_step,
+        "peak_gpu_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
+    metrics["bits_per_weight"] = compression.metrics.get("bits_per_weight")
+    if compression.report is not None:
+        metrics["compression_report"] = compression.report.to_dict()
+    if "compressed_ppl" in compression.metrics:
+        ppl["compressed"] = compression.metrics["compressed_ppl"]
+    if not trainer.is_global_zero:
+        return metrics
+
+    final = module.merged_model()
+    if cfg.eval.recovered and cfg.recovery.max_steps > 0:
+        t = time.perf_counter()
+        final.to(device)
+        ppl["recovered"] = make_eval_fn(cfg, dm, device, "recovered ppl")(final)
+        metrics["stages"]["eval_recovered"] = {"seconds": time.perf_counter() - t}
+        rank_zero_info(f"perplexity after recovery: {ppl['recovered']:.3f}")
+    metrics["peak_rss_gb"] = _peak_rss_gb()
+    save_compressed(
+        final.cpu(),
+        run_dir / "model",
+        tokenizer,
+        extra={"run_config": cfg.to_dict(), "wikitext2_ppl": ppl},
+    )
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
+    _print_summary(metrics)
+    return metrics
+
+
+def _print_summary(metrics: dict) -> None:
+    ppl = metrics.get("wikitext2_ppl", {})
+    bpw = metrics.get("bits_per_weight") or {}
+    lines = [f"== {metrics['run_name']} ({metrics['method']}) =="]
+    for key in ("float", "compressed", "recovered"):
+        if key in ppl:
+            lines.append(f"  WikiText-2 perplexity, {key:>10}: {ppl[key]:.3f}")
+    if bpw:
+        lines.append(
+            f"  bits/weight: {bpw['compressed_linears']:.3f} over compressed linears, "
+            f"{bpw['whole_model']:.3f} over the whole model"
+        )
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,230 @@
+"""Recovery fine-tuning: a LightningModule that trains what compression left trainable.
+
+Codes stay frozen. What trains is chosen by :class:`RecoveryConfig`: LoRA adapters (peft) on the
+dense linears that remain, optionally LoRA on compressed linears too (through a small peft
+dispatcher, :class:`CodebookLoraLinear`), and optionally the codebooks, scales and norms
+themselves (AQLM's end-to-end tuning). The loss is causal-LM cross-entropy, optionally mixed
+with KL distillation from the float teacher's logits.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+from torchmetrics.text import Perplexity
+
+from lit_cb.evaluate import causal_lm_perplexity_update
+from lit_cb.layers import CodebookLinear
+
+DEFAULT_LORA_TARGETS = r"layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
+
+
+@dataclass
+class RecoveryConfig:
+    max_steps: int = 200
+    lr: float = 2e-4
+    codebook_lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_targets: str = DEFAULT_LORA_TARGETS
+    lora_on_compressed: bool = False
+    train_codebooks: bool = False
+    train_norms: bool = False
+    distill_alpha: float = 0.0
+    distill_temperature: float = 1.0
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 0:
+            raise ValueError(f"recovery.max_steps={self.max_steps} must be >= 0")
+        for name in ("lr", "codebook_lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"recovery.{name}={getattr(self, name)} must be > 0")
+        if self.lora_r < 0:
+            raise ValueError(f"recovery.lora_r={self.lora_r} must be >= 0 (0 disables LoRA)")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise ValueError(f"recovery.distill_alpha={self.distill_alpha} must lie in [0, 1]")
+        if self.distill_temperature <= 0:
+            raise ValueError(f"recovery.distill_temperature={self.distill_temperature} must be > 0")
+        try:
+            re.compile(self.lora_targets)
+        except re.error as err:
+            raise ValueError(f"recovery.lora_targets={self.lora_targets!r} is not a valid regex: {err}") from err
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CodebookLoraLinear(nn.Module, LoraLayer):
+    """peft LoRA around a :class:`CodebookLinear` (registered with peft's custom-module
+    dispatcher; the base weight cannot absorb the adapter, so it is never merged)."""
+
+    def __init__(self, base_layer: CodebookLinear, adapter_name: str, config: LoraConfig, r: int = 0, **kwargs):
+        super().__init__()
+        LoraLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha=kwargs.get("lora_alpha", 1), config=config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.disable_adapters:
+            return result
+        for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue
+            a, b = self.lora_A[name], self.lora_B[name]
+            out = b(a(self.lora_dropout[name](x.to(a.weight.dtype))))
+            result = result + (out * self.scaling[name]).to(result.dtype)
+        return result
+
+
+def lora_target_names(model: nn.Module, config: RecoveryConfig) -> list[str]:
+    regex = re.compile(config.lora_targets)
+    names = []
+    for name, m in model.named_modules():
+        if not regex.search(name):
+            continue
+        if isinstance(m, nn.Linear) or (config.lora_on_compressed and isinstance(m, CodebookLinear)):
+            names.append(name)
+    return names
+
+
+def apply_lora(model: nn.Module, config: RecoveryConfig) -> nn.Module:
+    """Wrap ``model`` with peft LoRA on the selected linears (returns the peft model)."""
+    targets = lora_target_names(model, config)
+    if not targets:
+        raise ValueError(
+            "recovery: LoRA selected no layer: every target linear is compressed. Set "
+            "compression.keep_dense > 0, recovery.lora_on_compressed=true, or recovery.lora_r=0 with "
+            "recovery.train_codebooks=true"
+        )
+    lora_cfg = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets,
+        bias="none",
+    )
+    lora_cfg._register_custom_module({CodebookLinear: CodebookLoraLinear})
+    return get_peft_model(model, lora_cfg)
+
+
+def _kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) at temperature T, scaled by T²."""
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1).flatten(0, -2)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1).flatten(0, -2)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+
+
+class RecoveryModule(L.LightningModule):
+    """LoRA / codebook recovery of a compressed causal LM.
+
+    ``teacher`` (optional) is the float model for distillation; it is kept out of the module's
+    state (not checkpointed) and moved to the training device at fit start.
+    """
+
+    def __init__(self, model: nn.Module, config: RecoveryConfig, teacher: nn.Module | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+        self._teacher = [teacher] if teacher is not None else []
+        if config.distill_alpha > 0 and teacher is None:
+            raise ValueError("recovery.distill_alpha > 0 needs a teacher model")
+        self.val_ppl = Perplexity()
+        self._lora_applied = False
+        self.save_hyperparameters({"recovery": config.to_dict()})
+
+    def configure_model(self) -> None:
+        """Add adapters and choose trainable parameters (after compression, before optimizers)."""
+        if self._lora_applied:
+            return
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        if self.config.lora_r > 0:
+            self.model = apply_lora(self.model, self.config)
+        self._lora_applied = True
+        for name, m in self.model.named_modules():
+            if self.config.train_codebooks and isinstance(m, CodebookLinear):
+                m.codebooks.requires_grad_(True)
+                m.scales.requires_grad_(True)
+            if self.config.train_norms and "norm" in name.rsplit(".", 1)[-1] and hasattr(m, "weight"):
+                m.weight.requires_grad_(True)
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise ValueError("recovery: nothing is trainable (lora_r=0 and train_codebooks/train_norms off)")
+
+    def on_fit_start(self) -> None:
+        for t in self._teacher:
+            t.to(self.device).eval()
+            for p in t.parameters():
+                p.requires_grad_(False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        ids = batch["input_ids"]
+        logits = self(ids)
+        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss = ce
+        if self.config.distill_alpha > 0:
+            with torch.no_grad():
+                teacher_logits = self._teacher[0](input_ids=ids, use_cache=False).logits
+            kl = _kl_to_teacher(logits, teacher_logits, self.config.distill_temperature)
+            loss = (1 - self.config.distill_alpha) * ce + self.config.distill_alpha * kl
+            self.log("train_kl", kl, prog_bar=True)
+        self.log("train_ce", ce, prog_bar=True)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        ids = batch["input_ids"]
+        causal_lm_perplexity_update(self.val_ppl, self(ids), ids)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val_ppl", self.val_ppl.compute(), prog_bar=True, sync_dist=True)
+        self.val_ppl.reset()
+
+    def configure_optimizers(self):
+        codebook_params, other = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (codebook_params if name.endswith(("codebooks", "scales")) else other).append(p)
+        groups = [{"params": other, "lr": self.config.lr}]
+        if codebook_params:
+            groups.append({"params": codebook_params, "lr": self.config.codebook_lr})
+        groups = [g for g in groups if g["params"]]
+        # Adam on fp16 codebooks is unstable: codebooks train through an fp32 view only if the
+        # module was cast to float32 before fit (the recipes do that).
+        opt = torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
+        total = max(1, self.config.max_steps)
+        warmup = min(self.config.warmup_steps, total)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def merged_model(self) -> nn.Module:
+        """The model with LoRA merged into dense linears (adapters on compressed linears are kept
+        as peft modules)."""
+        if not self._lora_applied or self.config.lora_r == 0:
+            return self.model
+        if self.config.lora_on_compressed:
+            return self.model
+        return self.model.merge_and_unload()

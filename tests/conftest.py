@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny random Llama and a tiny real tokenizer built from the shipped C4 text."""
+
+from __future__ import annotations
+
+import collections
+import lzma
+import json
+
+import pytest
+import torch
+
+
+def tiny_llama(num_layers: int = 2, hidden: int = 64, intermediate: int = 128, vocab: int = 512, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def tiny_model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A word-level tokenizer over the 500 commonest words of the shipped C4 sample."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from lit_cb.data.texts import embedded_text_path
+
+    counts: collections.Counter = collections.Counter()
+    with lzma.open(embedded_text_path("c4"), "rt", encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if i >= 200:
+                break
+            counts.update(json.loads(line)["text"].lower().split())
+    vocab = {"<unk>": 0, "<eos>": 1}
+    for word, _ in counts.most_common(510):
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
