@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import collections
-import lzma
 import json
+import lzma
 
 import pytest
 import torch
