@@ -1,0 +1,527 @@
+"""AQLM: additive multi-codebook quantization of one linear layer (Egiazarian et al., 2024).
+
+Every group of ``in_group_size`` (g) input weights of an output group ``o`` is approximated by
+``scales[o] * sum_m codebooks[m, codes[o, i, m]]`` with ``M`` codebooks of ``2**B`` vectors. The
+objective is the layer's output error on the calibration data, ``tr(ΔW H ΔWᵀ)`` with
+``H = XᵀX / n`` (``ΔW = W - Ŵ``), which equals ``||X Wᵀ - X Ŵᵀ||² / n``.
+
+Algorithm (own implementation, written from the paper's description):
+
+1. **Initialisation**: residual k-means. Rows are normalised by their RMS (the initial scales),
+   then k-means fits codebook 1 on the weight groups, codebook 2 on what codebook 1 left, etc.
+2. **Codes**: beam search on the exact objective, one codebook at a time, sweeping the input
+   groups in order. All hypotheses of a row differ only in groups already visited, so the
+   objective change of re-coding group ``i`` is exact and cheap: it needs the precomputed
+   unary term ``C_k H_ii C_kᵀ`` of each codeword, the cross term with the current codeword
+   (``C_k · H_ii C_cur``, which carries the pairwise coupling between codebooks) and the linear
+   term ``C_k · (R H)_i`` where ``R H`` (residual times Hessian) carries the coupling to every
+   other group. ``R H`` is kept per hypothesis and updated with a rank-g product after each
+   step, so one step is a handful of batched ops over *all* rows at once; no Python loop ever
+   runs over rows. Rows are independent, so they are processed in chunks that bound memory.
+   A per-row guard keeps the old codes wherever the new ones are not better, so beam search
+   never makes the objective worse.
+3. **Codebooks and scales**: Adam on the same objective, ``((ΔW H) * ΔW).sum()``, keeping the
+   best iterate.
+4. Alternate 2 and 3 until the relative improvement of an epoch falls below ``relative_tol``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+from lit_cb.layers import ALLOWED_GROUP_SIZES, MAX_NBITS, MIN_NBITS, CodebookFormat, CodebookLinear, dequantize_weight
+from lit_cb.quant.registry import register_method
+
+log = logging.getLogger(__name__)
+
+
+def _check_int(name: str, value: object, minimum: int, allowed: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"AQLMConfig.{name}={value!r} is not allowed; {allowed}")
+
+
+def _check_float(name: str, value: object, minimum: float, strict: bool, allowed: str) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > minimum if strict else value >= minimum)
+    if not ok:
+        raise ValueError(f"AQLMConfig.{name}={value!r} is not allowed; {allowed}")
+
+
+@dataclass(frozen=True)
+class AQLMConfig:
+    """Hyper-parameters of AQLM for one linear layer.
+
+    Bits/weight ≈ ``num_codebooks * nbits_per_codebook / (in_group_size * out_group_size)`` plus
+    the codebooks (fp16) and one fp16 scale per output group.
+    """
+
+    num_codebooks: int = 2
+    nbits_per_codebook: int = 8
+    in_group_size: int = 8
+    out_group_size: int = 1
+    beam_size: int = 8
+    max_epochs: int = 50
+    relative_tol: float = 0.01
+    codebook_lr: float = 1e-3
+    codebook_steps: int = 100
+    init_kmeans_iters: int = 10
+    per_row_scales: bool = True
+    """Learn one fp16 scale per output group (True) or keep all scales at 1 (False)."""
+    damp: float = 0.0
+    """Added to H's diagonal as a fraction of its mean diagonal (regularises dead inputs)."""
+    seed: int = 0
+    max_chunk_elements: int = 2**26
+    """Rows are processed in chunks holding about this many fp32 elements of beam state."""
+
+    def __post_init__(self) -> None:
+        _check_int("num_codebooks", self.num_codebooks, 1, "use an integer >= 1")
+        if (
+            isinstance(self.nbits_per_codebook, bool)
+            or not isinstance(self.nbits_per_codebook, int)
+            or not MIN_NBITS <= self.nbits_per_codebook <= MAX_NBITS
+        ):
+            raise ValueError(
+                f"AQLMConfig.nbits_per_codebook={self.nbits_per_codebook!r} is not allowed; "
+                f"use an integer in [{MIN_NBITS}, {MAX_NBITS}]"
+            )
+        for name in ("in_group_size", "out_group_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or value not in ALLOWED_GROUP_SIZES:
+                raise ValueError(f"AQLMConfig.{name}={value!r} is not allowed; use one of {ALLOWED_GROUP_SIZES}")
+        _check_int("beam_size", self.beam_size, 1, "use an integer >= 1")
+        _check_int("max_epochs", self.max_epochs, 0, "use an integer >= 0 (0 = k-means initialisation only)")
+        _check_float("relative_tol", self.relative_tol, 0.0, False, "use a finite float >= 0")
+        _check_float("codebook_lr", self.codebook_lr, 0.0, True, "use a finite float > 0")
+        _check_int("codebook_steps", self.codebook_steps, 0, "use an integer >= 0")
+        _check_int("init_kmeans_iters", self.init_kmeans_iters, 0, "use an integer >= 0")
+        if not isinstance(self.per_row_scales, bool):
+            raise ValueError(f"AQLMConfig.per_row_scales={self.per_row_scales!r} is not allowed; use True or False")
+        _check_float("damp", self.damp, 0.0, False, "use a finite float >= 0")
+        _check_int("seed", self.seed, 0, "use an integer >= 0")
+        _check_int("max_chunk_elements", self.max_chunk_elements, 1, "use an integer >= 1")
+
+    @property
+    def codebook_size(self) -> int:
+        return 2**self.nbits_per_codebook
+
+    def layer_format(self, out_features: int, in_features: int, bias: bool = False) -> CodebookFormat:
+        """The :class:`CodebookFormat` this config produces for an ``[out, in]`` weight."""
+        return CodebookFormat(
+            in_features=in_features,
+            out_features=out_features,
+            in_group_size=self.in_group_size,
+            out_group_size=self.out_group_size,
+            num_codebooks=self.num_codebooks,
+            nbits_per_codebook=self.nbits_per_codebook,
+            bias=bias,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AQLMConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown AQLMConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+
+AQLM_PRESETS: dict[str, AQLMConfig] = {
+    # ~2 bits of codes; the 2**16 x 8 fp16 codebook (1 MiB) only amortises on 7B-sized layers.
+    "1x16_g8": AQLMConfig(num_codebooks=1, nbits_per_codebook=16, in_group_size=8),
+    # ~2 bits of codes with two small codebooks: the default 2-bit point, fast kernels.
+    "2x8_g8": AQLMConfig(num_codebooks=2, nbits_per_codebook=8, in_group_size=8),
+    # ~1 bit of codes.
+    "1x8_g8": AQLMConfig(num_codebooks=1, nbits_per_codebook=8, in_group_size=8),
+    # ~4 bits of codes.
+    "4x8_g8": AQLMConfig(num_codebooks=4, nbits_per_codebook=8, in_group_size=8),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Objective
+
+
+def damped_hessian(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """``H + damp * mean(diag H) * I``, symmetrised (accumulated Hessians drift slightly off)."""
+    hessian = (hessian + hessian.T) / 2
+    if damp > 0:
+        hessian = hessian + damp * hessian.diagonal().mean() * torch.eye(
+            hessian.shape[0], dtype=hessian.dtype, device=hessian.device
+        )
+    return hessian
+
+
+def layer_objective(weight: torch.Tensor, reconstruction: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """``tr(ΔW H ΔWᵀ)`` = ``||X Wᵀ - X Ŵᵀ||² / n`` for ``H = XᵀX / n``; a 0-dim tensor.
+
+    Computed as ``((ΔW H) * ΔW).sum()``: one ``[out, in] x [in, in]`` matmul, never touching X.
+    """
+    delta = weight - reconstruction  # [out, in]
+    return ((delta @ hessian) * delta).sum()
+
+
+def _row_group_objective(delta: torch.Tensor, hessian: torch.Tensor, out_group_size: int) -> torch.Tensor:
+    """Objective per output group, ``[num_out_groups]``; the objective is separable over them."""
+    per_row = ((delta @ hessian) * delta).sum(-1)  # [out]
+    return per_row.view(-1, out_group_size).sum(-1)
+
+
+def reconstruct(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Dense ``[out, in]`` weight from int64 codes ``[O, I, M]``, codebooks ``[M, K, og, g]`` and
+    scales ``[O]`` (differentiable in codebooks and scales)."""
+    nbits = max(1, int(math.log2(codebooks.shape[1])))
+    return dequantize_weight(codes, codebooks, scales.view(-1, 1, 1, 1), nbits)
+
+
+# --------------------------------------------------------------------------------------------
+# Initialisation: residual k-means
+
+
+def _nearest_centroid(
+    points: torch.Tensor, centroids: torch.Tensor, max_chunk_elements: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index ``[N]`` and squared distance ``[N]`` of each point's nearest centroid, computed
+    in chunks of points so the ``[chunk, K]`` distance matrix stays bounded."""
+    num_points, num_centroids = points.shape[0], centroids.shape[0]
+    chunk = max(1, max_chunk_elements // num_centroids)
+    c_norm = (centroids * centroids).sum(-1)  # [K]
+    index = torch.empty(num_points, dtype=torch.int64, device=points.device)
+    dist = torch.empty(num_points, dtype=points.dtype, device=points.device)
+    for start in range(0, num_points, chunk):
+        block = points[start : start + chunk]  # [chunk, d]
+        scores = c_norm[None, :] - 2 * block @ centroids.T  # [chunk, K]; ||x||² dropped
+        best, idx = scores.min(dim=1)
+        index[start : start + chunk] = idx
+        dist[start : start + chunk] = (best + (block * block).sum(-1)).clamp_min(0)
+    return index, dist
+
+
+def kmeans(
+    points: torch.Tensor, num_centroids: int, iters: int, generator: torch.Generator, max_chunk_elements: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means on ``points [N, d]``; returns ``(centroids [K, d], assignment [N])``.
+
+    Seeded with random data points (with replacement and a little noise when N < K, which
+    happens for 16-bit codebooks on small layers); empty clusters are re-seeded at the points
+    with the largest error so no codeword is wasted.
+    """
+    num_points, dim = points.shape
+    device = points.device
+    if num_points >= num_centroids:
+        pick = torch.randperm(num_points, generator=generator, device="cpu")[:num_centroids].to(device)
+        centroids = points[pick].clone()
+    else:
+        pick = torch.randint(num_points, (num_centroids,), generator=generator, device="cpu").to(device)
+        noise = torch.randn(num_centroids, dim, generator=generator, device="cpu").to(device, points.dtype)
+        centroids = points[pick] + 1e-3 * points.std().clamp_min(1e-8) * noise
+    assign, dist = _nearest_centroid(points, centroids, max_chunk_elements)
+    for _ in range(iters):
+        sums = torch.zeros_like(centroids).index_add_(0, assign, points)  # [K, d]
+        counts = torch.bincount(assign, minlength=num_centroids).to(points.dtype)  # [K]
+        nonempty = counts > 0
+        centroids = torch.where(nonempty[:, None], sums / counts.clamp_min(1)[:, None], centroids)
+        num_empty = int((~nonempty).sum())
+        if num_empty and num_points >= num_centroids:
+            worst = dist.topk(min(num_empty, num_points)).indices
+            empty_idx = (~nonempty).nonzero().squeeze(1)[: worst.numel()]
+            centroids[empty_idx] = points[worst]
+        assign, dist = _nearest_centroid(points, centroids, max_chunk_elements)
+    return centroids, assign
+
+
+def residual_kmeans_init(
+    weight: torch.Tensor, config: AQLMConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes ``[O, I, M]`` (int64), codebooks ``[M, K, og, g]`` and scales ``[O]`` from residual
+    k-means on the row-normalised weight groups (scales are the RMS of each output group)."""
+    out_features, in_features = weight.shape
+    og, g = config.out_group_size, config.in_group_size
+    num_out, num_in = out_features // og, in_features // g
+    blocks = weight.view(num_out, og, num_in, g).permute(0, 2, 1, 3)  # [O, I, og, g]
+    if config.per_row_scales:
+        scales = blocks.pow(2).mean(dim=(1, 2, 3)).sqrt().clamp_min(1e-8)  # [O]
+    else:
+        scales = torch.ones(num_out, dtype=weight.dtype, device=weight.device)
+    residual = (blocks / scales.view(-1, 1, 1, 1)).reshape(num_out * num_in, og * g)  # [O*I, og*g]
+    codebooks, codes = [], []
+    for _ in range(config.num_codebooks):
+        centroids, assign = kmeans(
+            residual, config.codebook_size, config.init_kmeans_iters, generator, config.max_chunk_elements
+        )
+        residual = residual - centroids[assign]
+        codebooks.append(centroids.view(config.codebook_size, og, g))
+        codes.append(assign.view(num_out, num_in))
+    return torch.stack(codes, dim=-1), torch.stack(codebooks), scales
+
+
+# --------------------------------------------------------------------------------------------
+# Codes: beam search
+
+
+def beam_search_codes(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    codebook_index: int,
+    beam_size: int,
+    max_chunk_elements: int = 2**26,
+) -> torch.Tensor:
+    """Re-choose the codes of codebook ``codebook_index`` by beam search on ``tr(ΔW H ΔWᵀ)``.
+
+    ``weight [out, in]``, ``hessian [in, in]`` (symmetric), ``codes [O, I, M]`` int64,
+    ``codebooks [M, K, og, g]``, ``scales [O]``. Returns new int64 codes ``[O, I, M]`` (only
+    column ``codebook_index`` changes) whose objective is no worse than the given codes' for
+    every output group (hence overall).
+    """
+    out_features, in_features = weight.shape
+    num_out, num_in, _ = codes.shape
+    _, num_codewords, og, g = codebooks.shape
+    codes = codes.clone()
+    old_column = codes[:, :, codebook_index].clone()  # [O, I]
+    with torch.no_grad():
+        delta = weight - reconstruct(codes, codebooks, scales)  # [out, in]
+        old_loss = _row_group_objective(delta, hessian, og)  # [O]
+        per_row = beam_size * og * max(in_features, num_codewords)
+        chunk = max(1, max_chunk_elements // per_row)
+        for start in range(0, num_out, chunk):
+            rows = slice(start, min(start + chunk, num_out))
+            codes[rows, :, codebook_index] = _beam_search_chunk(
+                delta.view(num_out, og, in_features)[rows],
+                hessian,
+                codes[rows, :, codebook_index],
+                codebooks[codebook_index],
+                scales[rows],
+                beam_size,
+            )
+        new_delta = weight - reconstruct(codes, codebooks, scales)
+        new_loss = _row_group_objective(new_delta, hessian, og)  # [O]
+        worse = new_loss > old_loss
+        if bool(worse.any()):
+            # Float drift of the incremental scores can only ever make a tie look like a gain;
+            # keep the old codes of those output groups so the objective never rises.
+            codes[worse, :, codebook_index] = old_column[worse]
+    return codes
+
+
+def _beam_search_chunk(
+    delta: torch.Tensor,
+    hessian: torch.Tensor,
+    current: torch.Tensor,
+    codebook: torch.Tensor,
+    scales: torch.Tensor,
+    beam_size: int,
+) -> torch.Tensor:
+    """Beam search for one codebook over a chunk of output groups.
+
+    ``delta [Oc, og, in]`` residual ``W - Ŵ``; ``current [Oc, I]`` this codebook's codes;
+    ``codebook [K, og, g]``; ``scales [Oc]``. Returns the best hypothesis' codes ``[Oc, I]``.
+    """
+    num_rows, og, in_features = delta.shape
+    num_codewords, _, g = codebook.shape
+    num_in = in_features // g
+    flat_codebook = codebook.reshape(num_codewords, og * g)  # [K, og*g]
+    diag_blocks = hessian.view(num_in, g, num_in, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [I, g, g]
+    # Unary term of every codeword in every group: sum_r C_k[r] H_ii C_k[r]ᵀ.
+    unary = torch.einsum("krg,igh,krh->ik", codebook, diag_blocks, codebook)  # [I, K]
+    s_col = scales.view(num_rows, 1)  # [Oc, 1]   broadcasts over hypotheses
+    s4 = scales.view(num_rows, 1, 1, 1)  # [Oc, 1, 1, 1]   broadcasts over hypotheses and a group
+
+    grad = (delta @ hessian).unsqueeze(1)  # [Oc, beam=1, og, in_remaining]: (R H) per hypothesis
+    scores = torch.zeros(num_rows, 1, dtype=delta.dtype, device=delta.device)  # [Oc, beam]
+    hyp_codes = current.unsqueeze(1).clone()  # [Oc, beam, I]
+    kk = min(beam_size, num_codewords)
+    arange_rows = torch.arange(num_rows, device=delta.device)
+    for i in range(num_in):
+        nb = hyp_codes.shape[1]
+        cur_word = codebook[current[:, i]]  # [Oc, og, g]; identical across hypotheses (unvisited group)
+        h_cur = cur_word @ diag_blocks[i]  # [Oc, og, g]  (H_ii symmetric)
+        g_i = grad[..., :g]  # [Oc, nb, og, g]
+        # delta_k = C_k · q + s² unary_k + const, with q = -2 s G_i - 2 s² H_ii C_cur.
+        q = -2 * s4 * g_i - 2 * s4 * s4 * h_cur.unsqueeze(1)  # [Oc, nb, og, g]
+        const = 2 * s_col * (g_i * cur_word.unsqueeze(1)).sum((-1, -2)) + s_col * s_col * (
+            (h_cur * cur_word).sum((-1, -2)).unsqueeze(1)
+        )  # [Oc, nb]
+        cand = torch.mm(q.reshape(num_rows * nb, og * g), flat_codebook.T).view(num_rows, nb, -1)  # [Oc, nb, K]
+        cand = cand + (s_col * s_col).unsqueeze(-1) * unary[i].view(1, 1, -1) + (scores + const).unsqueeze(-1)
+        # Two-stage top-k (exact): the best `beam` children overall are among each parent's best `beam`.
+        best_val, best_word = cand.topk(kk, dim=-1, largest=False)  # [Oc, nb, kk]
+        new_nb = min(beam_size, nb * kk)
+        scores, flat_idx = best_val.view(num_rows, nb * kk).topk(new_nb, dim=-1, largest=False)  # [Oc, new_nb]
+        parent = flat_idx // kk  # [Oc, new_nb]
+        words = best_word.view(num_rows, nb * kk).gather(1, flat_idx)  # [Oc, new_nb]
+        # Flat (row, parent) indices: index_select copies whole rows, much faster than fancy indexing.
+        flat_parent = (parent + arange_rows[:, None] * nb).view(-1)  # [Oc * new_nb]
+        hyp_codes = hyp_codes.view(num_rows * nb, num_in).index_select(0, flat_parent).view(num_rows, new_nb, -1)
+        hyp_codes[:, :, i] = words
+        if i + 1 < num_in:
+            # Residual change of group i and the rank-g update of R H on the groups still to visit.
+            change = s4 * (codebook[words] - cur_word.unsqueeze(1))  # [Oc, new_nb, og, g]
+            remaining = grad.shape[-1] - g
+            grad = grad.view(num_rows * nb, og, -1)[:, :, g:].index_select(0, flat_parent)
+            grad = grad.view(num_rows, new_nb, og, remaining)  # [Oc, new_nb, og, in_rem - g]
+            h_row = hessian[i * g : (i + 1) * g, (i + 1) * g :]  # [g, in_rem - g]
+            # R' = R - change on group i, so (R H)' = R H - change @ H[group i, :].
+            grad.view(-1, remaining).addmm_(change.reshape(-1, g), h_row, alpha=-1.0)
+    best = scores.argmin(dim=1)  # [Oc]
+    return hyp_codes[arange_rows, best]  # [Oc, I]
+
+
+def beam_search_all(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    beam_size: int,
+    max_chunk_elements: int = 2**26,
+) -> torch.Tensor:
+    """One beam-search pass over every codebook in turn (each sees the others' new codes)."""
+    for m in range(codebooks.shape[0]):
+        codes = beam_search_codes(weight, hessian, codes, codebooks, scales, m, beam_size, max_chunk_elements)
+    return codes
+
+
+# --------------------------------------------------------------------------------------------
+# Codebooks and scales: Adam
+
+
+def optimize_codebooks(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    steps: int,
+    lr: float,
+    train_scales: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Adam on ``tr(ΔW H ΔWᵀ)`` over codebooks ``[M, K, og, g]`` (and scales ``[O]``), codes fixed.
+
+    The loss is divided by ``tr(W H Wᵀ)`` so Adam's epsilon behaves the same on every layer.
+    Returns the best iterate seen (never worse than the input) and its objective (unnormalised).
+    """
+    norm = layer_objective(weight, torch.zeros_like(weight), hessian).clamp_min(1e-30).detach()
+    book = codebooks.detach().clone().requires_grad_(True)
+    scale = scales.detach().clone().requires_grad_(train_scales)
+    params = [book, scale] if train_scales else [book]
+    opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.95))
+    best_loss = math.inf
+    best_book, best_scale = book.detach().clone(), scale.detach().clone()
+    for step in range(steps + 1):
+        with torch.enable_grad():
+            approx = reconstruct(codes, book, scale)  # [out, in], differentiable
+        delta = weight - approx.detach()
+        delta_h = delta @ hessian  # [out, in]; one matmul gives both the loss and its gradient
+        value = float((delta_h * delta).sum() / norm)
+        if value < best_loss:
+            best_loss = value
+            best_book.copy_(book.detach())
+            best_scale.copy_(scale.detach())
+        if step == steps:
+            break
+        opt.zero_grad(set_to_none=True)
+        approx.backward(delta_h * (-2.0 / norm))  # d tr(ΔW H ΔWᵀ) / dŴ = -2 ΔW H  (H symmetric)
+        opt.step()
+    return best_book, best_scale, best_loss * float(norm)
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+
+
+@dataclass
+class AQLMResult:
+    """Tensors and diagnostics of one quantized layer (objective values are ``tr(ΔW H ΔWᵀ)``)."""
+
+    codes: torch.Tensor  # [O, I, M] int64
+    codebooks: torch.Tensor  # [M, K, og, g] fp32
+    scales: torch.Tensor  # [O] fp32
+    init_objective: float
+    final_objective: float
+    reference: float  # tr(W H Wᵀ): objective of the all-zero weight, for relative errors
+    history: list[float]
+    epochs: int
+    seconds: float
+
+    @property
+    def relative_error(self) -> float:
+        return self.final_objective / max(self.reference, 1e-30)
+
+
+def aqlm_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: AQLMConfig) -> AQLMResult:
+    """Run AQLM on a float ``[out, in]`` weight with Hessian ``[in, in]``; see the module docstring."""
+    start = time.perf_counter()
+    weight = weight.detach().float()
+    out_features, in_features = weight.shape
+    config.layer_format(out_features, in_features)  # validates divisibility with a clear error
+    if tuple(hessian.shape) != (in_features, in_features):
+        raise ValueError(f"hessian has shape {tuple(hessian.shape)}, expected {(in_features, in_features)}")
+    hessian = damped_hessian(hessian.detach().to(weight.device, torch.float32), config.damp)
+    generator = torch.Generator(device="cpu").manual_seed(config.seed)
+
+    with torch.no_grad():
+        codes, codebooks, scales = residual_kmeans_init(weight, config, generator)
+        reference = float(layer_objective(weight, torch.zeros_like(weight), hessian))
+        loss = float(layer_objective(weight, reconstruct(codes, codebooks, scales), hessian))
+    init_loss = loss
+    history = [loss]
+    epochs = 0
+    for epoch in range(config.max_epochs):
+        codes = beam_search_all(weight, hessian, codes, codebooks, scales, config.beam_size, config.max_chunk_elements)
+        codebooks, scales, new_loss = optimize_codebooks(
+            weight,
+            hessian,
+            codes,
+            codebooks,
+            scales,
+            config.codebook_steps,
+            config.codebook_lr,
+            train_scales=config.per_row_scales,
+        )
+        history.append(new_loss)
+        epochs = epoch + 1
+        improvement = (loss - new_loss) / max(loss, 1e-30)
+        log.debug("aqlm epoch %d: objective %.6g (relative %.4g)", epochs, new_loss, new_loss / reference)
+        loss = min(loss, new_loss)
+        if improvement < config.relative_tol:
+            break
+    return AQLMResult(
+        codes=codes,
+        codebooks=codebooks.detach(),
+        scales=scales.detach(),
+        init_objective=init_loss,
+        final_objective=loss,
+        reference=reference,
+        history=history,
+        epochs=epochs,
+        seconds=time.perf_counter() - start,
+    )
+
+
+@register_method(AQLMConfig, "aqlm")
+def quantize_aqlm(
+    weight: torch.Tensor, hessian: torch.Tensor, config: AQLMConfig, bias: torch.Tensor | None = None
+) -> CodebookLinear:
+    """Registered transform: AQLM-compress one ``[out, in]`` weight into a :class:`CodebookLinear`
+    (fp16 codebooks and scales). Diagnostics land in ``layer.aqlm_stats`` (not serialised)."""
+    result = aqlm_quantize(weight, hessian, config)
+    fmt = config.layer_format(weight.shape[0], weight.shape[1], bias=bias is not None)
+    layer = CodebookLinear.from_tensors(fmt, result.codes, result.codebooks, result.scales.view(-1, 1, 1, 1), bias)
+    layer.aqlm_stats = {
+        "init_objective": result.init_objective,
+        "final_objective": result.final_objective,
+        "relative_error": result.relative_error,
+        "epochs": result.epochs,
+        "seconds": result.seconds,
+    }
+    return layer

@@ -1,0 +1,192 @@
+"""AQLM: beam search, objective, initialisation vs full optimisation, format and config checks."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from lit_cb.layers import CodebookLinear
+from lit_cb.quant import registry
+from lit_cb.quant.aqlm import (
+    AQLM_PRESETS,
+    AQLMConfig,
+    aqlm_quantize,
+    beam_search_all,
+    beam_search_codes,
+    layer_objective,
+    quantize_aqlm,
+    reconstruct,
+    residual_kmeans_init,
+)
+
+
+def _correlated_inputs(n: int, dim: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Activations with correlated channels and uneven scales, so H couples the input groups."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(dim, dim, generator=gen, dtype=torch.float64) / dim**0.5 + torch.eye(dim, dtype=torch.float64)
+    col_scale = torch.rand(dim, generator=gen, dtype=torch.float64) * 2 + 0.1
+    return ((torch.randn(n, dim, generator=gen, dtype=torch.float64) @ mix) * col_scale).to(dtype)
+
+
+def _random_problem(
+    seed: int, out: int, inp: int, g: int, og: int, num_codebooks: int, nbits: int, dtype=torch.float32
+) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    x = _correlated_inputs(4 * inp, inp, seed, dtype)
+    hessian = x.T @ x / x.shape[0]
+    weight = torch.randn(out, inp, generator=gen, dtype=dtype)
+    codebooks = torch.randn(num_codebooks, 2**nbits, og, g, generator=gen, dtype=dtype) * 0.7
+    scales = torch.rand(out // og, generator=gen, dtype=dtype) + 0.5
+    codes = torch.randint(2**nbits, (out // og, inp // g, num_codebooks), generator=gen)
+    return weight, hessian, codes, codebooks, scales
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_beam_search_never_worse_than_start(seed: int, beam_size: int) -> None:
+    og = 2 if seed == 3 else 1
+    weight, hessian, codes, codebooks, scales = _random_problem(seed, 24, 32, 4, og, 2, 4)
+    start = layer_objective(weight, reconstruct(codes, codebooks, scales), hessian)
+    start_rows = (
+        (weight - reconstruct(codes, codebooks, scales)) @ hessian * (weight - reconstruct(codes, codebooks, scales))
+    ).sum(-1)
+    for m in range(2):
+        new_codes = beam_search_codes(weight, hessian, codes, codebooks, scales, m, beam_size)
+        other = [c for c in range(2) if c != m]
+        assert torch.equal(new_codes[..., other], codes[..., other]), "only the searched codebook may change"
+        delta = weight - reconstruct(new_codes, codebooks, scales)
+        rows = ((delta @ hessian) * delta).sum(-1)
+        assert bool((rows.view(-1, og).sum(-1) <= start_rows.view(-1, og).sum(-1) * (1 + 1e-6) + 1e-6).all())
+    new_codes = beam_search_all(weight, hessian, codes, codebooks, scales, beam_size)
+    end = layer_objective(weight, reconstruct(new_codes, codebooks, scales), hessian)
+    assert float(end) <= float(start)
+    # Random starting codes are far from optimal, so a working search must find a real gain.
+    assert float(end) < 0.7 * float(start)
+
+
+@pytest.mark.parametrize("og", [1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_beam_search_single_codebook_finds_exhaustive_optimum(og: int, seed: int) -> None:
+    # 2 output groups x 2 input groups, B=3: with beam >= 8 the search keeps every prefix,
+    # so it must reach the optimum over all 8**4 code combinations.
+    out, inp, g, nbits = 2 * og, 4, 2, 3
+    weight, hessian, codes, codebooks, scales = _random_problem(seed, out, inp, g, og, 1, nbits, torch.float64)
+    found = beam_search_codes(weight, hessian, codes, codebooks, scales, 0, beam_size=8)
+    found_obj = float(layer_objective(weight, reconstruct(found, codebooks, scales), hessian))
+    best = min(
+        float(layer_objective(weight, reconstruct(torch.tensor(c).view(2, 2, 1), codebooks, scales), hessian))
+        for c in itertools.product(range(2**nbits), repeat=4)
+    )
+    start = float(layer_objective(weight, reconstruct(codes, codebooks, scales), hessian))
+    assert found_obj == pytest.approx(best, rel=1e-9, abs=1e-12)
+    assert best < start
+
+
+def test_beam_search_row_chunks_do_not_change_result() -> None:
+    weight, hessian, codes, codebooks, scales = _random_problem(5, 24, 32, 4, 1, 2, 4, torch.float64)
+    whole = beam_search_codes(weight, hessian, codes, codebooks, scales, 1, 4, max_chunk_elements=2**26)
+    chunked = beam_search_codes(weight, hessian, codes, codebooks, scales, 1, 4, max_chunk_elements=4 * 32 * 5)
+    assert torch.equal(whole, chunked)
+
+
+def test_objective_through_hessian_equals_direct_output_error() -> None:
+    n, out, inp = 300, 12, 16
+    x = _correlated_inputs(n, inp, 7, torch.float64)
+    gen = torch.Generator().manual_seed(7)
+    weight = torch.randn(out, inp, generator=gen, dtype=torch.float64)
+    approx = weight + 0.1 * torch.randn(out, inp, generator=gen, dtype=torch.float64)
+    direct = ((x @ weight.T - x @ approx.T) ** 2).sum() / n
+    via_h = layer_objective(weight, approx, x.T @ x / n)
+    assert float(via_h) == pytest.approx(float(direct), rel=1e-10)
+
+
+def test_full_quantization_beats_residual_kmeans_init() -> None:
+    x = _correlated_inputs(512, 64, 11)
+    hessian = x.T @ x / x.shape[0]
+    weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(11)) * 0.05
+    config = AQLMConfig(
+        num_codebooks=2,
+        nbits_per_codebook=4,
+        in_group_size=4,
+        beam_size=4,
+        max_epochs=6,
+        codebook_steps=50,
+        relative_tol=0.0,
+        seed=3,
+    )
+    init_codes, init_books, init_scales = residual_kmeans_init(weight, config, torch.Generator().manual_seed(3))
+    init_obj = float(layer_objective(weight, reconstruct(init_codes, init_books, init_scales), hessian))
+    result = aqlm_quantize(weight, hessian, config)
+    assert result.init_objective == pytest.approx(init_obj, rel=1e-5)
+    final = float(layer_objective(weight, reconstruct(result.codes, result.codebooks, result.scales), hessian))
+    assert final == pytest.approx(result.final_objective, rel=1e-4)
+    assert all(b <= a * (1 + 1e-6) for a, b in itertools.pairwise(result.history[1:]))
+    assert final < 0.8 * init_obj
+    assert result.relative_error < 1.0
+
+
+def test_quantize_aqlm_builds_codebook_linear() -> None:
+    x = _correlated_inputs(256, 32, 4)
+    hessian = x.T @ x / x.shape[0]
+    gen = torch.Generator().manual_seed(4)
+    weight, bias = torch.randn(16, 32, generator=gen), torch.randn(16, generator=gen)
+    config = AQLMConfig(num_codebooks=2, nbits_per_codebook=3, in_group_size=4, max_epochs=2, codebook_steps=10)
+    assert registry._REGISTRY[AQLMConfig] is quantize_aqlm
+    layer = quantize_aqlm(weight, hessian, config, bias)
+    assert isinstance(layer, CodebookLinear)
+    assert tuple(layer.codes.shape) == (16, 8, 2) and layer.codes.dtype == torch.uint8
+    assert not layer.codebooks.requires_grad and not layer.scales.requires_grad
+    rel = float(layer_objective(weight, layer.dequantize().float(), hessian)) / float(
+        layer_objective(weight, torch.zeros_like(weight), hessian)
+    )
+    assert rel == pytest.approx(layer.aqlm_stats["relative_error"], rel=1e-2)
+    out = layer(x[:5].to(layer.codebooks.dtype))
+    ref = x[:5] @ layer.dequantize().float().T + bias
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_bits_per_weight_2x8_g8_on_576x576() -> None:
+    fmt = AQLM_PRESETS["2x8_g8"].layer_format(576, 576)
+    # codes: 2 x 8 bits per 8 weights = 2 bits; codebooks 2 x 256 x 8 fp16; one fp16 scale per row.
+    by_hand = 2 + (2 * 256 * 8 * 16 + 576 * 16) / (576 * 576)
+    assert fmt.bits_per_weight() == pytest.approx(by_hand, rel=1e-12)
+    assert 2.2 < by_hand < 2.25
+    assert AQLM_PRESETS["1x8_g8"].layer_format(4096, 4096).bits_per_weight() == pytest.approx(
+        1 + (256 * 8 * 16 + 4096 * 16) / 4096**2
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("num_codebooks", 0),
+        ("nbits_per_codebook", 17),
+        ("in_group_size", 3),
+        ("out_group_size", 5),
+        ("beam_size", 0),
+        ("max_epochs", -1),
+        ("relative_tol", -0.1),
+        ("codebook_lr", 0.0),
+        ("codebook_steps", -2),
+        ("init_kmeans_iters", -1),
+        ("per_row_scales", 1),
+        ("damp", float("nan")),
+        ("seed", -1),
+        ("max_chunk_elements", 0),
+    ],
+)
+def test_bad_config_raises_naming_field(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        AQLMConfig(**{field: value})
+
+
+def test_config_dict_round_trip_and_unknown_field() -> None:
+    config = AQLMConfig(num_codebooks=4, beam_size=2, relative_tol=0.05)
+    assert AQLMConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="beam_width"):
+        AQLMConfig.from_dict({"beam_width": 3})
+    assert set(AQLM_PRESETS) == {"1x16_g8", "2x8_g8", "1x8_g8", "4x8_g8"}
+    with pytest.raises(ValueError, match="in_features"):
+        aqlm_quantize(torch.zeros(8, 12), torch.eye(12), AQLMConfig(in_group_size=8))
