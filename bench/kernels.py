@@ -146,6 +146,7 @@ def main() -> None:
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--out", default=None)
+    p.add_argument("--tune", action="store_true", help="pick gemv/mm/dense per format and batch first")
     p.add_argument("--dump-asm", default=None, help="folder for PTX/SASS of the compiled kernels")
     args = p.parse_args()
 
@@ -182,6 +183,7 @@ def main() -> None:
         except Exception:  # noqa: BLE001
             traceback.print_exc()
 
+    tuned = tune(ops, dispatch, args.formats.split(",")) if args.tune else None
     rows = []
     sweep_rows = []
     for shape in args.shapes.split(","):
@@ -261,6 +263,8 @@ def main() -> None:
     }
     if sweep_rows:
         result["sweep"] = sweep_rows
+    if tuned:
+        result["tune"] = tuned
     if args.out:
         pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
@@ -288,6 +292,38 @@ def sweep_variants(K, batch: int, g: int):
         out.append((f"dense_n{bn}_g{bg}_w{warps}",
                     lambda x, c, cb, s, b, cfg=cfg: K.codebook_dense(x, c, cb, s, None, b, cfg)))
     return out
+
+
+def tune(ops, dispatch, formats: list[str], shape: str = "11008x4096", batches=(2, 4, 8, 16, 32, 64, 128)):
+    """Time gemv / mm / dense per (format, batch) on one shape and install the winners in
+    ``dispatch.ALGO_TABLE`` for the rest of the run; prints the table to hard-code in dispatch.py."""
+    n, k = map(int, shape.split("x"))
+    timings, table = [], {}
+    for fname in formats:
+        m, b, g = FORMATS[fname]
+        code_bytes = n * (k // g) * m * (1 if b <= 8 else 2)
+        layers = make_codebook_layers(n, k, m, b, g, copies_for(code_bytes))
+        entries = [(1, "gemv")]
+        for batch in batches:
+            x = torch.randn(batch, k, device="cuda", dtype=torch.float16)
+            res = {}
+            for algo in ops.ALGOS:
+                if algo == "gemv" and batch > 16:
+                    continue
+                res[algo] = graph_time_us([lambda L=L, x=x, b=b, a=algo: ops.run_algo(x, L[1], L[2], L[3], None, b, a)
+                                           for L in layers])
+            best = min(res, key=res.get)
+            timings.append({"format": fname, "batch": batch, **{a: round(t, 2) for a, t in res.items()}})
+            print("tune", timings[-1], "->", best, flush=True)
+            if entries[-1][1] == best:
+                entries[-1] = (batch, best)
+            else:
+                entries.append((batch, best))
+        table[f"{m}x{b}_g{g}"] = [e for e in entries if e[1] != "dense" or e is not entries[-1]]
+        del layers
+    dispatch.ALGO_TABLE.update(table)
+    print("ALGO_TABLE =", dispatch.ALGO_TABLE, flush=True)
+    return {"shape": shape, "timings": timings, "algo_table": {kk: list(v) for kk, v in table.items()}}
 
 
 def dump_asm(K, directory: str) -> None:

@@ -1,10 +1,10 @@
 """Kernel selection for :class:`lit_cb.layers.CodebookLinear`: by token count, format and device.
 
 ``select_kernel(fmt, x)`` returns a callable ``(x, codes, codebooks, scales, bias, fmt) -> y`` or None,
-in which case the layer runs its PyTorch reference. Thresholds come from bench/kernels.py on the H100
-(bench/results/kernels_h100.json): the FMA matvec for the fewest tokens, the decode-into-``tl.dot``
-kernel up to a few hundred tokens, and a transient dense W + cuBLAS beyond, where cuBLAS's better
-tensor-core pipeline outweighs writing and re-reading the dense copy.
+in which case the layer runs its PyTorch reference. The choice by token count comes from
+``bench/kernels.py --tune`` on the H100 (bench/results/kernels_h100.json): the FMA matvec for the fewest
+tokens, the decode-into-``tl.dot`` kernel where it beats the rest, and a transient dense W + cuBLAS
+beyond, where cuBLAS's tensor-core pipeline outweighs writing and re-reading the dense copy.
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-# tokens <= GEMV_MAX_TOKENS: FMA matvec; <= MM_MAX_TOKENS: decode-into-dot; beyond: dense + cuBLAS
-GEMV_MAX_TOKENS = 1
-MM_MAX_TOKENS = 256
+# Best kernel family by token count, per format ("MxB_gG") with a default: a list of (max_tokens, algo),
+# first match wins, "dense" beyond the last. Filled from `bench/kernels.py --tune` on the H100.
+ALGO_TABLE: dict[str, list[tuple[int, str]]] = {
+    "default": [(2, "gemv"), (16, "mm")],
+}
 MAX_NUM_CODEBOOKS = 4
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -56,12 +58,15 @@ def supports(fmt, x: torch.Tensor) -> bool:
     )
 
 
+def format_key(fmt) -> str:
+    return f"{fmt.num_codebooks}x{fmt.nbits_per_codebook}_g{fmt.in_group_size}"
+
+
 def choose_algo(fmt, tokens: int) -> str:
     """``gemv`` / ``mm`` / ``dense`` for a call with ``tokens`` rows of input."""
-    if tokens <= GEMV_MAX_TOKENS:
-        return "gemv"
-    if tokens <= MM_MAX_TOKENS:
-        return "mm"
+    for max_tokens, algo in ALGO_TABLE.get(format_key(fmt), ALGO_TABLE["default"]):
+        if tokens <= max_tokens:
+            return algo
     return "dense"
 
 
