@@ -19,7 +19,12 @@ import torch
 # Best kernel family by token count, per format ("MxB_gG") with a default: a list of (max_tokens, algo),
 # first match wins, "dense" beyond the last. Filled from `bench/kernels.py --tune` on the H100.
 ALGO_TABLE: dict[str, list[tuple[int, str]]] = {
-    "default": [(2, "gemv"), (16, "mm")],
+    "default": [(2, "gemv"), (64, "mm")],
+    # bench/kernels.py --tune, H100, 11008x4096 (bench/results/kernels_h100.json "tune"): mm is flat at
+    # 55-70 us from 2 to 64 tokens; its 128-token tile (pipelined) loses to dense by 5x, so dense above 64
+    "2x8_g8": [(2, "gemv"), (64, "mm")],
+    "1x16_g8": [(1, "gemv"), (64, "mm")],
+    "1x8_g4": [(2, "gemv"), (64, "mm")],
 }
 MAX_NUM_CODEBOOKS = 4
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
