@@ -22,6 +22,15 @@ from lit_cb.quant.aqlm import (
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small ops: one thread avoids OpenMP oversubscription on shared CPUs (much faster there)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _correlated_inputs(n: int, dim: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Activations with correlated channels and uneven scales, so H couples the input groups."""
     gen = torch.Generator().manual_seed(seed)
