@@ -46,7 +46,7 @@ GPTVQ_FIT_WEIGHTS = ("hessian_diag", "hinv_chol")
 MAX_TEMP_BYTES = 1 << 28  # 256 MiB for the [chunk, K] distance blocks on GPU; well under the 1 GB budget
 MAX_TEMP_BYTES_CPU = 1 << 25  # on CPU, cache-sized blocks are faster than big ones
 KMEANS_FULL_ITERS = 3  # Lloyd iterations on all vectors after a subsampled fit (see kmeans_max_points)
-KMEANSPP_SAMPLE_PER_CLUSTER = 64  # k-means++ runs on a random subsample of this many vectors per centroid
+KMEANSPP_SAMPLE_PER_CLUSTER = 32  # k-means++ runs on a random subsample of this many vectors per centroid
 KMEANSPP_SEQUENTIAL_MAX = 4096  # above this many centroids, k-means++ picks several centroids per round
 
 
@@ -188,7 +188,8 @@ def weighted_error(
     x: torch.Tensor, w: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor
 ) -> torch.Tensor:
     """Per-vector error ``sum_j w_nj (x_nj - c_{codes_n, j})²``, shape ``[N]``."""
-    return (w * (x - centroids[codes]).square()).sum(-1)
+    d = x - centroids[codes]  # [N, g]
+    return d.square_().mul_(w).sum(-1)
 
 
 def _chunk_rows(num_clusters: int, device: torch.device) -> int:
@@ -225,7 +226,11 @@ def _assign(x: torch.Tensor, w: torch.Tensor, centroids: torch.Tensor) -> torch.
 
 
 def _guarded_assign(
-    x: torch.Tensor, w: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor | None
+    x: torch.Tensor,
+    w: torch.Tensor,
+    centroids: torch.Tensor,
+    codes: torch.Tensor | None,
+    old_err: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Assignment step that can never increase any vector's error.
 
@@ -237,7 +242,8 @@ def _guarded_assign(
     new_err = weighted_error(x, w, centroids, new)
     if codes is None:
         return new, new_err
-    old_err = weighted_error(x, w, centroids, codes)
+    if old_err is None:
+        old_err = weighted_error(x, w, centroids, codes)
     better = new_err < old_err
     return torch.where(better, new, codes), torch.where(better, new_err, old_err)
 
@@ -264,6 +270,19 @@ def _update_centroids(
     return new
 
 
+def _sample_proportional(p: torch.Tensor, r: int, gen: torch.Generator) -> torch.Tensor:
+    """``r`` indices drawn with probability ∝ ``p >= 0`` (inverse CDF; uniform if ``p`` is all zero).
+
+    Used instead of ``torch.multinomial``, which is limited to 2**24 categories and slow on CPU.
+    """
+    cdf = p.double().cumsum(0)  # [m]
+    total = float(cdf[-1])
+    if not total > 0:
+        return torch.randint(0, p.numel(), (r,), generator=gen, device=gen.device).to(p.device)
+    u = torch.rand(r, generator=gen, device=gen.device, dtype=torch.float64).to(p.device) * total
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=p.numel() - 1)
+
+
 def _kmeanspp_init(x: torch.Tensor, w: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     """Weighted k-means++ on a random subsample: centroids sampled ∝ weighted distance to the nearest.
 
@@ -275,26 +294,22 @@ def _kmeanspp_init(x: torch.Tensor, w: torch.Tensor, k: int, gen: torch.Generato
     if m < n:
         idx = torch.randperm(n, generator=gen, device=gen.device)[:m].to(x.device)
         x, w = x[idx], w[idx]
-    mass = w.sum(-1).double()  # [m]
-    first = torch.multinomial(mass / mass.sum(), 1, generator=gen).to(x.device)
+    # Weighted distance to a centroid c is base + [w, -2 w x] · [c², c]: one mat-vec per round.
+    a = torch.cat([w, -2.0 * w * x], dim=1)  # [m, 2g]
+    base = (w * x.square()).sum(-1)  # [m]
+    first = _sample_proportional(w.sum(-1), 1, gen)
     chosen = [first]
-    dist = (w * (x - x[first]).square()).sum(-1)  # [m] weighted distance to the nearest chosen centroid
+    dist = weighted_error(x, w, x[first], torch.zeros(x.shape[0], dtype=torch.int64, device=x.device))
     per_round = max(1, k // KMEANSPP_SEQUENTIAL_MAX)
     total = 1
     while total < k:
         r = min(per_round, k - total)
-        d = dist.double()
-        if float(d.sum()) <= 0:  # every vector coincides with a centroid: remaining picks are arbitrary
-            d = torch.ones_like(d)
-        pick = torch.multinomial(d / d.sum(), r, replacement=False, generator=gen).to(x.device)
+        pick = _sample_proportional(dist, r, gen)
         chosen.append(pick)
         total += r
         new_c = x[pick]  # [r, g]
-        if r == 1:
-            dist = torch.minimum(dist, (w * (x - new_c).square()).sum(-1))
-        else:
-            codes = _assign(x, w, new_c)
-            dist = torch.minimum(dist, weighted_error(x, w, new_c, codes))
+        d_new = (a @ torch.cat([new_c.square(), new_c], dim=1).t()).amin(dim=1) + base  # [m]
+        dist = torch.minimum(dist, d_new.clamp_min_(0.0))
     return x[torch.cat(chosen)].clone()
 
 
@@ -341,7 +356,7 @@ def weighted_kmeans(
             errors = weighted_error(x, w, centroids, codes)
             history.append(float(errors.double().sum()))
             prev = history[-2]
-            codes, errors = _guarded_assign(x, w, centroids, codes)
+            codes, errors = _guarded_assign(x, w, centroids, codes, errors)
             history.append(float(errors.double().sum()))
             if prev - history[-1] <= tol * max(prev, 1e-30):
                 break
