@@ -56,6 +56,13 @@ class CodebookConfig:
 
     ``damp`` is relative: ``H + damp * mean(diag H) * I`` (as in GPTQ), which keeps the Cholesky
     factorisation of the inverse stable for rank-deficient calibration Hessians.
+
+    Defaults were picked on real SmolLM2-135M layers (relative layer error at ~2.08 bits/weight):
+    "gptvq" is 3-6x better than "hessian_diag" and ~5-15x better than "none"; fitting its codebook
+    with GPTQ's saliency ``1 / U_jj²`` ("hinv_chol") beats ``diag(H)`` by ~1%; the per-row RMS scale
+    ("row_norm") is on par with "row_max" and ~10% better than no scale. ``kmeans_max_points``
+    bounds the vectors used in the main k-means iterations (for CPU speed; ``None`` = all, which
+    costs about the same on a GPU and is ~1% better).
     """
 
     in_group_size: int = 4
@@ -66,7 +73,7 @@ class CodebookConfig:
     seed: int = 0
     damp: float = 0.01
     gptvq_block_size: int = 128
-    gptvq_fit_weights: str = "hessian_diag"
+    gptvq_fit_weights: str = "hinv_chol"
     scale: str | None = "row_norm"
     codebook_update_steps: int = 10
     kmeans_max_points: int | None = 65536
