@@ -293,6 +293,7 @@ def beam_search_codes(
         old_loss = _row_group_objective(delta, hessian, og)  # [O]
         per_row = beam_size * og * max(in_features, num_codewords)
         chunk = max(1, max_chunk_elements // per_row)
+        diag_blocks, unary = _group_terms(hessian, codebooks[codebook_index])
         for start in range(0, num_out, chunk):
             rows = slice(start, min(start + chunk, num_out))
             codes[rows, :, codebook_index] = _beam_search_chunk(
@@ -302,6 +303,8 @@ def beam_search_codes(
                 codebooks[codebook_index],
                 scales[rows],
                 beam_size,
+                diag_blocks,
+                unary,
             )
         new_delta = weight - reconstruct(codes, codebooks, scales)
         new_loss = _row_group_objective(new_delta, hessian, og)  # [O]
@@ -313,6 +316,18 @@ def beam_search_codes(
     return codes
 
 
+def _group_terms(hessian: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Diagonal blocks ``H_ii`` ``[I, g, g]`` and the unary term ``sum_r C_k[r] H_ii C_k[r]ᵀ`` of
+    every codeword in every group ``[I, K]`` (via codeword outer products, so even 2**16
+    codewords need no ``[K, I, g]`` intermediate)."""
+    num_codewords, og, g = codebook.shape
+    num_in = hessian.shape[0] // g
+    diag_blocks = hessian.view(num_in, g, num_in, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [I, g, g]
+    outer = torch.einsum("krg,krh->kgh", codebook, codebook).reshape(num_codewords, g * g)  # [K, g*g]
+    unary = diag_blocks.reshape(num_in, g * g) @ outer.T  # [I, K]
+    return diag_blocks.contiguous(), unary
+
+
 def _beam_search_chunk(
     delta: torch.Tensor,
     hessian: torch.Tensor,
@@ -320,19 +335,19 @@ def _beam_search_chunk(
     codebook: torch.Tensor,
     scales: torch.Tensor,
     beam_size: int,
+    diag_blocks: torch.Tensor,
+    unary: torch.Tensor,
 ) -> torch.Tensor:
     """Beam search for one codebook over a chunk of output groups.
 
     ``delta [Oc, og, in]`` residual ``W - Ŵ``; ``current [Oc, I]`` this codebook's codes;
-    ``codebook [K, og, g]``; ``scales [Oc]``. Returns the best hypothesis' codes ``[Oc, I]``.
+    ``codebook [K, og, g]``; ``scales [Oc]``; ``diag_blocks [I, g, g]`` and ``unary [I, K]``
+    from :func:`_group_terms`. Returns the best hypothesis' codes ``[Oc, I]``.
     """
     num_rows, og, in_features = delta.shape
     num_codewords, _, g = codebook.shape
     num_in = in_features // g
     flat_codebook = codebook.reshape(num_codewords, og * g)  # [K, og*g]
-    diag_blocks = hessian.view(num_in, g, num_in, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [I, g, g]
-    # Unary term of every codeword in every group: sum_r C_k[r] H_ii C_k[r]ᵀ.
-    unary = torch.einsum("krg,igh,krh->ik", codebook, diag_blocks, codebook)  # [I, K]
     s_col = scales.view(num_rows, 1)  # [Oc, 1]   broadcasts over hypotheses
     s4 = scales.view(num_rows, 1, 1, 1)  # [Oc, 1, 1, 1]   broadcasts over hypotheses and a group
 
@@ -415,24 +430,25 @@ def optimize_codebooks(
     scale = scales.detach().clone().requires_grad_(train_scales)
     params = [book, scale] if train_scales else [book]
     opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.95))
-    best_loss = math.inf
+    # Best iterate tracked on the device (no host sync per step).
+    best_loss = torch.full((), math.inf, device=weight.device)
     best_book, best_scale = book.detach().clone(), scale.detach().clone()
     for step in range(steps + 1):
         with torch.enable_grad():
             approx = reconstruct(codes, book, scale)  # [out, in], differentiable
         delta = weight - approx.detach()
         delta_h = delta @ hessian  # [out, in]; one matmul gives both the loss and its gradient
-        value = float((delta_h * delta).sum() / norm)
-        if value < best_loss:
-            best_loss = value
-            best_book.copy_(book.detach())
-            best_scale.copy_(scale.detach())
+        value = (delta_h * delta).sum() / norm
+        better = value < best_loss
+        best_loss = torch.where(better, value, best_loss)
+        best_book = torch.where(better, book.detach(), best_book)
+        best_scale = torch.where(better, scale.detach(), best_scale)
         if step == steps:
             break
         opt.zero_grad(set_to_none=True)
         approx.backward(delta_h * (-2.0 / norm))  # d tr(ΔW H ΔWᵀ) / dŴ = -2 ΔW H  (H symmetric)
         opt.step()
-    return best_book, best_scale, best_loss * float(norm)
+    return best_book, best_scale, float(best_loss * norm)
 
 
 # --------------------------------------------------------------------------------------------
