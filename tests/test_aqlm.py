@@ -15,6 +15,7 @@ from lit_cb.quant.aqlm import (
     aqlm_quantize,
     beam_search_all,
     beam_search_codes,
+    kmeans,
     layer_objective,
     quantize_aqlm,
     reconstruct,
@@ -111,7 +112,8 @@ def test_objective_through_hessian_equals_direct_output_error() -> None:
     assert float(via_h) == pytest.approx(float(direct), rel=1e-10)
 
 
-def test_full_quantization_beats_residual_kmeans_init() -> None:
+@pytest.mark.parametrize("weighted", [True, False])
+def test_full_quantization_beats_residual_kmeans_init(weighted: bool) -> None:
     x = _correlated_inputs(512, 64, 11)
     hessian = x.T @ x / x.shape[0]
     weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(11)) * 0.05
@@ -124,8 +126,11 @@ def test_full_quantization_beats_residual_kmeans_init() -> None:
         codebook_steps=50,
         relative_tol=0.0,
         seed=3,
+        hessian_weighted_init=weighted,
     )
-    init_codes, init_books, init_scales = residual_kmeans_init(weight, config, torch.Generator().manual_seed(3))
+    init_codes, init_books, init_scales = residual_kmeans_init(
+        weight, config, torch.Generator().manual_seed(3), hessian if weighted else None
+    )
     init_obj = float(layer_objective(weight, reconstruct(init_codes, init_books, init_scales), hessian))
     result = aqlm_quantize(weight, hessian, config)
     assert result.init_objective == pytest.approx(init_obj, rel=1e-5)
@@ -181,6 +186,7 @@ def test_bits_per_weight_2x8_g8_on_576x576() -> None:
         ("codebook_steps", -2),
         ("init_kmeans_iters", -1),
         ("per_row_scales", 1),
+        ("hessian_weighted_init", "yes"),
         ("damp", float("nan")),
         ("seed", -1),
         ("max_chunk_elements", 0),
@@ -199,3 +205,17 @@ def test_config_dict_round_trip_and_unknown_field() -> None:
     assert set(AQLM_PRESETS) == {"1x16_g8", "2x8_g8", "1x8_g8", "4x8_g8"}
     with pytest.raises(ValueError, match="in_features"):
         aqlm_quantize(torch.zeros(8, 12), torch.eye(12), AQLMConfig(in_group_size=8))
+
+
+def test_weighted_kmeans_assigns_by_weighted_distance() -> None:
+    gen = torch.Generator().manual_seed(8)
+    points = torch.randn(200, 4, generator=gen, dtype=torch.float64)
+    weights = torch.rand(200, 4, generator=gen, dtype=torch.float64) * 3
+    centroids, assign = kmeans(points, 8, 5, torch.Generator().manual_seed(0), 2**20, weights)
+    brute = ((points[:, None, :] - centroids[None]) ** 2 * weights[:, None, :]).sum(-1).argmin(1)  # [N]
+    assert torch.equal(assign, brute)
+    # Unit weights must reproduce plain k-means exactly.
+    plain, plain_assign = kmeans(points, 8, 5, torch.Generator().manual_seed(0), 2**20)
+    same, same_assign = kmeans(points, 8, 5, torch.Generator().manual_seed(0), 2**20, torch.ones_like(points))
+    torch.testing.assert_close(plain, same)
+    assert torch.equal(plain_assign, same_assign)
