@@ -142,7 +142,31 @@ class CodebookLinear(nn.Module):
             if fmt.bias
             else None
         )
+        self.low_rank_a: nn.Parameter | None = None  # [rank, in_features]
+        self.low_rank_b: nn.Parameter | None = None  # [out_features, rank]
         self.use_kernels = True
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.low_rank_a is None else self.low_rank_a.shape[0]
+
+    def init_low_rank(self, rank: int) -> None:
+        """Give the layer an (empty) low-rank correction W = dequant(codes) + B @ A, the slot that
+        merged LoRA adapters land in (codebooks cannot absorb them)."""
+        dev, dtype = self.codebooks.device, self.codebooks.dtype
+        self.low_rank_a = nn.Parameter(torch.zeros(rank, self.in_features, device=dev, dtype=dtype), False)
+        self.low_rank_b = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=dtype), False)
+
+    @torch.no_grad()
+    def add_low_rank(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Append ``b @ a`` (``a`` [r, in], ``b`` [out, r]) to the low-rank correction."""
+        dtype = self.codebooks.dtype
+        a, b = a.to(self.codebooks.device, dtype), b.to(self.codebooks.device, dtype)
+        if self.low_rank_a is not None:
+            a = torch.cat([self.low_rank_a.data, a])
+            b = torch.cat([self.low_rank_b.data, b], dim=1)
+        self.low_rank_a = nn.Parameter(a.contiguous(), requires_grad=False)
+        self.low_rank_b = nn.Parameter(b.contiguous(), requires_grad=False)
 
     @classmethod
     def from_tensors(
@@ -170,30 +194,41 @@ class CodebookLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dense weight (materialised; for evaluation, LoRA merging and tests)."""
+        """The dense weight (materialised; for evaluation and tests)."""
         return self.dequantize()
 
     def bits_per_weight(self) -> float:
-        return self.fmt.bits_per_weight()
+        """Codes, codebooks and scales, plus the fp16 low-rank correction if there is one."""
+        low_rank = 16 * self.rank * (self.in_features + self.out_features)
+        return self.fmt.bits_per_weight() + low_rank / (self.in_features * self.out_features)
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize_weight(self.codes, self.codebooks, self.scales, self.fmt.nbits_per_codebook)
+        """Dense weight: codebook part plus the low-rank correction."""
+        w = dequantize_weight(self.codes, self.codebooks, self.scales, self.fmt.nbits_per_codebook)
+        if self.low_rank_a is not None:
+            w = w + self.low_rank_b @ self.low_rank_a
+        return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = None
         if self.use_kernels and x.is_cuda:
             from lit_cb.kernels import dispatch
 
             kernel = dispatch.select_kernel(self.fmt, x)
             if kernel is not None:
-                return kernel(x, self.codes, self.codebooks, self.scales, self.bias, self.fmt)
-        weight = self.dequantize().to(x.dtype)
-        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+                out = kernel(x, self.codes, self.codebooks, self.scales, self.bias, self.fmt)
+        if out is None:
+            weight = dequantize_weight(self.codes, self.codebooks, self.scales, self.fmt.nbits_per_codebook)
+            out = F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        if self.low_rank_a is not None:
+            out = out + F.linear(F.linear(x, self.low_rank_a.to(x.dtype)), self.low_rank_b.to(x.dtype))
+        return out
 
     def extra_repr(self) -> str:
         f = self.fmt
         return (
             f"in={f.in_features}, out={f.out_features}, {f.num_codebooks}x{f.nbits_per_codebook} "
-            f"g{f.in_group_size} og{f.out_group_size}, bits/weight={f.bits_per_weight():.3f}"
+            f"g{f.in_group_size} og{f.out_group_size}, rank={self.rank}, bits/weight={self.bits_per_weight():.3f}"
         )
 
 

@@ -67,8 +67,9 @@ class RecoveryConfig:
 
 
 class CodebookLoraLinear(nn.Module, LoraLayer):
-    """peft LoRA around a :class:`CodebookLinear` (registered with peft's custom-module
-    dispatcher; the base weight cannot absorb the adapter, so it is never merged)."""
+    """peft LoRA around a :class:`CodebookLinear`, registered with peft's custom-module
+    dispatcher. Codebooks cannot absorb an adapter, so merging moves it into the layer's
+    low-rank correction slot (``merge_and_unload`` then yields plain CodebookLinears)."""
 
     def __init__(self, base_layer: CodebookLinear, adapter_name: str, config: LoraConfig, r: int = 0, **kwargs):
         super().__init__()
@@ -76,9 +77,21 @@ class CodebookLoraLinear(nn.Module, LoraLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=kwargs.get("lora_alpha", 1), config=config)
 
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        for name in adapter_names or self.active_adapters:
+            if name in self.lora_A and name not in self.merged_adapters:
+                a = self.lora_A[name].weight  # [r, in]
+                b = self.lora_B[name].weight * self.scaling[name]  # [out, r]
+                self.get_base_layer().add_low_rank(a, b)
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        raise NotImplementedError("a LoRA merged into a CodebookLinear's low-rank slot cannot be unmerged")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        if self.disable_adapters:
+        if self.disable_adapters or self.merged:
             return result
         for name in self.active_adapters:
             if name not in self.lora_A:
@@ -221,10 +234,8 @@ class RecoveryModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def merged_model(self) -> nn.Module:
-        """The model with LoRA merged into dense linears (adapters on compressed linears are kept
-        as peft modules)."""
+        """The plain transformers model with every LoRA merged: into the weights of dense
+        linears, into the low-rank slot of compressed ones."""
         if not self._lora_applied or self.config.lora_r == 0:
-            return self.model
-        if self.config.lora_on_compressed:
             return self.model
         return self.model.merge_and_unload()

@@ -18,9 +18,15 @@ from torch import nn
 
 from lit_cb.layers import CodebookFormat, CodebookLinear
 
-_BUILDERS: dict[str, Callable[[dict], nn.Module]] = {
-    "CodebookLinear": lambda spec: CodebookLinear(CodebookFormat(**spec["format"]), dtype=_dtype(spec)),
-}
+
+def _build_codebook_linear(spec: dict) -> CodebookLinear:
+    layer = CodebookLinear(CodebookFormat(**spec["format"]), dtype=_dtype(spec))
+    if spec.get("low_rank", 0):
+        layer.init_low_rank(spec["low_rank"])
+    return layer
+
+
+_BUILDERS: dict[str, Callable[[dict], nn.Module]] = {"CodebookLinear": _build_codebook_linear}
 
 
 def _dtype(spec: dict) -> torch.dtype:
@@ -39,6 +45,7 @@ def module_spec(module: nn.Module) -> dict:
             "type": "CodebookLinear",
             "format": module.fmt.to_dict(),
             "dtype": str(module.codebooks.dtype).removeprefix("torch."),
+            "low_rank": module.rank,
         }
     if hasattr(module, "spec"):
         return module.spec()

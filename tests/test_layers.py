@@ -80,3 +80,16 @@ def test_bad_formats_name_the_field(kwargs, match):
     base = {"in_features": 16, "out_features": 8}
     with pytest.raises(ValueError, match=match):
         CodebookFormat(**{**base, **kwargs})
+
+
+def test_low_rank_correction_adds_b_times_a_and_counts_its_bits():
+    torch.manual_seed(3)
+    fmt = CodebookFormat(in_features=8, out_features=4, in_group_size=4, nbits_per_codebook=2)
+    codes, codebooks, scales = torch.randint(0, 4, (4, 2, 1)), torch.randn(1, 4, 1, 4), torch.rand(4, 1, 1, 1)
+    layer = CodebookLinear.from_tensors(fmt, codes, codebooks, scales, dtype=torch.float64)
+    a, b = torch.randn(2, 8, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    layer.add_low_rank(a, b)
+    W = _dense_reference(codes, codebooks, scales) + b @ a
+    x = torch.randn(3, 8, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), x @ W.T)
+    assert layer.bits_per_weight() == pytest.approx(fmt.bits_per_weight() + 16 * 2 * (8 + 4) / 32)

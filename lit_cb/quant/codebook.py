@@ -94,11 +94,7 @@ class CodebookConfig:
             raise bad("init", f"one of {INITS}")
         if not _is_int(self.seed):
             raise bad("seed", "an integer")
-        if (
-            isinstance(self.damp, bool)
-            or not isinstance(self.damp, int | float)
-            or not (0.0 <= self.damp < math.inf)
-        ):
+        if isinstance(self.damp, bool) or not isinstance(self.damp, int | float) or not (0.0 <= self.damp < math.inf):
             raise bad("damp", "a finite float >= 0")
         if (
             not _is_int(self.gptvq_block_size)
@@ -191,9 +187,7 @@ class KMeansResult:
     history: list[float]  # objective after every assignment and every update step
 
 
-def weighted_error(
-    x: torch.Tensor, w: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor
-) -> torch.Tensor:
+def weighted_error(x: torch.Tensor, w: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """Per-vector error ``sum_j w_nj (x_nj - c_{codes_n, j})²``, shape ``[N]``."""
     d = x - centroids[codes]  # [N, g]
     return d.square_().mul_(w).sum(-1)
@@ -463,9 +457,7 @@ def _expand(codebook: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -
     return (codebook[codes] * scales[:, None, None]).reshape(out_f, ng * codebook.shape[1])
 
 
-def _scatter_to_codebook(
-    g_w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, k: int
-) -> torch.Tensor:
+def _scatter_to_codebook(g_w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, k: int) -> torch.Tensor:
     """Adjoint of :func:`_expand`: ``sum_{o,i: codes=k} s_o G[o, i]`` -> [K, g]."""
     out_f, ng = codes.shape
     gsz = g_w.shape[1] // ng
@@ -565,12 +557,8 @@ def codebook_quantize_tensors(
         gen = torch.Generator(device=x.device)
         gen.manual_seed(config.seed + 1)
         idx = torch.randperm(n, generator=gen, device=gen.device)[: config.kmeans_max_points].to(x.device)
-        sub = weighted_kmeans(
-            x[idx], vw[idx], k, iters=config.kmeans_iters, init=config.init, seed=config.seed
-        )
-        km = weighted_kmeans(
-            x, vw, k, iters=min(KMEANS_FULL_ITERS, config.kmeans_iters), init_centroids=sub.centroids
-        )
+        sub = weighted_kmeans(x[idx], vw[idx], k, iters=config.kmeans_iters, init=config.init, seed=config.seed)
+        km = weighted_kmeans(x, vw, k, iters=min(KMEANS_FULL_ITERS, config.kmeans_iters), init_centroids=sub.centroids)
         km.history = sub.history + km.history
     else:
         km = weighted_kmeans(x, vw, k, iters=config.kmeans_iters, init=config.init, seed=config.seed)
