@@ -1,7 +1,8 @@
 """The ``lightning`` / ``lit-cb`` command: ``lightning run recipes/<name>.py [--config X.yaml] [k=v ...]``.
 
 Lightning 2.6 ships no ``lightning`` command, so lit_cb provides one with the promised shape. A
-recipe is a Python file with a ``main(cfg: RunConfig)`` function and a ``DEFAULT_CONFIG`` path.
+recipe is a Python file with a ``main(cfg)`` function, a ``DEFAULT_CONFIG`` path and optionally a
+``CONFIG_CLASS`` (default :class:`lit_cb.config.RunConfig`) that its YAML is parsed into.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from lit_cb.config import load_config
+from lit_cb.config import RunConfig, load_config
 
 
 def load_recipe(path: str | Path) -> ModuleType:
@@ -35,7 +36,7 @@ def run_recipe(recipe_path: str | Path, argv: list[str]) -> dict:
     parser.add_argument("--config", default=None, help=f"YAML config (default: {recipe.DEFAULT_CONFIG})")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. recovery.max_steps=50")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config or recipe.DEFAULT_CONFIG, args.overrides)
+    cfg = load_config(args.config or recipe.DEFAULT_CONFIG, args.overrides, getattr(recipe, "CONFIG_CLASS", RunConfig))
     return recipe.main(cfg)
 
 

@@ -132,8 +132,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), yaml.safe_load(raw) if raw != "" else ""
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """YAML file (optional) + overrides -> validated :class:`RunConfig`."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type = RunConfig):
+    """YAML file (optional) + overrides -> validated ``cls`` (a :class:`RunConfig` by default)."""
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -150,7 +150,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if not isinstance(node, dict):
                 raise ValueError(f"override {text!r}: {k} is not a section")
         node[keys[-1]] = value
-    return build(RunConfig, data)
+    return build(cls, data)
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:
