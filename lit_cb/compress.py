@@ -170,9 +170,9 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 def relative_layer_error(weight: torch.Tensor, weight_hat: torch.Tensor, hessian: torch.Tensor) -> float:
     """tr(ΔW H ΔWᵀ) / tr(W H Wᵀ): the share of the layer's output energy the compression loses."""
-    w = weight.double()
-    h = hessian.double()
-    dw = w - weight_hat.double()
+    w = weight.detach().double()
+    h = hessian.detach().double()
+    dw = w - weight_hat.detach().double()
     return float(((dw @ h) * dw).sum() / ((w @ h) * w).sum().clamp_min(1e-30))
 
 

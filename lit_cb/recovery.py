@@ -169,6 +169,8 @@ class RecoveryModule(L.LightningModule):
         self._lora_applied = True
         for name, m in self.model.named_modules():
             if self.config.train_codebooks and isinstance(m, CodebookLinear):
+                # Train in float32: fp16 storage would swallow Adam's small updates.
+                m.float()
                 m.codebooks.requires_grad_(True)
                 m.scales.requires_grad_(True)
             if self.config.train_norms and "norm" in name.rsplit(".", 1)[-1] and hasattr(m, "weight"):
@@ -218,8 +220,6 @@ class RecoveryModule(L.LightningModule):
         if codebook_params:
             groups.append({"params": codebook_params, "lr": self.config.codebook_lr})
         groups = [g for g in groups if g["params"]]
-        # Adam on fp16 codebooks is unstable: codebooks train through an fp32 view only if the
-        # module was cast to float32 before fit (the recipes do that).
         opt = torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
         total = max(1, self.config.max_steps)
         warmup = min(self.config.warmup_steps, total)
@@ -236,6 +236,8 @@ class RecoveryModule(L.LightningModule):
     def merged_model(self) -> nn.Module:
         """The plain transformers model with every LoRA merged: into the weights of dense
         linears, into the low-rank slot of compressed ones."""
-        if not self._lora_applied or self.config.lora_r == 0:
-            return self.model
-        return self.model.merge_and_unload()
+        model = self.model.merge_and_unload() if self._lora_applied and self.config.lora_r > 0 else self.model
+        for m in model.modules():
+            if isinstance(m, CodebookLinear):
+                m.half()  # back to the fp16 storage format
+        return model

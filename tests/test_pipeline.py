@@ -93,16 +93,22 @@ def test_saved_compressed_model_reproduces_its_perplexity(tiny_model_dir, tmp_pa
     assert meta["wikitext2_ppl"]["compressed"] == metrics["wikitext2_ppl"]["compressed"]
 
 
-def test_every_recipe_loads_with_its_config():
-    recipes = sorted((ROOT / "recipes").glob("*.py"))
+def test_every_recipe_and_config_load_and_match():
+    """litgpt-style: each recipe loads with its default config; every YAML in configs/ belongs to a
+    recipe (``<recipe>.yaml`` or ``<recipe>_<variant>.yaml``) and validates against its schema."""
+    from lit_cb.config import RunConfig
+
+    recipes = {p.stem: load_recipe(p) for p in sorted((ROOT / "recipes").glob("*.py"))}
     assert len(recipes) >= 3
-    for path in recipes:
-        recipe = load_recipe(path)
-        assert Path(recipe.DEFAULT_CONFIG).is_file(), path
-        cfg = load_config(recipe.DEFAULT_CONFIG)
-        assert cfg.run_name == path.stem, f"{path.name}: run_name {cfg.run_name}"
-    configs = {p.stem for p in (ROOT / "configs").glob("*.yaml")}
-    assert {p.stem for p in recipes} <= configs
+    for stem, recipe in recipes.items():
+        assert Path(recipe.DEFAULT_CONFIG) == ROOT / "configs" / f"{stem}.yaml", stem
+        cfg = load_config(recipe.DEFAULT_CONFIG, cls=getattr(recipe, "CONFIG_CLASS", RunConfig))
+        assert cfg.run_name == stem, f"{stem}: run_name {cfg.run_name}"
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        owners = [s for s in recipes if path.stem == s or path.stem.startswith(s + "_")]
+        assert owners, f"{path.name} belongs to no recipe"
+        owner = max(owners, key=len)
+        load_config(path, cls=getattr(recipes[owner], "CONFIG_CLASS", RunConfig))
 
 
 def test_gpu_recipe_without_gpu_fails_clearly(tmp_path, capsys):

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Prepare a lent GPU machine (no network) for lit_cb runs. Source it from the repo root:
+#   source bench/device_setup.sh
+# Calls that carry .gguf_a/ or .gguf_b/ (the two halves of the embedded model's GGUF, each under the
+# 64 MiB carry limit) copy their half to /tmp/lit_cb; once both halves are there they are joined and
+# checked. Calls that carry .whl/ install the wheels the machine lacks (datasets, gguf, bitsandbytes).
+set -e
+STATE=/tmp/lit_cb
+mkdir -p "$STATE"
+[ -f .gguf_a/part0 ] && cp .gguf_a/part0 "$STATE/part0"
+[ -f .gguf_b/part1 ] && cp .gguf_b/part1 "$STATE/part1"
+if [ ! -f "$STATE/smollm2.gguf" ] && [ -f "$STATE/part0" ] && [ -f "$STATE/part1" ]; then
+  cat "$STATE/part0" "$STATE/part1" > "$STATE/smollm2.gguf"
+  echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $STATE/smollm2.gguf" | sha256sum -c -
+fi
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "editable install failed"
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+export LIT_CB_SMOLLM2_GGUF=$STATE/smollm2.gguf LIT_CB_CACHE=$STATE/cache PYTHONUNBUFFERED=1
+set +e

@@ -1,0 +1,23 @@
+"""AQLM (additive multi-codebook quantization) on the embedded SmolLM2-135M, with block fine-tuning.
+
+lightning run recipes/smollm2_aqlm.py [--config configs/smollm2_aqlm.yaml] [key=value ...]
+"""
+
+from pathlib import Path
+
+from lit_cb.config import RunConfig
+from lit_cb.pipeline import run
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smollm2_aqlm.yaml"
+
+
+def main(cfg: RunConfig) -> dict:
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from lit_cb.cli import run_recipe
+
+    run_recipe(__file__, sys.argv[1:])
