@@ -23,6 +23,7 @@ sits next to it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import importlib.metadata
 import json
@@ -270,6 +271,14 @@ class ComparisonReport:
         self._model: nn.Module | None = None
         self._tokenizer = None
         self._dm: CompressionDataModule | None = None
+
+    def variant(self, **changes: Any) -> ComparisonReport:
+        """A report with some config fields changed (e.g. ``rtn={...}``) that shares this one's
+        loaded model, tokenizer and windows, so a sweep costs no reloading and sees the same data."""
+        other = ComparisonReport(dataclasses.replace(self.config, **changes), self.command)
+        self.load()
+        other._model, other._tokenizer, other._dm = self._model, self._tokenizer, self._dm
+        return other
 
     # -- shared pieces --------------------------------------------------------------------------
     def load(self) -> None:
