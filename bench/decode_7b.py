@@ -184,8 +184,9 @@ def main() -> None:
             print("nf4 failed:", repr(e)[:300])
         row["ours_tok_s"] = {}
         for fname in args.formats.split(","):
-            row["ours_tok_s"][fname] = round(decode_tok_s(codebook_linear_factory(*FORMATS[fname]), batch,
-                                                          args.context), 1)
+            row["ours_tok_s"][fname] = round(
+                decode_tok_s(codebook_linear_factory(*FORMATS[fname]), batch, args.context), 1
+            )
             print(row, flush=True)
         results.append(row)
     props = torch.cuda.get_device_properties(0)
@@ -195,7 +196,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "command": "python " + " ".join(sys.argv),
         "model": "LLaMA-7B-shaped (32 blocks, 4096/11008, 32 heads, vocab 32000), random weights; the 7 block "
-                 "projections swapped, embedding and lm_head fp16; one CUDA-graph decode step at this context",
+        "projections swapped, embedding and lm_head fp16; one CUDA-graph decode step at this context",
         "results": results,
     }
     if args.out:

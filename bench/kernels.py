@@ -102,7 +102,7 @@ def check_gpu(K, ops) -> list[str]:
     """Every algo and dtype vs a float64 reference on awkward shapes; returns failures."""
     failures = []
     torch.manual_seed(0)
-    for (m, b, g) in [(2, 8, 8), (1, 16, 8), (1, 8, 4), (2, 12, 4), (2, 16, 8)]:
+    for m, b, g in [(2, 8, 8), (1, 16, 8), (1, 8, 4), (2, 12, 4), (2, 16, 8)]:
         for n, k in [(4096, 4096), (37, 520)]:
             idx, codes, codebooks, scales = make_codebook_layers(n, k, m, b, g, 1)[0]
             w = sum(codebooks.double()[mm, :, 0][idx[..., mm]] for mm in range(m)) * scales.double().reshape(n, 1, 1)
@@ -208,14 +208,15 @@ def main() -> None:
                         print("nf4 failed:", e)
             for fname in args.formats.split(","):
                 m, b, g = FORMATS[fname]
-                fmt = CodebookFormat(in_features=k, out_features=n, in_group_size=g, num_codebooks=m,
-                                     nbits_per_codebook=b)
+                fmt = CodebookFormat(
+                    in_features=k, out_features=n, in_group_size=g, num_codebooks=m, nbits_per_codebook=b
+                )
                 code_bytes = n * (k // g) * m * (1 if b <= 8 else 2)
                 layers = make_codebook_layers(n, k, m, b, g, copies_for(code_bytes))
                 algo = dispatch.choose_algo(fmt, batch)
-                ours = graph_time_us([
-                    lambda L=L, x=x, b=b, a=algo: ops.run_algo(x, L[1], L[2], L[3], None, b, a) for L in layers
-                ])
+                ours = graph_time_us(
+                    [lambda L=L, x=x, b=b, a=algo: ops.run_algo(x, L[1], L[2], L[3], None, b, a) for L in layers]
+                )
                 row = {"shape": shape, "batch": batch, "format": fname, "algo": algo, "ours_us": round(ours, 2)}
                 row.update({kk: round(v, 2) for kk, v in base.items()})
                 moved = code_bytes + m * 2**b * g * 2 + batch * (k + n) * 2
@@ -226,9 +227,9 @@ def main() -> None:
                         op = aqlm_ops.code2x8_matmat if fname == "2x8_g8" else aqlm_ops.code1x16_matmat
                         zb = torch.zeros(n, device="cuda", dtype=torch.float16)
                         aq = [(L[1].view(torch.int8) if b == 8 else L[1], L[2].contiguous(), L[3]) for L in layers]
-                        row["aqlm_us"] = round(graph_time_us([
-                            lambda a=a, x=x, op=op, zb=zb: op(x, a[0], a[1], a[2], zb) for a in aq
-                        ]), 2)
+                        row["aqlm_us"] = round(
+                            graph_time_us([lambda a=a, x=x, op=op, zb=zb: op(x, a[0], a[1], a[2], zb) for a in aq]), 2
+                        )
                     except Exception as e:  # noqa: BLE001
                         print("aqlm failed:", repr(e)[:300])
                 rows.append(row)
@@ -237,13 +238,18 @@ def main() -> None:
                     variants = sweep_variants(K, batch, g)
                     for name, fn in variants:
                         try:
-                            t = graph_time_us([lambda L=L, fn=fn, x=x, b=b: fn(x, L[1], L[2], L[3], b)
-                                               for L in layers])
+                            t = graph_time_us([lambda L=L, fn=fn, x=x, b=b: fn(x, L[1], L[2], L[3], b) for L in layers])
                         except Exception as e:  # noqa: BLE001
                             print(name, "failed", repr(e)[:200])
                             continue
-                        sr = {"shape": shape, "batch": batch, "format": fname, "variant": name, "us": round(t, 2),
-                              "GBps": round(moved / t / 1e3, 1)}
+                        sr = {
+                            "shape": shape,
+                            "batch": batch,
+                            "format": fname,
+                            "variant": name,
+                            "us": round(t, 2),
+                            "GBps": round(moved / t / 1e3, 1),
+                        }
                         sweep_rows.append(sr)
                         print("  sweep", json.dumps(sr), flush=True)
                 del layers
@@ -277,20 +283,33 @@ def sweep_variants(K, batch: int, g: int):
     if batch <= 16:
         for bn, bk, warps, stages in [(16, 256, 4, 3), (8, 1024, 8, 2), (4, 512, 4, 3), (32, 128, 4, 4)]:
             cfg = K.GemvConfig(block_n=bn, block_g=bk // g, num_warps=warps, num_stages=stages)
-            out.append((f"gemv_n{bn}_k{bk}_w{warps}_s{stages}",
-                        lambda x, c, cb, s, b, cfg=cfg: K.codebook_gemv(x, c, cb, s, None, b, cfg)))
-    mm = ([(16, 32, 256, 4, 3), (16, 64, 128, 4, 3), (16, 128, 64, 4, 4)] if batch <= 16 else
-          [(128, 128, 32, 4, 4), (128, 128, 64, 8, 3), (128, 256, 32, 8, 3)])
+            out.append(
+                (
+                    f"gemv_n{bn}_k{bk}_w{warps}_s{stages}",
+                    lambda x, c, cb, s, b, cfg=cfg: K.codebook_gemv(x, c, cb, s, None, b, cfg),
+                )
+            )
+    mm = (
+        [(16, 32, 256, 4, 3), (16, 64, 128, 4, 3), (16, 128, 64, 4, 4)]
+        if batch <= 16
+        else [(128, 128, 32, 4, 4), (128, 128, 64, 8, 3), (128, 256, 32, 8, 3)]
+    )
     for bm, bn, bk, warps, stages in mm:
         for d2 in (False, True):
-            cfg = K.MMConfig(block_m=bm, block_n=bn, block_g=max(1, bk // g), num_warps=warps, num_stages=stages,
-                             decode_2d=d2)
-            out.append((f"mm{'2d' if d2 else ''}_m{bm}_n{bn}_k{bk}_w{warps}_s{stages}",
-                        lambda x, c, cb, s, b, cfg=cfg: K.codebook_mm(x, c, cb, s, None, b, cfg)))
+            cfg = K.MMConfig(
+                block_m=bm, block_n=bn, block_g=max(1, bk // g), num_warps=warps, num_stages=stages, decode_2d=d2
+            )
+            out.append(
+                (
+                    f"mm{'2d' if d2 else ''}_m{bm}_n{bn}_k{bk}_w{warps}_s{stages}",
+                    lambda x, c, cb, s, b, cfg=cfg: K.codebook_mm(x, c, cb, s, None, b, cfg),
+                )
+            )
     for bn, bg, warps in [(32, 32, 4), (8, 128, 4), (64, 16, 4), (16, 64, 8), (128, 8, 4)]:
         cfg = K.DequantConfig(block_n=bn, block_g=bg, num_warps=warps)
-        out.append((f"dense_n{bn}_g{bg}_w{warps}",
-                    lambda x, c, cb, s, b, cfg=cfg: K.codebook_dense(x, c, cb, s, None, b, cfg)))
+        out.append(
+            (f"dense_n{bn}_g{bg}_w{warps}", lambda x, c, cb, s, b, cfg=cfg: K.codebook_dense(x, c, cb, s, None, b, cfg))
+        )
     return out
 
 
@@ -310,8 +329,9 @@ def tune(ops, dispatch, formats: list[str], shape: str = "11008x4096", batches=(
             for algo in ops.ALGOS:
                 if algo == "gemv" and batch > 16:
                     continue
-                res[algo] = graph_time_us([lambda L=L, x=x, b=b, a=algo: ops.run_algo(x, L[1], L[2], L[3], None, b, a)
-                                           for L in layers])
+                res[algo] = graph_time_us(
+                    [lambda L=L, x=x, b=b, a=algo: ops.run_algo(x, L[1], L[2], L[3], None, b, a) for L in layers]
+                )
             best = min(res, key=res.get)
             timings.append({"format": fname, "batch": batch, **{a: round(t, 2) for a, t in res.items()}})
             print("tune", timings[-1], "->", best, flush=True)
@@ -336,9 +356,15 @@ def dump_asm(K, directory: str) -> None:
         for cache in getattr(fn, "device_caches", {}).values():
             for i, (key, kern) in enumerate(cache[0].items()):
                 tag = f"{name}_{i}"
-                summary.append({"tag": tag, "key": str(key)[:600], "n_regs": getattr(kern, "n_regs", None),
-                                "n_spills": getattr(kern, "n_spills", None),
-                                "shared": getattr(kern.metadata, "shared", None)})
+                summary.append(
+                    {
+                        "tag": tag,
+                        "key": str(key)[:600],
+                        "n_regs": getattr(kern, "n_regs", None),
+                        "n_spills": getattr(kern, "n_spills", None),
+                        "shared": getattr(kern.metadata, "shared", None),
+                    }
+                )
                 for ext in ("ptx", "sass"):
                     try:
                         (path / f"{tag}.{ext}").write_text(kern.asm[ext])

@@ -37,6 +37,16 @@ RUNS: dict[str, tuple[str, str, list[str]]] = {
         ],
     ),
     "aqlm_2x8": ("smollm2_aqlm", "smollm2_aqlm_full", []),
+    "codebook_recovered_no_lora": (
+        "smollm2_codebook",
+        "smollm2_codebook_full",
+        [
+            "run_name=smollm2_codebook_no_lora",
+            "recovery.lora_r=0",
+            "recovery.codebook_lr=5.0e-5",
+            "eval.float_model=false",
+        ],
+    ),
     "aqlm_2x8_recovered": (
         "smollm2_aqlm",
         "smollm2_aqlm_full",
@@ -110,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
             "protocol": "C4 calibration 128x2048 (document sampling, seed 0); WikiText-2 test, 2048-token "
             "windows, fp16 autocast",
             "bits_per_weight": main_run["bits_per_weight"]["compressed_linears"],
+            "bits_per_weight_recovered": (main_run.get("bits_per_weight_recovered") or {}).get("compressed_linears"),
             "bits_per_weight_whole_model": main_run["bits_per_weight"]["whole_model"],
             "wikitext2_ppl": {
                 "fp16": ppl.get("float"),

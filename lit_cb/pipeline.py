@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_cb.callbacks import CompressionCallback
+from lit_cb.compress import bits_per_weight
 from lit_cb.config import RunConfig, save_config
 from lit_cb.data import CompressionDataModule
 from lit_cb.evaluate import perplexity
@@ -129,6 +130,8 @@ def run(cfg: RunConfig) -> dict:
         return metrics
 
     final = module.merged_model()
+    # Merged LoRA adds low-rank slots to compressed linears: count them in the recovered model's bits.
+    metrics["bits_per_weight_recovered"] = bits_per_weight(final)
     if cfg.eval.recovered and cfg.recovery.max_steps > 0:
         t = time.perf_counter()
         final.to(device)
@@ -159,4 +162,7 @@ def _print_summary(metrics: dict) -> None:
             f"  bits/weight: {bpw['compressed_linears']:.3f} over compressed linears, "
             f"{bpw['whole_model']:.3f} over the whole model"
         )
+    rec = metrics.get("bits_per_weight_recovered")
+    if rec and "recovered" in ppl:
+        lines.append(f"  bits/weight after recovery (merged adapters): {rec['compressed_linears']:.3f}")
     print("\n".join(lines), flush=True)
