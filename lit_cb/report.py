@@ -478,13 +478,16 @@ class ComparisonReport:
                 }
             )
         if "recovered" in ppl:
+            recovered_bpw = metrics.get("bits_per_weight_recovered") or bpw
             rows.append(
                 {
                     **base,
+                    "bits_per_weight": recovered_bpw.get("compressed_linears"),
+                    "bits_per_weight_whole_model": recovered_bpw.get("whole_model"),
                     "method": f"{name}_recovered",
                     "wikitext2_ppl": ppl["recovered"],
                     "seconds": sum((stages.get(k) or {}).get("seconds") or 0.0 for k in ("compress", "recover")),
-                    "notes": "LoRA merged; bits/weight as measured right after compression",
+                    "notes": "adapters merged; bits/weight counted after the merge",
                 }
             )
         if not rows:
