@@ -28,7 +28,9 @@ from tqdm.auto import tqdm
 from lit_cb.hessian import HESSIAN_DTYPES, attach_hessian_hooks, remove_hooks
 from lit_cb.models import decoder_layers
 from lit_cb.quant import registry
+from lit_cb.quant.objective import relative_layer_error
 from lit_cb.serialization import build_module, module_spec
+from lit_cb.typed_config import build
 
 DEFAULT_TARGETS = r"(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
 
@@ -65,25 +67,17 @@ class CompressionConfig:
 
     def method_settings(self):
         cls = registry.config_class(self.method)
-        return _build_dataclass(cls, self.method_config, f"compression.method_config ({self.method})")
+        return build(cls, self.method_config, "compression.method_config")
 
     def finetune_settings(self):
         if self.block_finetune is None:
             return None
         from lit_cb.block_finetune import BlockFinetuneConfig
 
-        return _build_dataclass(BlockFinetuneConfig, self.block_finetune, "compression.block_finetune")
+        return build(BlockFinetuneConfig, self.block_finetune, "compression.block_finetune")
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _build_dataclass(cls: type, values: dict, where: str):
-    known = set(cls.__dataclass_fields__)
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
-    return cls(**values)
 
 
 @dataclass
@@ -166,14 +160,6 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
-
-
-def relative_layer_error(weight: torch.Tensor, weight_hat: torch.Tensor, hessian: torch.Tensor) -> float:
-    """tr(ΔW H ΔWᵀ) / tr(W H Wᵀ): the share of the layer's output energy the compression loses."""
-    w = weight.detach().double()
-    h = hessian.detach().double()
-    dw = w - weight_hat.detach().double()
-    return float(((dw @ h) * dw).sum() / ((w @ h) * w).sum().clamp_min(1e-30))
 
 
 def _broadcast_module(module: nn.Module) -> None:

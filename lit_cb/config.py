@@ -6,8 +6,6 @@ model is loaded, with the key and what is allowed in the message.
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from lit_cb.compress import CompressionConfig
 from lit_cb.data.datamodule import DataConfig
 from lit_cb.models import DTYPES, EMBEDDED_MODELS
 from lit_cb.recovery import RecoveryConfig
+from lit_cb.typed_config import build
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "bf16-true", "16-true")
@@ -89,37 +88,6 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def build(cls: type, values: dict | None, where: str = ""):
-    """Instantiate dataclass ``cls`` from a nested dict, rejecting unknown keys by name."""
-    values = dict(values or {})
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise ValueError(
-            f"unknown config key(s) {[prefix + k for k in unknown]}; allowed in {where or 'top level'}: {sorted(known)}"
-        )
-    kwargs = {}
-    for name, value in values.items():
-        tp = hints[name]
-        key = f"{where}.{name}" if where else name
-        if _is_dataclass_type(tp):
-            if not isinstance(value, dict):
-                raise ValueError(f"config key {key} must be a mapping, got {value!r}")
-            kwargs[name] = build(tp, value, key)
-        else:
-            kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as err:
-        raise ValueError(f"bad config for {where or 'top level'}: {err}") from err
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

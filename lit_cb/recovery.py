@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import asdict, dataclass
 
 import lightning as L
@@ -130,7 +131,10 @@ def apply_lora(model: nn.Module, config: RecoveryConfig) -> nn.Module:
         bias="none",
     )
     lora_cfg._register_custom_module({CodebookLinear: CodebookLoraLinear})
-    return get_peft_model(model, lora_cfg)
+    with warnings.catch_warnings():
+        # peft warns about any base layer it does not know; CodebookLinear is handled by the dispatcher above.
+        warnings.filterwarnings("ignore", message="Unsupported layer type")
+        return get_peft_model(model, lora_cfg)
 
 
 def _kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -177,6 +181,7 @@ class RecoveryModule(L.LightningModule):
                 m.weight.requires_grad_(True)
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError("recovery: nothing is trainable (lora_r=0 and train_codebooks/train_norms off)")
+        self.model.train()
 
     def on_fit_start(self) -> None:
         for t in self._teacher:

@@ -48,6 +48,7 @@ from lit_cb.quant.bnb import BnbConfig, bnb_bits_per_weight, swap_linears_bnb4
 from lit_cb.quant.gptq import GPTQConfig
 from lit_cb.quant.rtn import RTNConfig
 from lit_cb.recovery import RecoveryConfig
+from lit_cb.typed_config import build
 
 METHODS = (
     "fp16",
@@ -139,10 +140,10 @@ class ReportConfig:
         return Path(self.output_dir) / self.run_name
 
     def rtn_config(self, bits: int) -> RTNConfig:
-        return _build(RTNConfig, {**self.rtn, "bits": bits}, "rtn")
+        return build(RTNConfig, {**self.rtn, "bits": bits}, "rtn")
 
     def gptq_config(self, bits: int) -> GPTQConfig:
-        return _build(GPTQConfig, {**self.gptq, "bits": bits}, "gptq")
+        return build(GPTQConfig, {**self.gptq, "bits": bits}, "gptq")
 
     def bnb_config(self, quant_type: str) -> BnbConfig:
         values = dict(self.bnb)
@@ -150,7 +151,7 @@ class ReportConfig:
             values["compute_dtype"] = self.eval.dtype
         if "quant_type" in values:
             raise ValueError("bnb.quant_type is set by the row name (bnb_nf4 / bnb_fp4); remove it")
-        return _build(BnbConfig, {**values, "quant_type": quant_type}, "bnb")
+        return build(BnbConfig, {**values, "quant_type": quant_type}, "bnb")
 
     def compression_config(self, method: str, method_config: dict) -> CompressionConfig:
         unknown = sorted(set(self.compression) - set(_DRIVER_KEYS))
@@ -160,14 +161,6 @@ class ReportConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _build(cls: type, values: dict, where: str):
-    known = set(cls.__dataclass_fields__)
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
-    return cls(**values)
 
 
 def _parse_collect(entry: str) -> tuple[str | None, Path]:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-import collections
+import os
+
+# Triton reads this when it is imported, and transformers/bitsandbytes may import it early: set it
+# before anything else so the kernel tests run under the CPU interpreter whatever the test order.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import collections  # noqa: E402
 import json
 import lzma
 

@@ -28,10 +28,7 @@ FAST = dict(in_group_size=2, nbits=5, kmeans_iters=25, codebook_update_steps=10)
 def correlated_inputs(n: int, d: int, seed: int) -> torch.Tensor:
     """float64 activations with strongly correlated columns of very different magnitude."""
     gen = torch.Generator().manual_seed(seed)
-    mix = (
-        torch.eye(d, dtype=torch.float64)
-        + 0.6 * torch.randn(d, d, generator=gen, dtype=torch.float64) / d**0.5
-    )
+    mix = torch.eye(d, dtype=torch.float64) + 0.6 * torch.randn(d, d, generator=gen, dtype=torch.float64) / d**0.5
     col_scale = torch.exp(1.2 * torch.randn(d, generator=gen, dtype=torch.float64))
     return (torch.randn(n, d, generator=gen, dtype=torch.float64) @ mix) * col_scale
 
@@ -130,9 +127,7 @@ def test_weighted_kmeans_objective_non_increasing() -> None:
     assert (steps <= 1e-6 * hist[:-1]).all(), f"objective increased: {steps.max().item()}"
     assert hist[-1] < 0.8 * hist[0]  # and it actually made progress
     # The recorded objective is the real one.
-    assert hist[-1].item() == pytest.approx(
-        float(weighted_error(x, w, res.centroids, res.codes).double().sum())
-    )
+    assert hist[-1].item() == pytest.approx(float(weighted_error(x, w, res.centroids, res.codes).double().sum()))
 
 
 def test_weighted_beats_unweighted_on_weighted_error() -> None:
@@ -154,9 +149,7 @@ def test_layer_error_is_output_error() -> None:
     w_hat = w + 0.1 * torch.randn_like(w)
     ref = true_objective(x, w, w_hat) / x.shape[0]
     assert layer_error(w, w_hat, h) == pytest.approx(ref, rel=1e-4)
-    assert relative_layer_error(w, w_hat, h) == pytest.approx(
-        ref / (true_objective(x, w, 0 * w) / 500), rel=1e-4
-    )
+    assert relative_layer_error(w, w_hat, h) == pytest.approx(ref / (true_objective(x, w, 0 * w) / 500), rel=1e-4)
 
 
 def test_hessian_aware_beats_unweighted_and_gptvq_beats_diag() -> None:

@@ -140,7 +140,7 @@ def test_save_load_is_bit_exact(tmp_path):
     [
         ({"method": "kmeans"}, "unknown compression method 'kmeans'"),
         ({"method": "codebook", "method_config": {"nbits": 1}}, "nbits"),
-        ({"method": "codebook", "method_config": {"groupsize": 4}}, "unknown key.*groupsize"),
+        ({"method": "codebook", "method_config": {"groupsize": 4}}, "unknown config key.*groupsize"),
         ({"keep_dense": -1}, "keep_dense"),
         ({"targets": "("}, "targets"),
     ],

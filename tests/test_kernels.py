@@ -69,8 +69,9 @@ K, OPS, DISPATCH = _kernel_modules()
 
 def random_layer(fmt: CodebookFormat, gen: torch.Generator, dtype=torch.float16):
     """Fresh random codes (int64 indices), codebooks, scales, bias of a format."""
-    idx = torch.randint(0, 2**fmt.nbits_per_codebook, (fmt.num_out_groups, fmt.num_in_groups, fmt.num_codebooks),
-                        generator=gen)
+    idx = torch.randint(
+        0, 2**fmt.nbits_per_codebook, (fmt.num_out_groups, fmt.num_in_groups, fmt.num_codebooks), generator=gen
+    )
     codebooks = torch.randn(fmt.num_codebooks, fmt.codebook_size, 1, fmt.in_group_size, generator=gen).to(dtype)
     scales = (torch.rand(fmt.num_out_groups, 1, 1, 1, generator=gen) + 0.5).to(dtype)
     bias = torch.randn(fmt.out_features, generator=gen).to(dtype) if fmt.bias else None
@@ -117,18 +118,19 @@ TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.float32: 1e-5}
 
 # (M, B, g, in, out, bias): every code width, packed and unpacked loads, ragged in/out
 FORMATS = [
-    (1, 8, 4, 52, 9, False),   # 1x8 g4, the LLM-Codebook default; in=52 -> 13 groups, not a block multiple
-    (2, 8, 8, 40, 7, True),    # 2x8 g8 (AQLM): packed int16 words
+    (1, 8, 4, 52, 9, False),  # 1x8 g4, the LLM-Codebook default; in=52 -> 13 groups, not a block multiple
+    (2, 8, 8, 40, 7, True),  # 2x8 g8 (AQLM): packed int16 words
     (1, 16, 8, 24, 1, False),  # 1x16 g8: int16 with the 2**15 wrap; out = 1
-    (2, 12, 4, 36, 5, True),   # B between 8 and 16: int16 masked, two unpacked codebooks
+    (2, 12, 4, 36, 5, True),  # B between 8 and 16: int16 masked, two unpacked codebooks
     (1, 10, 8, 48, 6, False),
     (2, 16, 4, 20, 3, False),  # 2x16: packed int32 words
 ]
 
 
 def _fmt(m, b, g, k, n, bias):
-    return CodebookFormat(in_features=k, out_features=n, in_group_size=g, num_codebooks=m, nbits_per_codebook=b,
-                          bias=bias)
+    return CodebookFormat(
+        in_features=k, out_features=n, in_group_size=g, num_codebooks=m, nbits_per_codebook=b, bias=bias
+    )
 
 
 @pytest.mark.parametrize("spec", FORMATS, ids=lambda s: f"{s[0]}x{s[1]}_g{s[2]}_{s[3]}x{s[4]}")
@@ -153,8 +155,15 @@ def test_mm(spec, tokens):
     x = torch.randn(tokens, fmt.in_features, generator=gen).half()
     ref = reference_out(x, idx, codebooks, scales, bias)
     for decode_2d in (False, True):
-        cfg = K.MMConfig(block_m=16, block_n=16, block_g=16 // fmt.in_group_size, num_warps=1, num_stages=1,
-                         group_m=2, decode_2d=decode_2d)
+        cfg = K.MMConfig(
+            block_m=16,
+            block_n=16,
+            block_g=16 // fmt.in_group_size,
+            num_warps=1,
+            num_stages=1,
+            group_m=2,
+            decode_2d=decode_2d,
+        )
         y = K.codebook_mm(x, codes, codebooks, scales, bias, fmt.nbits_per_codebook, cfg)
         assert y.shape == (tokens, fmt.out_features)
         assert rel_err(y, ref) < TOL[torch.float16], decode_2d
@@ -182,8 +191,14 @@ def test_dequant_and_dense(spec):
     gen = torch.Generator().manual_seed(hash(spec) % 2**31)
     fmt = _fmt(*spec)
     idx, codes, codebooks, scales, bias = random_layer(fmt, gen)
-    w = K.codebook_dequant(codes, codebooks, scales, fmt.nbits_per_codebook, torch.float16,
-                           K.DequantConfig(block_n=4, block_g=4, num_warps=1))
+    w = K.codebook_dequant(
+        codes,
+        codebooks,
+        scales,
+        fmt.nbits_per_codebook,
+        torch.float16,
+        K.DequantConfig(block_n=4, block_g=4, num_warps=1),
+    )
     assert rel_err(w, reference_weight(idx, codebooks, scales)) < 1e-3
     x = torch.randn(5, fmt.in_features, generator=gen).half()
     y = K.codebook_dense(x.float(), codes, codebooks, scales, bias, fmt.nbits_per_codebook)
@@ -218,8 +233,11 @@ def test_opcheck():
     fmt = _fmt(1, 8, 4, 16, 4, True)
     _, codes, codebooks, scales, bias = random_layer(fmt, gen, dtype=torch.float32)
     x = torch.randn(2, fmt.in_features, generator=gen, requires_grad=True)
-    torch.library.opcheck(torch.ops.lit_cb.codebook_linear.default, (x, codes, codebooks, scales, bias, 8, "mm"),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(
+        torch.ops.lit_cb.codebook_linear.default,
+        (x, codes, codebooks, scales, bias, 8, "mm"),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
 
 
 def test_layer_dispatch_and_fallbacks():

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from lit_cb.layers import ALLOWED_GROUP_SIZES, MAX_NBITS, MIN_NBITS, CodebookFormat, CodebookLinear, dequantize_weight
+from lit_cb.quant.objective import damped_hessian
 from lit_cb.quant.registry import register_method
 
 log = logging.getLogger(__name__)
@@ -155,16 +156,6 @@ AQLM_PRESETS: dict[str, AQLMConfig] = {
 
 # --------------------------------------------------------------------------------------------
 # Objective
-
-
-def damped_hessian(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """``H + damp * mean(diag H) * I``, symmetrised (accumulated Hessians drift slightly off)."""
-    hessian = (hessian + hessian.T) / 2
-    if damp > 0:
-        hessian = hessian + damp * hessian.diagonal().mean() * torch.eye(
-            hessian.shape[0], dtype=hessian.dtype, device=hessian.device
-        )
-    return hessian
 
 
 def layer_objective(weight: torch.Tensor, reconstruction: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:

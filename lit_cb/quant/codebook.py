@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from lit_cb.layers import CodebookFormat, CodebookLinear
+from lit_cb.quant.objective import damped_hessian, layer_error, relative_layer_error  # noqa: F401 (re-exported)
 from lit_cb.quant.registry import register_method
 
 ALLOWED_IN_GROUP_SIZES = (1, 2, 4, 8)
@@ -148,20 +149,6 @@ def _is_int(v: Any) -> bool:
 # --------------------------------------------------------------------------------------------
 # Layer objective
 # --------------------------------------------------------------------------------------------
-
-
-def layer_error(weight: torch.Tensor, weight_hat: torch.Tensor, hessian: torch.Tensor) -> float:
-    """``tr(ΔW H ΔWᵀ)``, i.e. ``||X Wᵀ - X Ŵᵀ||² / n`` when ``H = XᵀX / n`` (computed in >= fp32)."""
-    dtype = torch.promote_types(weight.dtype, torch.float32)
-    delta = weight.to(dtype) - weight_hat.to(device=weight.device, dtype=dtype)  # [out, in]
-    h = hessian.to(device=weight.device, dtype=dtype)  # [in, in]
-    return float(((delta @ h) * delta).sum())
-
-
-def relative_layer_error(weight: torch.Tensor, weight_hat: torch.Tensor, hessian: torch.Tensor) -> float:
-    """:func:`layer_error` divided by ``tr(W H Wᵀ)`` (the output energy): 0 is perfect, 1 is Ŵ = 0."""
-    ref = layer_error(weight, torch.zeros_like(weight), hessian)
-    return layer_error(weight, weight_hat, hessian) / max(ref, 1e-30)
 
 
 @contextlib.contextmanager
@@ -367,17 +354,6 @@ def weighted_kmeans(
 # --------------------------------------------------------------------------------------------
 # Hessian helpers, scales
 # --------------------------------------------------------------------------------------------
-
-
-def damped_hessian(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """``H + damp * mean(diag H) * I``; dead columns (zero diagonal) get a unit diagonal as in GPTQ."""
-    h = hessian.float().clone()
-    diag = h.diagonal()
-    dead = diag <= 0
-    diag[dead] = 1.0
-    mean = float(diag.mean())
-    diag += damp * mean
-    return h
 
 
 def inverse_hessian_cholesky(h_damped: torch.Tensor) -> torch.Tensor:
