@@ -58,8 +58,18 @@ class DequantConfig:
 
 
 @triton.jit
-def _load_codes(codes_ptr, offs_n, offs_g, mask, stride_cn, m: tl.constexpr, NUM_CODEBOOKS: tl.constexpr,
-                NBITS: tl.constexpr, PACKED: tl.constexpr, WORD_BITS: tl.constexpr):
+def _load_codes(
+    codes_ptr,
+    offs_n,
+    offs_g,
+    mask,
+    stride_cn,
+    m: tl.constexpr,
+    NUM_CODEBOOKS: tl.constexpr,
+    NBITS: tl.constexpr,
+    PACKED: tl.constexpr,
+    WORD_BITS: tl.constexpr,
+):
     """Codes of codebook ``m`` for rows ``offs_n`` x groups ``offs_g`` as int32 indices in [0, 2**NBITS)."""
     if PACKED:
         # one word per group holds all NUM_CODEBOOKS codes, little-endian: codebook m in bits [m*W, (m+1)*W)
@@ -67,16 +77,28 @@ def _load_codes(codes_ptr, offs_n, offs_g, mask, stride_cn, m: tl.constexpr, NUM
         word = word.to(tl.int32)
         c = (word >> (m * WORD_BITS)) & ((1 << NBITS) - 1)
     else:
-        c = tl.load(codes_ptr + offs_n[:, None] * stride_cn + offs_g[None, :] * NUM_CODEBOOKS + m,
-                    mask=mask, other=0)
+        c = tl.load(codes_ptr + offs_n[:, None] * stride_cn + offs_g[None, :] * NUM_CODEBOOKS + m, mask=mask, other=0)
         c = c.to(tl.int32) & ((1 << NBITS) - 1)
     return c
 
 
 @triton.jit
-def _decode_tile(codes_ptr, cb_ptr, offs_n, offs_g, offs_j, mask, stride_cn,
-                 NUM_CODEBOOKS: tl.constexpr, NBITS: tl.constexpr, G: tl.constexpr,
-                 PACKED: tl.constexpr, WORD_BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+def _decode_tile(
+    codes_ptr,
+    cb_ptr,
+    offs_n,
+    offs_g,
+    offs_j,
+    mask,
+    stride_cn,
+    NUM_CODEBOOKS: tl.constexpr,
+    NBITS: tl.constexpr,
+    G: tl.constexpr,
+    PACKED: tl.constexpr,
+    WORD_BITS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
     """Unscaled weights ``[BLOCK_N, BLOCK_G, G]`` in fp32: the sum over codebooks of gathered codewords."""
     w = tl.zeros([BLOCK_N, BLOCK_G, G], dtype=tl.float32)
     for m in tl.static_range(NUM_CODEBOOKS):
@@ -89,11 +111,25 @@ def _decode_tile(codes_ptr, cb_ptr, offs_n, offs_g, offs_j, mask, stride_cn,
 
 @triton.jit
 def _cb_gemv_kernel(
-    x_ptr, codes_ptr, cb_ptr, scales_ptr, bias_ptr, out_ptr,
-    N, K_GROUPS, stride_xt, stride_ot, stride_cn,
-    NUM_CODEBOOKS: tl.constexpr, NBITS: tl.constexpr, G: tl.constexpr,
-    PACKED: tl.constexpr, WORD_BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+    x_ptr,
+    codes_ptr,
+    cb_ptr,
+    scales_ptr,
+    bias_ptr,
+    out_ptr,
+    N,
+    K_GROUPS,
+    stride_xt,
+    stride_ot,
+    stride_cn,
+    NUM_CODEBOOKS: tl.constexpr,
+    NBITS: tl.constexpr,
+    G: tl.constexpr,
+    PACKED: tl.constexpr,
+    WORD_BITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr,
 ):
     """out[t, n] = scales[n] * sum_k x[t, k] W'[n, k] + bias[n]; grid (cdiv(N, BLOCK_N), tokens)."""
     pid_n = tl.program_id(0)
@@ -109,8 +145,22 @@ def _cb_gemv_kernel(
         xv = tl.load(x_row + offs_g[:, None] * G + offs_j[None, :], mask=g_mask[:, None], other=0.0)
         xv = xv.to(tl.float32)  # [BLOCK_G, G]
         mask = n_mask[:, None] & g_mask[None, :]
-        w = _decode_tile(codes_ptr, cb_ptr, offs_n, offs_g, offs_j, mask, stride_cn,
-                         NUM_CODEBOOKS, NBITS, G, PACKED, WORD_BITS, BLOCK_N, BLOCK_G)  # [BLOCK_N, BLOCK_G, G]
+        w = _decode_tile(
+            codes_ptr,
+            cb_ptr,
+            offs_n,
+            offs_g,
+            offs_j,
+            mask,
+            stride_cn,
+            NUM_CODEBOOKS,
+            NBITS,
+            G,
+            PACKED,
+            WORD_BITS,
+            BLOCK_N,
+            BLOCK_G,
+        )  # [BLOCK_N, BLOCK_G, G]
         acc += tl.sum(w * xv[None, :, :], axis=2)
     out = tl.sum(acc, axis=1)
     out = out * tl.load(scales_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -121,11 +171,29 @@ def _cb_gemv_kernel(
 
 @triton.jit
 def _cb_mm_kernel(
-    x_ptr, codes_ptr, cb_ptr, scales_ptr, bias_ptr, out_ptr,
-    T, N, K_GROUPS, stride_xt, stride_ot, stride_cn,
-    NUM_CODEBOOKS: tl.constexpr, NBITS: tl.constexpr, G: tl.constexpr,
-    PACKED: tl.constexpr, WORD_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, GROUP_M: tl.constexpr,
+    x_ptr,
+    codes_ptr,
+    cb_ptr,
+    scales_ptr,
+    bias_ptr,
+    out_ptr,
+    T,
+    N,
+    K_GROUPS,
+    stride_xt,
+    stride_ot,
+    stride_cn,
+    NUM_CODEBOOKS: tl.constexpr,
+    NBITS: tl.constexpr,
+    G: tl.constexpr,
+    PACKED: tl.constexpr,
+    WORD_BITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    GROUP_M: tl.constexpr,
     DECODE_2D: tl.constexpr,
 ):
     """out = (x @ W'^T) * scales + bias with W' tiles decoded in registers and fed to ``tl.dot``."""
@@ -153,22 +221,35 @@ def _cb_mm_kernel(
         offs_g = kg + tl.arange(0, BLOCK_G)
         g_mask = offs_g < K_GROUPS
         offs_k = kg * G + offs_kk
-        xt = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k[None, :] < K_GROUPS * G),
-                     other=0.0)  # [BLOCK_M, BLOCK_K]
+        xt = tl.load(
+            x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k[None, :] < K_GROUPS * G), other=0.0
+        )  # [BLOCK_M, BLOCK_K]
         if DECODE_2D:
             # element-wise decode straight into the [BLOCK_N, BLOCK_K] operand: scalar gathers, no reshape
             grp = kg + offs_kk // G
             mask2 = n_mask[:, None] & (grp < K_GROUPS)[None, :]
             w = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
             for m in tl.static_range(NUM_CODEBOOKS):
-                c = _load_codes(codes_ptr, offs_n, grp, mask2, stride_cn, m, NUM_CODEBOOKS, NBITS, PACKED,
-                                WORD_BITS)
+                c = _load_codes(codes_ptr, offs_n, grp, mask2, stride_cn, m, NUM_CODEBOOKS, NBITS, PACKED, WORD_BITS)
                 w += tl.load(cb_ptr + (m * (1 << NBITS) * G) + c * G + (offs_kk % G)[None, :]).to(tl.float32)
             w = w.to(xt.dtype)
         else:
-            w = _decode_tile(codes_ptr, cb_ptr, offs_n, offs_g, offs_j, n_mask[:, None] & g_mask[None, :],
-                             stride_cn, NUM_CODEBOOKS, NBITS, G, PACKED, WORD_BITS,
-                             BLOCK_N, BLOCK_G)  # [BLOCK_N, BLOCK_G, G]
+            w = _decode_tile(
+                codes_ptr,
+                cb_ptr,
+                offs_n,
+                offs_g,
+                offs_j,
+                n_mask[:, None] & g_mask[None, :],
+                stride_cn,
+                NUM_CODEBOOKS,
+                NBITS,
+                G,
+                PACKED,
+                WORD_BITS,
+                BLOCK_N,
+                BLOCK_G,
+            )  # [BLOCK_N, BLOCK_G, G]
             w = tl.reshape(w, [BLOCK_N, BLOCK_K]).to(xt.dtype)
         if IEEE:
             acc = tl.dot(xt, tl.trans(w), acc, input_precision="ieee")
@@ -183,9 +264,21 @@ def _cb_mm_kernel(
 
 @triton.jit
 def _cb_dequant_kernel(
-    codes_ptr, cb_ptr, scales_ptr, w_ptr, N, K_GROUPS, stride_cn, stride_wn,
-    NUM_CODEBOOKS: tl.constexpr, NBITS: tl.constexpr, G: tl.constexpr,
-    PACKED: tl.constexpr, WORD_BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+    codes_ptr,
+    cb_ptr,
+    scales_ptr,
+    w_ptr,
+    N,
+    K_GROUPS,
+    stride_cn,
+    stride_wn,
+    NUM_CODEBOOKS: tl.constexpr,
+    NBITS: tl.constexpr,
+    G: tl.constexpr,
+    PACKED: tl.constexpr,
+    WORD_BITS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr,
 ):
     """Dense scaled W ``[N, K_GROUPS * G]`` in w_ptr's dtype."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -193,8 +286,22 @@ def _cb_dequant_kernel(
     offs_j = tl.arange(0, G)
     n_mask = offs_n < N
     g_mask = offs_g < K_GROUPS
-    w = _decode_tile(codes_ptr, cb_ptr, offs_n, offs_g, offs_j, n_mask[:, None] & g_mask[None, :], stride_cn,
-                     NUM_CODEBOOKS, NBITS, G, PACKED, WORD_BITS, BLOCK_N, BLOCK_G)
+    w = _decode_tile(
+        codes_ptr,
+        cb_ptr,
+        offs_n,
+        offs_g,
+        offs_j,
+        n_mask[:, None] & g_mask[None, :],
+        stride_cn,
+        NUM_CODEBOOKS,
+        NBITS,
+        G,
+        PACKED,
+        WORD_BITS,
+        BLOCK_N,
+        BLOCK_G,
+    )
     w = w * tl.load(scales_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None, None]
     ptrs = w_ptr + offs_n.to(tl.int64)[:, None, None] * stride_wn + offs_g[None, :, None] * G + offs_j[None, None, :]
     tl.store(ptrs, w.to(w_ptr.dtype.element_ty), mask=(n_mask[:, None] & g_mask[None, :])[:, :, None])
@@ -230,8 +337,13 @@ def _check(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, nbits:
 
 
 def codebook_gemv(
-    x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
-    bias: torch.Tensor | None, nbits: int, config: GemvConfig | None = None,
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    nbits: int,
+    config: GemvConfig | None = None,
 ) -> torch.Tensor:
     """``x [T, K] -> [T, N]`` with one matvec per token (FMA path; W decoded once per token)."""
     _check(x, codes, codebooks, nbits)
@@ -245,19 +357,39 @@ def codebook_gemv(
         return out
     grid = (triton.cdiv(num_out, cfg.block_n), x.shape[0])
     _cb_gemv_kernel[grid](
-        x, codes_l, codebooks.contiguous(), scales.reshape(-1).contiguous(),
-        bias if bias is not None else scales, out,
-        num_out, num_groups, x.stride(0), out.stride(0), stride_cn,
-        NUM_CODEBOOKS=num_cb, NBITS=nbits, G=g, PACKED=packed, WORD_BITS=word_bits,
-        HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_G=cfg.block_g,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        x,
+        codes_l,
+        codebooks.contiguous(),
+        scales.reshape(-1).contiguous(),
+        bias if bias is not None else scales,
+        out,
+        num_out,
+        num_groups,
+        x.stride(0),
+        out.stride(0),
+        stride_cn,
+        NUM_CODEBOOKS=num_cb,
+        NBITS=nbits,
+        G=g,
+        PACKED=packed,
+        WORD_BITS=word_bits,
+        HAS_BIAS=bias is not None,
+        BLOCK_N=cfg.block_n,
+        BLOCK_G=cfg.block_g,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return out
 
 
 def codebook_mm(
-    x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
-    bias: torch.Tensor | None, nbits: int, config: MMConfig | None = None,
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    nbits: int,
+    config: MMConfig | None = None,
 ) -> torch.Tensor:
     """``x [T, K] -> [T, N]`` decoding W tiles into ``tl.dot`` (tensor cores; W decoded once per token tile)."""
     _check(x, codes, codebooks, nbits)
@@ -274,19 +406,42 @@ def codebook_mm(
         return out
     grid = (triton.cdiv(tokens, cfg.block_m) * triton.cdiv(num_out, cfg.block_n),)
     _cb_mm_kernel[grid](
-        x, codes_l, codebooks.contiguous(), scales.reshape(-1).contiguous(),
-        bias if bias is not None else scales, out,
-        tokens, num_out, num_groups, x.stride(0), out.stride(0), stride_cn,
-        NUM_CODEBOOKS=num_cb, NBITS=nbits, G=g, PACKED=packed, WORD_BITS=word_bits,
-        HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_G=cfg.block_g, GROUP_M=cfg.group_m,
-        DECODE_2D=cfg.decode_2d, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        x,
+        codes_l,
+        codebooks.contiguous(),
+        scales.reshape(-1).contiguous(),
+        bias if bias is not None else scales,
+        out,
+        tokens,
+        num_out,
+        num_groups,
+        x.stride(0),
+        out.stride(0),
+        stride_cn,
+        NUM_CODEBOOKS=num_cb,
+        NBITS=nbits,
+        G=g,
+        PACKED=packed,
+        WORD_BITS=word_bits,
+        HAS_BIAS=bias is not None,
+        IEEE=x.dtype == torch.float32,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_G=cfg.block_g,
+        GROUP_M=cfg.group_m,
+        DECODE_2D=cfg.decode_2d,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return out
 
 
 def codebook_dequant(
-    codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, nbits: int, dtype: torch.dtype,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    nbits: int,
+    dtype: torch.dtype,
     config: DequantConfig | None = None,
 ) -> torch.Tensor:
     """Dense scaled ``W [N, K]`` in ``dtype`` (a transient copy for cuBLAS)."""
@@ -299,16 +454,34 @@ def codebook_dequant(
     w = torch.empty(num_out, num_groups * g, dtype=dtype, device=codes.device)
     grid = (triton.cdiv(num_out, cfg.block_n), triton.cdiv(num_groups, cfg.block_g))
     _cb_dequant_kernel[grid](
-        codes_l, codebooks.contiguous(), scales.reshape(-1).contiguous(), w, num_out, num_groups,
-        stride_cn, w.stride(0), NUM_CODEBOOKS=num_cb, NBITS=nbits, G=g, PACKED=packed, WORD_BITS=word_bits,
-        BLOCK_N=cfg.block_n, BLOCK_G=cfg.block_g, num_warps=cfg.num_warps,
+        codes_l,
+        codebooks.contiguous(),
+        scales.reshape(-1).contiguous(),
+        w,
+        num_out,
+        num_groups,
+        stride_cn,
+        w.stride(0),
+        NUM_CODEBOOKS=num_cb,
+        NBITS=nbits,
+        G=g,
+        PACKED=packed,
+        WORD_BITS=word_bits,
+        BLOCK_N=cfg.block_n,
+        BLOCK_G=cfg.block_g,
+        num_warps=cfg.num_warps,
     )
     return w
 
 
 def codebook_dense(
-    x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
-    bias: torch.Tensor | None, nbits: int, config: DequantConfig | None = None,
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    nbits: int,
+    config: DequantConfig | None = None,
 ) -> torch.Tensor:
     """Transient dense W (Triton dequant) + cuBLAS: the prefill path where it beats ``codebook_mm``."""
     _check(x, codes, codebooks, nbits)

@@ -46,8 +46,13 @@ def _dequant_config(group_size: int) -> K.DequantConfig:
 
 
 def run_algo(
-    x2d: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
-    bias: torch.Tensor | None, nbits: int, algo: str,
+    x2d: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    nbits: int,
+    algo: str,
 ) -> torch.Tensor:
     """One kernel family on a 2-D input, with the tile heuristics above."""
     tokens, g, num_out = x2d.shape[0], codebooks.shape[3], codes.shape[0]
@@ -62,8 +67,13 @@ def run_algo(
 
 @torch.library.custom_op("lit_cb::codebook_linear", mutates_args=())
 def codebook_linear_op(
-    x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
-    bias: torch.Tensor | None, nbits: int, algo: str,
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    nbits: int,
+    algo: str,
 ) -> torch.Tensor:
     x2d = x.reshape(-1, x.shape[-1])
     out = run_algo(x2d, codes, codebooks, scales, bias, nbits, algo)
@@ -85,8 +95,9 @@ def codebook_linear_grad_input_op(
     matmul; small-batch backward is rare enough not to need its own kernel.
     """
     g2d = grad_out.reshape(-1, grad_out.shape[-1])
-    w = K.codebook_dequant(codes, codebooks, scales, nbits, grad_out.dtype,
-                           _dequant_config(codebooks.shape[3]))  # [out_features, in_features]
+    w = K.codebook_dequant(
+        codes, codebooks, scales, nbits, grad_out.dtype, _dequant_config(codebooks.shape[3])
+    )  # [out_features, in_features]
     return (g2d @ w).reshape(*grad_out.shape[:-1], w.shape[1])
 
 
@@ -116,8 +127,13 @@ codebook_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def codebook_linear(
-    x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
-    bias: torch.Tensor | None, fmt, algo: str | None = None,
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    fmt,
+    algo: str | None = None,
 ) -> torch.Tensor:
     """The callable :func:`lit_cb.kernels.dispatch.select_kernel` hands to ``CodebookLinear.forward``.
 
