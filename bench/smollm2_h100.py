@@ -48,17 +48,18 @@ RUNS: dict[str, tuple[str, str, list[str]]] = {
         ],
     ),
     "aqlm_2x8_recovered": (
+        # AQLM's end-to-end fine-tuning: codebooks, scales and norms trained by KL distillation from
+        # the float model, codes frozen, no LoRA, so the bits stay at 2.153.
         "smollm2_aqlm",
         "smollm2_aqlm_full",
         [
             "run_name=smollm2_aqlm_full_recovered",
             "recovery.max_steps=300",
-            "recovery.lora_r=16",
-            "recovery.lora_on_compressed=true",
+            "recovery.lora_r=0",
+            "recovery.train_codebooks=true",
             "recovery.train_norms=true",
             "recovery.distill_alpha=1.0",
-            "recovery.lr=2.0e-4",
-            "recovery.codebook_lr=2.0e-5",
+            "recovery.codebook_lr=5.0e-5",
             "recovery.warmup_steps=20",
             "eval.float_model=false",
         ],

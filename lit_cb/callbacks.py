@@ -36,15 +36,28 @@ class CompressionCallback(L.Callback):
         resume_dir: where finished blocks are written; an interrupted run resumes from there.
         eval_fn: optional ``fn(model) -> float`` called right after compression (perplexity of the
             compressed model before recovery); its result lands in ``metrics["compressed_ppl"]``.
+        ckpt_path: the Lightning checkpoint that ``trainer.fit(ckpt_path=...)`` will resume from.
+            Lightning sets ``trainer.ckpt_path`` only after the ``setup`` hook, so the callback is
+            told here; with it, the compressed structure is rebuilt from the checkpoint's specs and
+            calibration is skipped (the weights then come from the checkpoint).
     """
 
-    def __init__(self, config: CompressionConfig, resume_dir: str | Path | None = None, eval_fn=None) -> None:
+    def __init__(
+        self,
+        config: CompressionConfig,
+        resume_dir: str | Path | None = None,
+        eval_fn=None,
+        ckpt_path: str | Path | None = None,
+    ) -> None:
         super().__init__()
         if not isinstance(config, CompressionConfig):
             raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}")
         self.config = config
         self.resume_dir = Path(resume_dir) if resume_dir else None
         self.eval_fn = eval_fn
+        self.ckpt_path = str(ckpt_path) if ckpt_path else None
+        # Wall time of this process's setup (compression or rebuild); not checkpointed, unlike metrics.
+        self.setup_seconds = 0.0
         self.report: CompressionReport | None = None
         self.specs: dict[str, dict] = {}
         self.metrics: dict[str, float | dict | None] = {}
@@ -53,8 +66,11 @@ class CompressionCallback(L.Callback):
         if stage != "fit" or self.specs:
             return
         model = pl_module.model
-        if trainer.ckpt_path:
-            self._rebuild_from_checkpoint(trainer.ckpt_path, model)
+        t_setup = time.perf_counter()
+        ckpt_path = self.ckpt_path or trainer.ckpt_path
+        if ckpt_path:
+            self._rebuild_from_checkpoint(ckpt_path, model)
+            self.setup_seconds = time.perf_counter() - t_setup
             return
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "calibration_windows"):
@@ -83,6 +99,7 @@ class CompressionCallback(L.Callback):
             model.to(device)
             self.metrics["compressed_ppl"] = float(self.eval_fn(model))
             rank_zero_info(f"perplexity after compression: {self.metrics['compressed_ppl']:.3f}")
+        self.setup_seconds = time.perf_counter() - t_setup
 
     def _rebuild_from_checkpoint(self, ckpt_path: str, model: torch.nn.Module) -> None:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)

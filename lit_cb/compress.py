@@ -218,8 +218,9 @@ def salience_scores(
 
 
 class BlockCheckpoints:
-    """Finished blocks on disk: ``block_XXX.safetensors`` (the compressed modules' tensors) and
-    ``progress.json`` (specs, reports, and the config they were made with)."""
+    """Finished blocks on disk: ``block_XXX.safetensors`` (the whole block's state: compressed
+    modules, and the norm weights and biases that block fine-tuning changed) and ``progress.json``
+    (specs, reports, and the config they were made with)."""
 
     def __init__(self, directory: str | Path | None, config: CompressionConfig) -> None:
         self.dir = Path(directory) if directory else None
@@ -243,11 +244,8 @@ class BlockCheckpoints:
     def save(self, index: int, block: nn.Module, specs: dict, entry: dict) -> None:
         if self.dir is None:
             return
-        tensors = {
-            f"{name}.{k}": v.detach().cpu().contiguous()
-            for name in specs
-            for k, v in block.get_submodule(name).state_dict().items()
-        }
+        # The whole block, not only the compressed modules: block fine-tuning also trains norms.
+        tensors = {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
         tmp = self.dir / f"block_{index:03d}.safetensors.tmp"
         save_file(tensors, str(tmp))
         tmp.replace(self.dir / f"block_{index:03d}.safetensors")
@@ -260,10 +258,8 @@ class BlockCheckpoints:
         entry = self.finished(index)
         tensors = load_file(str(self.dir / f"block_{index:03d}.safetensors"))
         for name, spec in entry["specs"].items():
-            module = build_module(spec).to(device)
-            prefix = f"{name}."
-            module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
-            _set_submodule(block, name, module)
+            _set_submodule(block, name, build_module(spec).to(device))
+        block.load_state_dict(tensors, strict=True)
         return entry
 
 

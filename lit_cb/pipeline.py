@@ -78,13 +78,16 @@ def run(cfg: RunConfig) -> dict:
         rank_zero_info(f"float perplexity: {ppl['float']:.3f}")
 
     teacher = copy.deepcopy(model) if cfg.recovery.distill_alpha > 0 else None
+    ckpt_dir = run_dir / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    ckpt_path = str(last) if cfg.resume and last.is_file() else None
     compression = CompressionCallback(
         cfg.compression,
         resume_dir=run_dir / "blocks" if cfg.resume else None,
         eval_fn=make_eval_fn(cfg, dm, device, "compressed ppl") if cfg.eval.compressed else None,
+        ckpt_path=ckpt_path,
     )
     module = RecoveryModule(model, cfg.recovery, teacher=teacher)
-    ckpt_dir = run_dir / "checkpoints"
     checkpoint = ModelCheckpoint(
         dirpath=ckpt_dir, save_last=True, every_n_train_steps=max(1, cfg.recovery.max_steps // 4)
     )
@@ -105,8 +108,6 @@ def run(cfg: RunConfig) -> dict:
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    last = ckpt_dir / "last.ckpt"
-    ckpt_path = str(last) if cfg.resume and last.is_file() else None
     t = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -117,8 +118,10 @@ def run(cfg: RunConfig) -> dict:
         "peak_gpu_gb": compression.metrics.get("compress_peak_gpu_gb"),
     }
     metrics["stages"]["recover"] = {
-        "seconds": fit_seconds - (compression.metrics.get("compress_seconds") or 0.0),
+        # This process's training only: a resumed run does not count the steps before its checkpoint.
+        "seconds": fit_seconds - compression.setup_seconds,
         "steps": trainer.global_step,
+        "resumed_from": ckpt_path,
         "peak_gpu_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
     metrics["bits_per_weight"] = compression.metrics.get("bits_per_weight")

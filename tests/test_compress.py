@@ -84,8 +84,14 @@ def test_keep_dense_keeps_the_most_salient_layers_dense():
     assert len(report.layers) == 11
 
 
-def test_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch):
-    cfg = CompressionConfig(method="codebook", method_config={"in_group_size": 4, "nbits": 3, "kmeans_iters": 2})
+@pytest.mark.parametrize("block_finetune", [None, {"epochs": 3, "lr": 3e-4, "batch_size": 2}])
+def test_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch, block_finetune):
+    # With block fine-tuning the norms change too, and a resumed block must bring them back.
+    cfg = CompressionConfig(
+        method="codebook",
+        method_config={"in_group_size": 4, "nbits": 3, "kmeans_iters": 2},
+        block_finetune=block_finetune,
+    )
     full = tiny_llama(num_layers=3)
     compress_model(full, _windows(), cfg, device="cpu", progress=False)
 
@@ -108,6 +114,9 @@ def test_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch):
     resumed = tiny_llama(num_layers=3)
     report = compress_model(resumed, _windows(), cfg, device="cpu", resume_dir=tmp_path, progress=False)
     assert len(report.layers) == 21
+    if block_finetune:
+        norm = "model.layers.0.input_layernorm.weight"
+        assert not torch.equal(full.state_dict()[norm], tiny_llama(num_layers=3).state_dict()[norm])
     for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
 

@@ -93,6 +93,30 @@ def test_saved_compressed_model_reproduces_its_perplexity(tiny_model_dir, tmp_pa
     assert meta["wikitext2_ppl"]["compressed"] == metrics["wikitext2_ppl"]["compressed"]
 
 
+def test_resumed_run_rebuilds_from_its_checkpoint_without_recalibrating(tiny_model_dir, tmp_path, monkeypatch):
+    import lit_cb.callbacks
+
+    first = run(load_config(None, _overrides(tiny_model_dir, tmp_path / "out", **{"recovery.max_steps": 12})))
+    assert first["stages"]["recover"]["steps"] == 12 and first["stages"]["recover"]["resumed_from"] is None
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("a run resumed from last.ckpt must not compress again")
+
+    monkeypatch.setattr(lit_cb.callbacks, "compress_model", no_calibration)
+    cfg = load_config(None, _overrides(tiny_model_dir, tmp_path / "out", **{"recovery.max_steps": 24}))
+    second = run(cfg)
+    recover = second["stages"]["recover"]
+    assert recover["steps"] == 24 and recover["resumed_from"].endswith("last.ckpt")
+    assert recover["seconds"] > 0
+    # The compression metrics travel in the checkpoint; training went on from step 12, not from 0.
+    assert second["wikitext2_ppl"]["compressed"] == first["wikitext2_ppl"]["compressed"]
+    assert second["bits_per_weight"] == first["bits_per_weight"]
+    resumed_log = cfg.run_dir / "logs" / "version_1" / "metrics.csv"
+    with open(resumed_log) as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train_loss")]
+    assert min(steps) >= 12 and len(steps) == 12
+
+
 def test_every_recipe_and_config_load_and_match():
     """litgpt-style: each recipe loads with its default config; every YAML in configs/ belongs to a
     recipe (``<recipe>.yaml`` or ``<recipe>_<variant>.yaml``) and validates against its schema."""
