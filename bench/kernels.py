@@ -112,7 +112,7 @@ def check_gpu(K, ops) -> list[str]:
                 for tokens in (1, 3, 17, 300):
                     x = torch.randn(tokens, k, device="cuda", dtype=dtype)
                     ref = x.double() @ w.T + bias.double()
-                    for algo in ops.ALGOS:
+                    for algo in ops.algos_for(b):
                         y = ops.run_algo(x, codes, codebooks, scales, bias, b, algo)
                         err = float((y.double() - ref).norm() / ref.norm())
                         tol = 3e-3 if dtype == torch.float16 else 2e-2
@@ -143,6 +143,7 @@ def main() -> None:
     p.add_argument("--batches", default=",".join(map(str, BATCHES)))
     p.add_argument("--formats", default=",".join(FORMATS))
     p.add_argument("--sweep", action="store_true", help="time tile variants of every kernel family")
+    p.add_argument("--sweep-families", default="gemv,lut,mm,dense", help="with --sweep: which families")
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--out", default=None)
@@ -235,7 +236,8 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if args.sweep:
-                    variants = sweep_variants(K, batch, g)
+                    families = tuple(args.sweep_families.split(","))
+                    variants = [v for v in sweep_variants(K, batch, g, m, b) if v[0].startswith(families)]
                     for name, fn in variants:
                         try:
                             t = graph_time_us([lambda L=L, fn=fn, x=x, b=b: fn(x, L[1], L[2], L[3], b) for L in layers])
@@ -277,9 +279,27 @@ def main() -> None:
     print(markdown_table(rows))
 
 
-def sweep_variants(K, batch: int, g: int):
+def sweep_variants(K, batch: int, g: int, m: int, b: int):
     """Tile variants per kernel family for this batch size (for tuning dispatch thresholds)."""
     out = []
+    if batch <= 16 and K.LUT_MIN_NBITS <= b <= K.LUT_MAX_NBITS:
+        for cols, bn, per_sm, warps in [
+            (32, 128, 2, 4),
+            (16, 128, 2, 4),
+            (64, 128, 2, 8),
+            (32, 256, 2, 8),
+            (32, 64, 4, 4),
+            (32, 128, 4, 4),
+            (16, 256, 4, 4),
+            (64, 64, 2, 4),
+        ]:
+            cfg = K.LutConfig(block_g=max(1, cols // m), block_n=bn, programs_per_sm=per_sm, num_warps=warps)
+            out.append(
+                (
+                    f"lut_c{cols}_n{bn}_p{per_sm}_w{warps}",
+                    lambda x, c, cb, s, b, cfg=cfg: K.codebook_lut_gemv(x, c, cb, s, None, b, cfg),
+                )
+            )
     if batch <= 16:
         for bn, bk, warps, stages in [(16, 256, 4, 3), (8, 1024, 8, 2), (4, 512, 4, 3), (32, 128, 4, 4)]:
             cfg = K.GemvConfig(block_n=bn, block_g=bk // g, num_warps=warps, num_stages=stages)
@@ -326,8 +346,8 @@ def tune(ops, dispatch, formats: list[str], shape: str = "11008x4096", batches=(
         for batch in batches:
             x = torch.randn(batch, k, device="cuda", dtype=torch.float16)
             res = {}
-            for algo in ops.ALGOS:
-                if algo == "gemv" and batch > 16:
+            for algo in ops.algos_for(b):
+                if algo in ("gemv", "lut") and batch > 16:
                     continue
                 res[algo] = graph_time_us(
                     [lambda L=L, x=x, b=b, a=algo: ops.run_algo(x, L[1], L[2], L[3], None, b, a) for L in layers]

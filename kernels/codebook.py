@@ -9,6 +9,11 @@ Three kernel families, all reading the codes exactly once per output tile:
 * ``mm``      decodes a ``[BLOCK_N, BLOCK_K]`` tile of W on the fly into ``tl.dot`` (tensor cores):
   small-batch decode (16 tokens, one ``BLOCK_M=16`` tile so W is decoded once) and prefill.
 * ``dequant`` a transient dense copy of W for cuBLAS (prefill where it wins, and the input gradient).
+* ``lut``     split-K matvec through a per-input lookup table (B <= 8): a program takes one K tile, builds
+  ``lut[k, (group, m)] = <codebooks[m, k], x[group]>`` with one ``tl.dot`` and then, for every row of its
+  row range, turns each code into a single ``tl.gather`` from that table (a shared-memory load) instead
+  of a G-wide codeword fetch and G FMAs. Partial sums per K tile land in an fp32 workspace that a
+  second kernel reduces (deterministic, no atomics).
 
 The launchers here take plain tensors and a config; :mod:`lit_cb.kernels.ops` wraps them as torch
 custom ops and :mod:`lit_cb.kernels.dispatch` picks one per call.
@@ -48,6 +53,18 @@ class MMConfig:
     num_stages: int = 3
     group_m: int = 8
     decode_2d: bool = False
+
+
+@dataclass(frozen=True)
+class LutConfig:
+    """Split-K lookup-table matvec: ``block_g`` groups per K tile, ``block_n`` rows per gather step,
+    and enough row splits that about ``programs_per_sm`` programs run per SM."""
+
+    block_g: int = 16
+    block_n: int = 128
+    programs_per_sm: int = 2
+    num_warps: int = 4
+    num_stages: int = 2
 
 
 @dataclass(frozen=True)
@@ -307,6 +324,100 @@ def _cb_dequant_kernel(
     tl.store(ptrs, w.to(w_ptr.dtype.element_ty), mask=(n_mask[:, None] & g_mask[None, :])[:, :, None])
 
 
+@triton.jit
+def _cb_lut_gemv_kernel(
+    x_ptr,
+    codes_ptr,
+    cb_ptr,
+    part_ptr,
+    N,
+    K_GROUPS,
+    ROWS_PER_PROG,
+    stride_xt,
+    stride_cn,
+    stride_pt,
+    stride_ps,
+    NUM_CODEBOOKS: tl.constexpr,
+    NBITS: tl.constexpr,
+    G: tl.constexpr,
+    KD: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    """part[t, pid_k, n] = sum over this K tile's groups of scale-free W'[n, :] . x[t, :]; grid
+    (K tiles, row splits, tokens)."""
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    t = tl.program_id(2)
+    NCODE: tl.constexpr = 1 << NBITS
+    C: tl.constexpr = BLOCK_G * NUM_CODEBOOKS  # table columns: (group in tile, codebook), as codes lie in memory
+    # A: [NCODE, KD], A[k, m*G + j] = codebooks[m, k, 0, j]; zero-padded to KD >= 16 for tl.dot
+    offs_code = tl.arange(0, NCODE)
+    offs_r = tl.arange(0, KD)
+    r_m = offs_r // G
+    r_j = offs_r % G
+    r_ok = offs_r < NUM_CODEBOOKS * G
+    a = tl.load(
+        cb_ptr + r_m[None, :] * (NCODE * G) + offs_code[:, None] * G + r_j[None, :], mask=r_ok[None, :], other=0.0
+    )
+    # X: [KD, C], X[m*G + j, gi*M + m'] = x[t, (tile + gi)*G + j] if m == m' (block-diagonal in the codebooks)
+    offs_c = tl.arange(0, C)
+    c_grp = pid_k * BLOCK_G + offs_c // NUM_CODEBOOKS
+    c_ok = c_grp < K_GROUPS
+    x_mask = (r_m[:, None] == (offs_c % NUM_CODEBOOKS)[None, :]) & r_ok[:, None] & c_ok[None, :]
+    xv = tl.load(x_ptr + t.to(tl.int64) * stride_xt + c_grp[None, :] * G + r_j[:, None], mask=x_mask, other=0.0)
+    # fp16 codebooks and fp16/bf16 activations are exact in tf32 (10-bit mantissa); fp32 input needs ieee
+    if IEEE:
+        lut = tl.dot(a.to(tl.float32), xv.to(tl.float32), input_precision="ieee")  # [NCODE, C]
+    else:
+        lut = tl.dot(a.to(tl.float32), xv.to(tl.float32), input_precision="tf32")
+    row_start = pid_n * ROWS_PER_PROG
+    row_end = tl.minimum(row_start + ROWS_PER_PROG, N)
+    part_row = part_ptr + t.to(tl.int64) * stride_pt + pid_k * stride_ps
+    for r0 in range(row_start, row_end, BLOCK_N):
+        offs_n = r0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < row_end
+        # codes [N, K_GROUPS, M] row-major: this tile's C codes of a row are contiguous
+        c = tl.load(
+            codes_ptr + offs_n[:, None] * stride_cn + (pid_k * C + offs_c)[None, :],
+            mask=n_mask[:, None] & c_ok[None, :],
+            other=0,
+        )
+        vals = tl.gather(lut, c.to(tl.int32) & (NCODE - 1), axis=0)  # [BLOCK_N, C]
+        tl.store(part_row + offs_n, tl.sum(vals, axis=1), mask=n_mask)
+
+
+@triton.jit
+def _splitk_reduce_kernel(
+    part_ptr,
+    scales_ptr,
+    bias_ptr,
+    out_ptr,
+    N,
+    SPLITS,
+    stride_pt,
+    stride_ps,
+    stride_ot,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """out[t, n] = scales[n] * sum_s part[t, s, n] + bias[n]; grid (cdiv(N, BLOCK_N), tokens)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    t = tl.program_id(1)
+    n_mask = offs_n < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for s0 in range(0, SPLITS, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        ptrs = part_ptr + t.to(tl.int64) * stride_pt + offs_s[:, None] * stride_ps + offs_n[None, :]
+        acc += tl.sum(tl.load(ptrs, mask=(offs_s < SPLITS)[:, None] & n_mask[None, :], other=0.0), axis=0)
+    acc = acc * tl.load(scales_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t.to(tl.int64) * stride_ot + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
 # ----------------------------------------------------------------------------------------- launchers
 
 
@@ -378,6 +489,90 @@ def codebook_gemv(
         BLOCK_G=cfg.block_g,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+    )
+    return out
+
+
+LUT_MAX_NBITS = 8  # the table has 2**B rows per (group, codebook) column and lives in registers/shared
+LUT_MIN_NBITS = 4  # tl.dot needs >= 16 table rows
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the CPU interpreter: a few row splits, so the split logic is exercised
+
+
+def codebook_lut_gemv(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    nbits: int,
+    config: LutConfig | None = None,
+) -> torch.Tensor:
+    """``x [T, K] -> [T, N]`` through per-token lookup tables (split-K over the input, B <= 8)."""
+    _check(x, codes, codebooks, nbits)
+    if not LUT_MIN_NBITS <= nbits <= LUT_MAX_NBITS:
+        raise ValueError(
+            f"the lookup-table kernel needs {LUT_MIN_NBITS} <= nbits_per_codebook <= {LUT_MAX_NBITS}, got {nbits}"
+        )
+    cfg = config or LutConfig()
+    x = x.contiguous()
+    num_out, num_groups, num_cb = codes.shape
+    g = codebooks.shape[3]
+    if cfg.block_g * num_cb < 16:
+        raise ValueError("tl.dot needs block_g * num_codebooks >= 16 table columns")
+    codes = codes.contiguous()
+    tokens = x.shape[0]
+    out = torch.empty(tokens, num_out, dtype=x.dtype, device=x.device)
+    if tokens == 0:
+        return out
+    k_tiles = triton.cdiv(num_groups, cfg.block_g)
+    row_splits = max(
+        1, min(triton.cdiv(num_out, cfg.block_n), triton.cdiv(cfg.programs_per_sm * _num_sms(x.device), k_tiles))
+    )
+    rows_per_prog = triton.cdiv(triton.cdiv(num_out, row_splits), cfg.block_n) * cfg.block_n
+    row_splits = triton.cdiv(num_out, rows_per_prog)
+    part = torch.empty(tokens, k_tiles, num_out, dtype=torch.float32, device=x.device)
+    _cb_lut_gemv_kernel[(k_tiles, row_splits, tokens)](
+        x,
+        codes,
+        codebooks.contiguous(),
+        part,
+        num_out,
+        num_groups,
+        rows_per_prog,
+        x.stride(0),
+        num_groups * num_cb,
+        part.stride(0),
+        part.stride(1),
+        NUM_CODEBOOKS=num_cb,
+        NBITS=nbits,
+        G=g,
+        KD=max(16, triton.next_power_of_2(num_cb * g)),
+        IEEE=x.dtype == torch.float32,
+        BLOCK_N=cfg.block_n,
+        BLOCK_G=cfg.block_g,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    block_n = 256
+    _splitk_reduce_kernel[(triton.cdiv(num_out, block_n), tokens)](
+        part,
+        scales.reshape(-1).contiguous(),
+        bias if bias is not None else scales,
+        out,
+        num_out,
+        k_tiles,
+        part.stride(0),
+        part.stride(1),
+        out.stride(0),
+        HAS_BIAS=bias is not None,
+        BLOCK_N=block_n,
+        BLOCK_S=min(64, triton.next_power_of_2(k_tiles)),
+        num_warps=4,
     )
     return out
 

@@ -15,7 +15,12 @@ import torch.nn.functional as F
 
 from . import codebook as K
 
-ALGOS = ("gemv", "mm", "dense")
+ALGOS = ("gemv", "lut", "mm", "dense")
+
+
+def algos_for(nbits: int) -> tuple[str, ...]:
+    """The kernel families that take this codebook width (``lut`` keeps a 2**B-row table on chip)."""
+    return tuple(a for a in ALGOS if a != "lut" or K.LUT_MIN_NBITS <= nbits <= K.LUT_MAX_NBITS)
 
 
 def _mm_config(tokens: int, num_out: int, group_size: int) -> K.MMConfig:
@@ -38,6 +43,11 @@ def _gemv_config(tokens: int, num_out: int, group_size: int) -> K.GemvConfig:
     return K.GemvConfig(block_n=16, block_g=max(1, 256 // group_size), num_warps=4, num_stages=3)
 
 
+def _lut_config(tokens: int, num_cb: int) -> K.LutConfig:
+    """32 table columns (groups x codebooks) per K tile: a 32 KB fp32 table for B = 8."""
+    return K.LutConfig(block_g=max(1, 32 // num_cb), block_n=128, programs_per_sm=2, num_warps=4, num_stages=2)
+
+
 def _dequant_config(group_size: int) -> K.DequantConfig:
     """Wide row segments per program (H100 sweep: 2-3x faster than 32x32 tiles)."""
     if group_size <= 4:
@@ -58,6 +68,8 @@ def run_algo(
     tokens, g, num_out = x2d.shape[0], codebooks.shape[3], codes.shape[0]
     if algo == "gemv":
         return K.codebook_gemv(x2d, codes, codebooks, scales, bias, nbits, _gemv_config(tokens, num_out, g))
+    if algo == "lut":
+        return K.codebook_lut_gemv(x2d, codes, codebooks, scales, bias, nbits, _lut_config(tokens, codes.shape[2]))
     if algo == "mm":
         return K.codebook_mm(x2d, codes, codebooks, scales, bias, nbits, _mm_config(tokens, num_out, g))
     if algo == "dense":

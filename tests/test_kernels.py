@@ -146,6 +146,38 @@ def test_gemv(spec, tokens):
     assert rel_err(y, reference_out(x, idx, codebooks, scales, bias)) < TOL[torch.float16]
 
 
+# B <= 8 formats for the lookup-table kernel: several K tiles with a ragged last one, rows over several
+# splits and gather steps, 2**B from 16 to 256
+LUT_FORMATS = [
+    (1, 8, 4, 152, 37, False),  # 38 groups -> 3 K tiles of 16
+    (2, 8, 8, 200, 9, True),  # 25 groups -> 4 K tiles of 8; two table columns per group
+    (1, 5, 8, 136, 5, False),  # 2**5 codewords, 17 groups
+    (1, 4, 4, 64, 1, True),  # the smallest table tl.dot takes; out = 1
+]
+
+
+@pytest.mark.parametrize("spec", LUT_FORMATS, ids=lambda s: f"{s[0]}x{s[1]}_g{s[2]}_{s[3]}x{s[4]}")
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_lut_gemv(spec, tokens, dtype):
+    gen = torch.Generator().manual_seed(sum(spec[:5]) * 31 + tokens)
+    fmt = _fmt(*spec)
+    idx, codes, codebooks, scales, bias = random_layer(fmt, gen)
+    x = torch.randn(tokens, fmt.in_features, generator=gen).to(dtype)
+    scales, bias = scales.to(dtype), bias.to(dtype) if bias is not None else None
+    cfg = K.LutConfig(block_g=16 // fmt.num_codebooks, block_n=4, num_warps=1, num_stages=1)
+    y = K.codebook_lut_gemv(x, codes, codebooks, scales, bias, fmt.nbits_per_codebook, cfg)
+    assert y.shape == (tokens, fmt.out_features) and y.dtype == dtype
+    assert rel_err(y, reference_out(x, idx, codebooks, scales, bias)) < TOL[dtype]
+
+
+def test_lut_gemv_refuses_large_codebooks():
+    fmt = _fmt(1, 10, 8, 48, 6, False)
+    _, codes, codebooks, scales, _ = random_layer(fmt, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="nbits_per_codebook <= 8, got 10"):
+        K.codebook_lut_gemv(torch.randn(1, 48).half(), codes, codebooks, scales, None, 10)
+
+
 @pytest.mark.parametrize("spec", FORMATS, ids=lambda s: f"{s[0]}x{s[1]}_g{s[2]}_{s[3]}x{s[4]}")
 @pytest.mark.parametrize("tokens", [1, 17])
 def test_mm(spec, tokens):
