@@ -37,10 +37,10 @@ def _mm_config(tokens: int, num_out: int, group_size: int) -> K.MMConfig:
 
 
 def _gemv_config(tokens: int, num_out: int, group_size: int) -> K.GemvConfig:
-    """Best of the H100 sweep (11008x4096, 28672x8192): 1.5-2x apart from the worst tiles."""
-    if group_size <= 4:
-        return K.GemvConfig(block_n=8, block_g=1024 // group_size, num_warps=8, num_stages=2)
-    return K.GemvConfig(block_n=16, block_g=max(1, 256 // group_size), num_warps=4, num_stages=3)
+    """1024 inputs x 8 rows a step, 8 warps: best or within 2% of the best of four tiles on all six
+    issue shapes and the 2x8 / 1x16 / 1x8_g4 formats (H100 sweep, bench/results/kernels_h100.json),
+    up to 2x faster than 16 rows x 256 inputs where out = 4096 (more programs in flight)."""
+    return K.GemvConfig(block_n=8, block_g=max(1, 1024 // group_size), num_warps=8, num_stages=2)
 
 
 def _lut_config(tokens: int, num_cb: int) -> K.LutConfig:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import resource
 import time
 
@@ -45,6 +46,14 @@ def make_eval_fn(cfg: RunConfig, dm: CompressionDataModule, device: torch.device
     return fn
 
 
+def use_deterministic_kernels() -> None:
+    """Deterministic CUDA kernels from here on (index_add_, index_put_ with accumulate, cuBLAS
+    workspaces); ops that have none warn instead of failing. Set before any GPU work, since cuBLAS
+    reads its workspace setting when a handle is created."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -57,6 +66,8 @@ def run(cfg: RunConfig) -> dict:
             "Use the smollm2 recipes on a CPU machine."
         )
     L.seed_everything(cfg.seed, workers=True)
+    if cfg.trainer.deterministic:
+        use_deterministic_kernels()
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "run_config.yaml")
@@ -104,6 +115,7 @@ def run(cfg: RunConfig) -> dict:
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
         gradient_clip_val=cfg.recovery.grad_clip or None,
         callbacks=[compression, checkpoint],
+        deterministic="warn" if cfg.trainer.deterministic else None,
         logger=CSVLogger(run_dir, name="logs"),
         enable_model_summary=False,
         num_sanity_val_steps=0,

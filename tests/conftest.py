@@ -16,6 +16,14 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True)
+def _restore_deterministic_mode():
+    """lit_cb.pipeline.run turns on deterministic kernels process-wide; keep tests independent."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 def tiny_llama(num_layers: int = 2, hidden: int = 64, intermediate: int = 128, vocab: int = 512, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 

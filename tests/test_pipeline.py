@@ -86,6 +86,7 @@ def test_saved_compressed_model_reproduces_its_perplexity(tiny_model_dir, tmp_pa
 
     cfg = load_config(None, _overrides(tiny_model_dir, tmp_path / "out", **{"recovery.max_steps": 0}))
     metrics = run(cfg)
+    assert torch.are_deterministic_algorithms_enabled()  # trainer.deterministic defaults to true
     model, tokenizer, meta = load_compressed(cfg.run_dir / "model")
     dm = CompressionDataModule(tokenizer, cfg.data)
     reproduced = perplexity(model, dm.test_windows(), progress=False)
