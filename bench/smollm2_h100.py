@@ -37,6 +37,13 @@ RUNS: dict[str, tuple[str, str, list[str]]] = {
         ],
     ),
     "aqlm_2x8": ("smollm2_aqlm", "smollm2_aqlm_full", []),
+    # The same with 20 block fine-tuning epochs (held-out early stopping): at 5 every block was still
+    # improving at its last epoch.
+    "aqlm_2x8_ft20": (
+        "smollm2_aqlm",
+        "smollm2_aqlm_full",
+        ["run_name=smollm2_aqlm_full_ft20", "compression.block_finetune.epochs=20", "eval.float_model=false"],
+    ),
     "codebook_recovered_no_lora": (
         "smollm2_codebook",
         "smollm2_codebook_full",
