@@ -13,9 +13,11 @@ if [ ! -f "$STATE/smollm2.gguf" ] && [ -f "$STATE/part0" ] && [ -f "$STATE/part1
   cat "$STATE/part0" "$STATE/part1" > "$STATE/smollm2.gguf"
   echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $STATE/smollm2.gguf" | sha256sum -c -
 fi
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
+for d in .whl .whl_bnb; do
+  if ls $d/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $d/*.whl
+  fi
+done
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "editable install failed"
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export LIT_CB_SMOLLM2_GGUF=$STATE/smollm2.gguf LIT_CB_CACHE=$STATE/cache PYTHONUNBUFFERED=1
