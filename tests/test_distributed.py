@@ -11,22 +11,24 @@ from __future__ import annotations
 import math
 import os
 import socket
-import sys
-import textwrap
-import subprocess
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
 
 from lit_cb import compress as compress_mod
 from lit_cb.block_finetune import BlockFinetuneConfig, finetune_block
+from lit_cb.callbacks import CompressionCallback
 from lit_cb.compress import CompressionConfig, capture_block_inputs, compress_model, run_block, salience_scores
+from lit_cb.data.datamodule import TokenWindows
 from lit_cb.hessian import attach_hessian_hooks, remove_hooks
-from lit_cb.layers import CodebookLinear
 from lit_cb.quant import registry
+from lit_cb.recovery import RecoveryConfig, RecoveryModule
 
 from .conftest import tiny_llama
 
@@ -59,6 +61,13 @@ WITH_FINETUNE = CompressionConfig(
     hessian_dtype="float64",
     forward_batch_size=2,
     block_finetune={"epochs": 2, "lr": 1e-3, "batch_size": 2, "val_fraction": 0.25},
+)
+# 9-bit codebooks: int16 codes, which gloo cannot carry (broadcast as bytes; DDP must ignore them).
+INT16_CODES = CompressionConfig(
+    method="codebook", method_config={"in_group_size": 4, "nbits": 9, "kmeans_iters": 2}, forward_batch_size=4
+)
+RECOVERY = RecoveryConfig(
+    max_steps=4, lr=1e-3, codebook_lr=1e-3, warmup_steps=1, lora_r=4, lora_on_compressed=True, train_codebooks=True
 )
 FT = BlockFinetuneConfig(epochs=3, lr=1e-4, batch_size=2, val_fraction=0.25, patience=3)
 
@@ -103,6 +112,51 @@ def _q_proj_hessian(model, windows) -> tuple[torch.Tensor, int]:
     return accs["q"].sum.clone(), accs["q"].num_tokens
 
 
+class _Tokens(L.LightningDataModule):
+    """Calibration shards (what CompressionCallback asks for) and random training windows."""
+
+    def calibration_windows(self, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        return _shard(_windows(), rank, world_size)
+
+    def train_dataloader(self) -> DataLoader:
+        ids = torch.randint(0, 512, (16, SEQ), generator=torch.Generator().manual_seed(1))
+        return DataLoader(TokenWindows(ids), batch_size=2)
+
+
+class _StateAtTrainStart(L.Callback):
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.state = _state(pl_module)
+
+
+def _recovery_trainer(devices: int, max_steps: int, callbacks: list, **kwargs) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        **kwargs,
+    )
+
+
+def _lightning_ddp(rank: int, port: int, out: Path) -> dict:
+    """Compression + recovery under Lightning's DDP strategy in these already-launched processes
+    (as under torchrun or srun: LOCAL_RANK set, so Lightning launches nothing and reuses the group)."""
+    os.environ.update({"LOCAL_RANK": str(rank), "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    module = RecoveryModule(tiny_llama(), RECOVERY)
+    callbacks = [
+        CompressionCallback(INT16_CODES),
+        ModelCheckpoint(dirpath=out / "ckpt", save_last=True, every_n_train_steps=RECOVERY.max_steps),
+    ]
+    trainer = _recovery_trainer(2, RECOVERY.max_steps, callbacks, strategy="ddp")
+    trainer.fit(module, datamodule=_Tokens())
+    return {"state": _state(module), "step": trainer.global_step, "world_size": trainer.world_size}
+
+
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -123,7 +177,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         compress_mod.save_file = counting_save
         try:
             model = tiny_llama()
-            rep = compress_model(model, windows, CODEBOOK, device="cpu", resume_dir=Path(out) / "blocks", progress=False)
+            rep = compress_model(
+                model, windows, CODEBOOK, device="cpu", resume_dir=Path(out) / "blocks", progress=False
+            )
         finally:
             compress_mod.save_file = real_save
         res["codebook"] = _state(model)
@@ -145,14 +201,15 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         res["with_finetune"] = _state(model)
 
         block, inputs, targets, kwargs = _finetune_setup()
-        stats = finetune_block(
-            block, _shard(inputs, rank, world), _shard(targets, rank, world), kwargs, FT
-        )
+        stats = finetune_block(block, _shard(inputs, rank, world), _shard(targets, rank, world), kwargs, FT)
         res["finetune"] = _state(block)
         res["finetune_stats"] = stats
+
+        res["ddp"] = _lightning_ddp(rank, port, Path(out))
         torch.save(res, Path(out) / f"rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _free_port() -> int:
@@ -165,7 +222,9 @@ def _free_port() -> int:
 def runs(tmp_path_factory):
     """What each of 2 ranks ended with, and the 1-process references (same thread count)."""
     out = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=True)
+    # fork: the ranks inherit the imported modules (spawn would re-import torch, transformers,
+    # Lightning and peft in each rank, ~10 s of CPU apiece); no process group exists yet here.
+    mp.start_processes(_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=True, start_method="fork")
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -281,7 +340,11 @@ def test_only_rank_zero_writes_block_files_and_all_ranks_resume_from_them(runs):
     assert r0["writes"] == ["block_000.safetensors.tmp", "block_001.safetensors.tmp"]
     assert r1["writes"] == []
     blocks = runs["dir"] / "blocks"
-    assert sorted(p.name for p in blocks.iterdir()) == ["block_000.safetensors", "block_001.safetensors", "progress.json"]
+    assert sorted(p.name for p in blocks.iterdir()) == [
+        "block_000.safetensors",
+        "block_001.safetensors",
+        "progress.json",
+    ]
     for res in (r0, r1):
         _assert_states_equal(res["resumed"], res["codebook"], "resumed vs compressed")
         assert res["resumed_errors"] == res["codebook_errors"]
@@ -289,3 +352,24 @@ def test_only_rank_zero_writes_block_files_and_all_ranks_resume_from_them(runs):
     model = tiny_llama()
     compress_model(model, _windows(), CODEBOOK, device="cpu", resume_dir=blocks, progress=False)
     _assert_states_equal(_state(model), r0["codebook"], "1-process resume of 2-rank files")
+
+
+def test_lightning_ddp_recovery_checkpoint_of_two_ranks_resumes_in_one(runs):
+    r0, r1 = runs["ranks"]
+    assert r0["ddp"]["world_size"] == 2 and r0["ddp"]["step"] == RECOVERY.max_steps
+    # DDP kept the ranks equal (codes were left out of its buffer sync, and are equal anyway).
+    _assert_states_equal(r0["ddp"]["state"], r1["ddp"]["state"], "DDP rank 0 vs rank 1")
+    codes = [k for k, v in r0["ddp"]["state"].items() if k.endswith(".codes")]
+    assert codes and all(r0["ddp"]["state"][k].dtype == torch.int16 for k in codes)
+
+    ckpt = runs["dir"] / "ckpt" / "last.ckpt"
+    assert ckpt.is_file()
+    module = RecoveryModule(tiny_llama(), RECOVERY)
+    at_start = _StateAtTrainStart()
+    trainer = _recovery_trainer(1, RECOVERY.max_steps + 2, [CompressionCallback(INT16_CODES, ckpt_path=ckpt), at_start])
+    trainer.fit(module, datamodule=_Tokens(), ckpt_path=ckpt)
+    # The 1-process run starts exactly where the 2 ranks stopped (full state dict), then trains on.
+    _assert_states_equal(at_start.state, r0["ddp"]["state"], "1-process resume vs 2-rank checkpoint")
+    assert trainer.global_step == RECOVERY.max_steps + 2
+    after = _state(module)
+    assert all(torch.equal(after[k], at_start.state[k]) for k in codes)  # codes stay frozen
