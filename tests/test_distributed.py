@@ -366,7 +366,8 @@ def test_lightning_ddp_recovery_checkpoint_of_two_ranks_resumes_in_one(runs):
     assert ckpt.is_file()
     module = RecoveryModule(tiny_llama(), RECOVERY)
     at_start = _StateAtTrainStart()
-    trainer = _recovery_trainer(1, RECOVERY.max_steps + 2, [CompressionCallback(INT16_CODES, ckpt_path=ckpt), at_start])
+    callbacks = [CompressionCallback(INT16_CODES, ckpt_path=ckpt), at_start]
+    trainer = _recovery_trainer(1, RECOVERY.max_steps + 2, callbacks, default_root_dir=runs["dir"] / "resumed")
     trainer.fit(module, datamodule=_Tokens(), ckpt_path=ckpt)
     # The 1-process run starts exactly where the 2 ranks stopped (full state dict), then trains on.
     _assert_states_equal(at_start.state, r0["ddp"]["state"], "1-process resume vs 2-rank checkpoint")
