@@ -11,7 +11,7 @@ otherwise ranks would take different branches and hang in the next collective.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -127,7 +127,3 @@ def layer_seed(name: str, run_seed: int) -> int:
     per-process string hashing)."""
     digest = hashlib.sha256(f"{run_seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def cuda_devices(tensors: Iterable[torch.Tensor]) -> list[int]:
-    return sorted({t.device.index for t in tensors if t.device.type == "cuda" and t.device.index is not None})
