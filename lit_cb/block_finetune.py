@@ -253,7 +253,8 @@ def finetune_block(
     data-parallel (module docstring); sizes and losses in the result are global. Against one
     process on all samples the only difference is summation order: each mini-batch's gradient is
     summed per rank, then across ranks (float32, ~1e-7 relative per step, which Adam's
-    normalisation can amplify where a gradient entry is near zero).
+    normalisation can amplify where a gradient entry is near zero). On the tiny test block (CPU,
+    2 gloo ranks, mini-batches of 2 split 1 + 1) the result was bit-identical to one process.
     """
     config = config or BlockFinetuneConfig()
     forward_kwargs = dict(forward_kwargs or {})

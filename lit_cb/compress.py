@@ -430,6 +430,10 @@ def compress_model(
     On GPUs the calibration forwards themselves may differ in the last bit, because cuBLAS picks
     kernels by batch shape and the batches hold other windows. Block fine-tuning sums the
     gradients of each mini-batch per rank and then across ranks (float32, ~1e-7 relative per step).
+    Measured on the tiny test model (CPU, 2 gloo ranks, ``tests/test_distributed.py``): with
+    float64 Hessians every tensor of the codebook and AQLM results is bit-identical to one
+    process; with float32 Hessians the codebook codes stay identical but codebooks/scales differ
+    by up to 1.5e-5, and AQLM flips 7 of 36,864 codes (fp16 values differ by up to 4e-3).
     """
     t0 = time.perf_counter()
     device = torch.device(device) if device is not None else next(model.parameters()).device
