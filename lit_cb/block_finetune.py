@@ -10,6 +10,14 @@ whose compressed layers are :class:`CodebookLinear` works (LLM-Codebook and AQLM
 Training always runs in float32 (the block is cast up and back), because fp16 Adam updates on
 codebooks would round away; a held-out slice of the calibration samples drives early stopping
 and the best state (by held-out loss, the untrained state included) is what the block keeps.
+
+Under torch.distributed the fine-tuning is data-parallel: each rank holds its shard of the samples
+(global sample ``g`` on rank ``g % world_size``, as ``CompressionDataModule.calibration_windows``
+shards them), every rank draws the same global train/held-out split and mini-batch order, computes
+the gradient of its part of each global mini-batch (weighted by its share of the samples), and the
+gradients are summed across ranks before every optimizer step, so every rank takes the step one
+process would take on the whole mini-batch. Held-out and training losses are sums reduced across
+ranks, so early stopping decides alike everywhere.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lit_cb import distributed as D
 from lit_cb.layers import CodebookLinear
 
 log = logging.getLogger(__name__)
@@ -138,6 +147,44 @@ def _forward(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
     return out
 
 
+def _global_sums(values: list[float], device: torch.device) -> list[float]:
+    """Sum floats over ranks (float64), then take rank 0's result, so that every rank holds the
+    very same numbers and early stopping cannot branch differently."""
+    if not D.is_distributed():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    D.all_reduce_sum_([t])
+    D.broadcast_tensor(t, src=0)
+    return t.tolist()
+
+
+class _Shard:
+    """Global sample indices -> this rank's local ones (global ``g`` is local ``g // world`` on
+    rank ``g % world``)."""
+
+    def __init__(self, num_local: int, device: torch.device) -> None:
+        self.world, self.rank = D.world_size(), D.rank()
+        counts = [num_local]
+        if self.world > 1:
+            t = torch.zeros(self.world, dtype=torch.int64, device=device)
+            t[self.rank] = num_local
+            D.all_reduce_sum_([t])
+            counts = t.tolist()
+        self.num_global = sum(counts)
+        expected = [len(range(r, self.num_global, self.world)) for r in range(self.world)]
+        if counts != expected:
+            raise ValueError(
+                f"block fine-tuning under torch.distributed needs rank r to hold samples r, r+W, r+2W, ... "
+                f"(W={self.world}); the ranks hold {counts} samples, strided shards of {self.num_global} "
+                f"would be {expected}"
+            )
+
+    def local(self, indices: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return indices
+        return indices[indices % self.world == self.rank] // self.world
+
+
 def _mean_loss(
     block: nn.Module,
     inputs: torch.Tensor,
@@ -146,19 +193,36 @@ def _mean_loss(
     indices: torch.Tensor,
     batch_size: int,
     device: torch.device,
+    shard: _Shard | None = None,
 ) -> float:
-    """MSE over ``indices`` (weighted by batch size so it equals the MSE over all of them)."""
+    """MSE over the global ``indices`` (weighted by batch size so it equals the MSE over all of
+    them); each rank evaluates the ones it holds and the sums are reduced across ranks."""
     if indices.numel() == 0:
         return math.nan
+    local = shard.local(indices) if shard is not None else indices
     total = 0.0
     with torch.no_grad():
-        for start in range(0, indices.numel(), batch_size):
-            idx = indices[start : start + batch_size]
+        for start in range(0, local.numel(), batch_size):
+            idx = local[start : start + batch_size]
             kw = {k: _batch_value(v, idx, inputs.shape[0], device) for k, v in forward_kwargs.items()}
             x = inputs[idx.to(inputs.device)].to(device, torch.float32)
             y = targets[idx.to(targets.device)].to(device, torch.float32)
             total += float(F.mse_loss(_forward(block, x, kw), y, reduction="sum"))
+    (total,) = _global_sums([total], device)
     return total / (indices.numel() * math.prod(inputs.shape[1:]))
+
+
+def _all_reduce_grads(params: list[nn.Parameter]) -> None:
+    """Sum the gradients over ranks (one flat float32 buffer; a rank with no sample in the
+    mini-batch contributes zeros)."""
+    if not D.is_distributed():
+        return
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    D.all_reduce_sum_(grads)
 
 
 def _snapshot(params: Iterable[nn.Parameter]) -> list[torch.Tensor]:
@@ -184,6 +248,13 @@ def finetune_block(
     ``requires_grad=False``, all other parameters their original flag, and the block holds the
     state with the best held-out loss (the untrained state included). Returns losses (MSE),
     epochs run, the best epoch (0 = untrained state kept) and sizes.
+
+    Under torch.distributed ``inputs``/``targets`` are this rank's strided shard and training is
+    data-parallel (module docstring); sizes and losses in the result are global. Against one
+    process on all samples the only difference is summation order: each mini-batch's gradient is
+    summed per rank, then across ranks (float32, ~1e-7 relative per step, which Adam's
+    normalisation can amplify where a gradient entry is near zero). On the tiny test block (CPU,
+    2 gloo ranks, mini-batches of 2 split 1 + 1) the result was bit-identical to one process.
     """
     config = config or BlockFinetuneConfig()
     forward_kwargs = dict(forward_kwargs or {})
@@ -192,15 +263,17 @@ def finetune_block(
             f"inputs and targets must both be [n, seq, hidden]; got {tuple(inputs.shape)} and {tuple(targets.shape)}"
         )
     start_time = time.perf_counter()
-    num_samples = inputs.shape[0]
+    num_samples = inputs.shape[0]  # on this rank
     first = next(iter(block.parameters()), None)
     device = first.device if first is not None else inputs.device
+    shard = _Shard(num_samples, device)
+    num_global = shard.num_global
 
     gen = torch.Generator().manual_seed(config.seed)
-    order = torch.randperm(num_samples, generator=gen)
+    order = torch.randperm(num_global, generator=gen)
     num_val = 0
-    if config.val_fraction > 0 and num_samples >= 2:
-        num_val = min(num_samples - 1, max(1, round(num_samples * config.val_fraction)))
+    if config.val_fraction > 0 and num_global >= 2:
+        num_val = min(num_global - 1, max(1, round(num_global * config.val_fraction)))
     val_idx, train_idx = order[:num_val], order[num_val:]
 
     named = trainable_parameters(block, config)
@@ -220,7 +293,7 @@ def finetune_block(
         block.eval()  # no dropout: targets were produced deterministically
 
         def evaluate(indices: torch.Tensor) -> float:
-            return _mean_loss(block, inputs, targets, forward_kwargs, indices, config.batch_size, device)
+            return _mean_loss(block, inputs, targets, forward_kwargs, indices, config.batch_size, device, shard)
 
         initial_train, initial_val = evaluate(train_idx), evaluate(val_idx)
         best_val, best_epoch, best_state = initial_val, 0, _snapshot(params)
@@ -234,17 +307,24 @@ def finetune_block(
                 perm = train_idx[torch.randperm(train_idx.numel(), generator=gen)]
                 running, seen = 0.0, 0
                 for start in range(0, perm.numel(), config.batch_size):
-                    idx = perm[start : start + config.batch_size]
-                    kw = {k: _batch_value(v, idx, num_samples, device) for k, v in forward_kwargs.items()}
-                    x = inputs[idx.to(inputs.device)].to(device, torch.float32)
-                    y = targets[idx.to(targets.device)].to(device, torch.float32)
-                    with torch.enable_grad():
-                        loss = F.mse_loss(_forward(block, x, kw), y)
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
+                    global_idx = perm[start : start + config.batch_size]
+                    idx = shard.local(global_idx)
+                    opt.zero_grad(set_to_none=True)
+                    if idx.numel():
+                        kw = {k: _batch_value(v, idx, num_samples, device) for k, v in forward_kwargs.items()}
+                        x = inputs[idx.to(inputs.device)].to(device, torch.float32)
+                        y = targets[idx.to(targets.device)].to(device, torch.float32)
+                        with torch.enable_grad():
+                            loss = F.mse_loss(_forward(block, x, kw), y)
+                            if shard.world > 1:
+                                # This rank's share of the global mini-batch mean; summed over ranks below.
+                                loss = loss * (idx.numel() / global_idx.numel())
+                            loss.backward()
+                        running += float(loss.detach()) * global_idx.numel()
+                    _all_reduce_grads(params)
                     opt.step()
-                    running += float(loss.detach()) * idx.numel()
-                    seen += idx.numel()
+                    seen += global_idx.numel()
+                (running,) = _global_sums([running], device)
                 epochs_run = epoch
                 val = evaluate(val_idx) if num_val else math.nan
                 history.append({"epoch": epoch, "train_loss": running / max(seen, 1), "val_loss": val})
@@ -281,6 +361,7 @@ def finetune_block(
         "epochs": epochs_run,
         "history": history,
         "num_train": int(train_idx.numel()),
+        "world_size": shard.world,
         "num_val": num_val,
         "num_trainable_params": sum(p.numel() for p in params),
         "trainable": [name for name, _ in named],

@@ -22,12 +22,6 @@ from lit_cb.compress import CompressionConfig, CompressionReport, bits_per_weigh
 from lit_cb.serialization import build_module, compressed_specs
 
 
-def _peak_memory_gb(device: torch.device) -> float | None:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return None
-
-
 class CompressionCallback(L.Callback):
     """Compress ``pl_module.model`` with calibration windows from the datamodule.
 
@@ -87,7 +81,8 @@ class CompressionCallback(L.Callback):
         )
         self.specs = compressed_specs(model)
         self.metrics["compress_seconds"] = time.perf_counter() - t0
-        self.metrics["compress_peak_gpu_gb"] = _peak_memory_gb(device)
+        # compress_model resets the CUDA peak counter per stage and reports the max over stages.
+        self.metrics["compress_peak_gpu_gb"] = self.report.peak_gpu_gb
         self.metrics["bits_per_weight"] = bits_per_weight(model)
         bpw = self.metrics["bits_per_weight"]
         rank_zero_info(

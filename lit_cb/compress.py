@@ -12,19 +12,22 @@ finished block (re-running the finished blocks forward only), and nothing comput
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from lit_cb import distributed as D
 from lit_cb.hessian import HESSIAN_DTYPES, attach_hessian_hooks, remove_hooks
 from lit_cb.models import decoder_layers
 from lit_cb.quant import registry
@@ -95,6 +98,12 @@ class CompressionReport:
     kept_dense: list[str] = field(default_factory=list)
     block_finetune: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    # Per stage (capture, forward, hessian, quantize, block_finetune, save): seconds summed over
+    # blocks and peak GPU memory (max over blocks; None on CPU).
+    stages: dict[str, dict] = field(default_factory=dict)
+    peak_gpu_gb: float | None = None
+    block_seconds: list[float] = field(default_factory=list)
+    world_size: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,23 +117,31 @@ def _block_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def _pinned(device: torch.device, store: torch.device) -> bool:
+    """Offloaded activations live in page-locked memory when a GPU reads them: host<->device
+    copies from pinned memory run asynchronously (``non_blocking``) and at full PCIe speed."""
+    return store.type == "cpu" and device.type == "cuda"
+
+
 def capture_block_inputs(
     model: nn.Module, windows: torch.Tensor, device: torch.device, store_device: torch.device
 ) -> tuple[torch.Tensor, dict]:
     """Hidden states entering block 0 for every window ``[n, seq, hidden]`` and the keyword
     arguments the model passes to its blocks (rotary embeddings, masks), captured by a hook that
-    stops the forward right there (only the embeddings run)."""
+    stops the forward right there (only the embeddings run). With ``store_device`` the CPU and
+    ``device`` a GPU, the states go to one pinned buffer, copied asynchronously."""
     layers = decoder_layers(model)
-    captured: list[torch.Tensor] = []
+    box: dict = {}
     kwargs_box: dict = {}
 
     def hook(_mod, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append(hidden.detach().to(store_device))
+        box["hidden"] = (args[0] if args else kwargs.pop("hidden_states")).detach()
         if not kwargs_box:
             kwargs_box.update({k: v for k, v in kwargs.items() if k not in ("hidden_states",)})
         raise _StopForward
 
+    pin = _pinned(device, store_device)
+    captured: torch.Tensor | None = None
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
@@ -133,40 +150,89 @@ def capture_block_inputs(
                     model(input_ids=windows[i : i + 1].to(device), use_cache=False)
                 except _StopForward:
                     pass
+                hidden = box.pop("hidden")
+                if captured is None:
+                    shape = (windows.shape[0], *hidden.shape[1:])
+                    captured = torch.empty(shape, dtype=hidden.dtype, device=store_device, pin_memory=pin)
+                captured[i : i + 1].copy_(hidden, non_blocking=pin)
     finally:
         handle.remove()
+    if pin:
+        torch.cuda.synchronize(device)  # the last asynchronous device->host copies
     block_kwargs = {}
     for k, v in kwargs_box.items():
         if k in ("past_key_value", "past_key_values", "cache_position"):
             continue
         block_kwargs[k] = v
     block_kwargs["use_cache"] = False
-    return torch.cat(captured), block_kwargs
+    return captured, block_kwargs
 
 
 @torch.no_grad()
 def run_block(
-    block: nn.Module, inputs: torch.Tensor, kwargs: dict, batch_size: int, device: torch.device
-) -> torch.Tensor:
-    """The block applied to every input window, in batches; same device/dtype as ``inputs``."""
-    outs = torch.empty_like(inputs)
+    block: nn.Module,
+    inputs: torch.Tensor,
+    kwargs: dict,
+    batch_size: int,
+    device: torch.device,
+    collect: bool = True,
+) -> torch.Tensor | None:
+    """The block applied to every input window, in batches; same device/dtype as ``inputs``
+    (``collect=False``: run for the hooks only, return None). Pinned CPU inputs are streamed to
+    the device and the outputs back into a pinned buffer without blocking, so copies overlap the
+    next batch's compute; the device is synchronised once at the end."""
+    pin = inputs.device.type == "cpu" and device.type == "cuda" and inputs.is_pinned()
+    outs = None
+    if collect:
+        outs = torch.empty(inputs.shape, dtype=inputs.dtype, device=inputs.device, pin_memory=pin)
     for start in range(0, inputs.shape[0], batch_size):
-        x = inputs[start : start + batch_size].to(device)
-        outs[start : start + batch_size] = _block_output(block(x, **kwargs)).to(outs.device, outs.dtype)
+        x = inputs[start : start + batch_size].to(device, non_blocking=pin)
+        y = _block_output(block(x, **kwargs))
+        if outs is not None:
+            outs[start : start + batch_size].copy_(y, non_blocking=pin)
+    if pin:
+        torch.cuda.synchronize(device)
     return outs
+
+
+class _Stages:
+    """Wall time (summed) and peak GPU memory (max) of each stage of :func:`compress_model`.
+
+    The CUDA peak counter is reset at every stage start, so the overall peak is the max over the
+    stages (``overall_peak_gpu_gb``), not ``torch.cuda.max_memory_allocated`` afterwards."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stats: dict[str, dict[str, float | None]] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            peak = None
+            if cuda:
+                torch.cuda.synchronize(self.device)
+                peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+            entry = self.stats.setdefault(name, {"seconds": 0.0, "peak_gpu_gb": None})
+            entry["seconds"] += time.perf_counter() - t0
+            if peak is not None:
+                entry["peak_gpu_gb"] = max(entry["peak_gpu_gb"] or 0.0, peak)
+
+    def overall_peak_gpu_gb(self) -> float | None:
+        peaks = [e["peak_gpu_gb"] for e in self.stats.values() if e["peak_gpu_gb"] is not None]
+        return max(peaks) if peaks else None
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
-
-
-def _broadcast_module(module: nn.Module) -> None:
-    """Make every rank hold rank 0's result (GPU clustering is not bit-deterministic)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for t in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(t.data, src=0)
 
 
 def _target_linears(block: nn.Module, pattern: str, prefix: str, keep: set[str]) -> dict[str, nn.Linear]:
@@ -184,7 +250,11 @@ def salience_scores(
 ) -> dict[str, float]:
     """Score each target linear by the error it would incur, weighted by the Hessian diagonal:
     sum_j E[x_j²] · ||W[:, j] - RTN2(W)[:, j]||² with a per-row 2-bit round-to-nearest proxy.
-    One forward pass of the float model; high score = most salient."""
+    One forward pass of the float model; high score = most salient.
+
+    Under torch.distributed ``windows`` is this rank's shard: the sums of x² (float64) and the
+    token counts are all-reduced before scoring, so every rank scores the same global E[x_j²]
+    and keeps the same layers dense (ranks that kept different layers would hang later)."""
     layers = decoder_layers(model)
     regex = re.compile(targets)
     sums: dict[str, torch.Tensor] = {}
@@ -196,7 +266,7 @@ def salience_scores(
                 full = f"model.layers.{i}.{name}"
 
                 def hook(_m, args, full=full):
-                    x = args[0].reshape(-1, args[0].shape[-1]).float()
+                    x = args[0].reshape(-1, args[0].shape[-1]).double()
                     sums[full] = sums.get(full, 0) + (x * x).sum(0)
                     counts[full] = counts.get(full, 0) + x.shape[0]
 
@@ -206,13 +276,19 @@ def salience_scores(
             model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
     finally:
         remove_hooks(handles)
+    names = sorted(sums)
+    if D.is_distributed():
+        counts_t = torch.tensor([float(counts[n]) for n in names], dtype=torch.float64, device=sums[names[0]].device)
+        D.all_reduce_sum_([sums[n] for n in names] + [counts_t])
+        counts = {n: int(c) for n, c in zip(names, counts_t.tolist(), strict=True)}
     scores = {}
-    for full, s in sums.items():
+    for full in names:
+        s = sums[full]
         w = model.get_submodule(full).weight.float()
         lo, hi = w.min(1, keepdim=True).values, w.max(1, keepdim=True).values
         step = ((hi - lo) / 3).clamp_min(1e-12)
         w_hat = ((w - lo) / step).round().clamp(0, 3) * step + lo
-        diag = (s / counts[full]).to(w.device)
+        diag = (s / counts[full]).float().to(w.device)
         scores[full] = float((((w - w_hat) ** 2) * diag).sum())
     return scores
 
@@ -242,17 +318,24 @@ class BlockCheckpoints:
         return self.progress["blocks"].get(str(index))
 
     def save(self, index: int, block: nn.Module, specs: dict, entry: dict) -> None:
+        """Write a finished block. Under torch.distributed only global rank 0 writes (every rank
+        holds the same block, and ranks writing the same ``.tmp`` names on a shared filesystem
+        would race); the others wait at a barrier, so when ``save`` returns the files are
+        complete for every rank (a resume reads them on all ranks: the directory must be on a
+        filesystem they share, as on a SLURM cluster)."""
         if self.dir is None:
             return
-        # The whole block, not only the compressed modules: block fine-tuning also trains norms.
-        tensors = {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
-        tmp = self.dir / f"block_{index:03d}.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        tmp.replace(self.dir / f"block_{index:03d}.safetensors")
         self.progress["blocks"][str(index)] = {"specs": specs, **entry}
-        tmp_json = self.dir / "progress.json.tmp"
-        tmp_json.write_text(json.dumps(self.progress, indent=1))
-        tmp_json.replace(self.dir / "progress.json")
+        if D.rank() == 0:
+            # The whole block, not only the compressed modules: block fine-tuning also trains norms.
+            tensors = {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
+            tmp = self.dir / f"block_{index:03d}.safetensors.tmp"
+            save_file(tensors, str(tmp))
+            tmp.replace(self.dir / f"block_{index:03d}.safetensors")
+            tmp_json = self.dir / "progress.json.tmp"
+            tmp_json.write_text(json.dumps(self.progress, indent=1))
+            tmp_json.replace(self.dir / "progress.json")
+        D.barrier()
 
     def restore(self, index: int, block: nn.Module, device: torch.device) -> dict:
         entry = self.finished(index)
@@ -261,6 +344,56 @@ class BlockCheckpoints:
             _set_submodule(block, name, build_module(spec).to(device))
         block.load_state_dict(tensors, strict=True)
         return entry
+
+
+def _quantize_owned(
+    group: list[str],
+    remaining: dict[str, nn.Linear],
+    accs: dict,
+    method_cfg: Any,
+    prefix: str,
+    device: torch.device,
+) -> dict[str, tuple[nn.Module | None, dict, dict]]:
+    """Compress this rank's share of ``group`` and hand every rank every result.
+
+    Whole linears are assigned to ranks by cost (out x in, greedy, :func:`assign_owners`); each
+    rank quantizes its own under a random state seeded from the layer's name (so a layer's result
+    does not depend on which rank made it), then each result is broadcast from its owner: first
+    its spec and report (objects), then its tensors into a module the receivers build from the
+    spec. Returns ``name -> (module, spec, report fields)`` in ``group`` order."""
+    world, me = D.world_size(), D.rank()
+    owners = D.assign_owners({n: remaining[n].out_features * remaining[n].in_features for n in group}, world)
+    run_seed = int(getattr(method_cfg, "seed", 0))
+    made: dict[str, tuple[nn.Module, dict, dict]] = {}
+    for name in group:
+        if owners[name] != me:
+            continue
+        t_layer = time.perf_counter()
+        layer = remaining[name]
+        hessian = accs[name].hessian
+        fork_devices = []
+        if device.type == "cuda":
+            fork_devices = [device.index if device.index is not None else torch.cuda.current_device()]
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(D.layer_seed(prefix + name, run_seed))
+            new = registry.quantize_linear(layer, hessian, method_cfg)
+        new = new.to(device)
+        w_hat = new.dequantize() if hasattr(new, "dequantize") else new.weight
+        rep = {
+            "relative_error": relative_layer_error(layer.weight.float(), w_hat.float(), hessian),
+            "bits_per_weight": float(new.bits_per_weight()) if hasattr(new, "bits_per_weight") else float("nan"),
+            "seconds": time.perf_counter() - t_layer,
+        }
+        made[name] = (new, module_spec(new), rep)
+    results: dict[str, tuple[nn.Module | None, dict, dict]] = {}
+    for name in group:
+        src = owners[name]
+        mine = made.get(name)
+        spec, rep = D.broadcast_object((mine[1], mine[2]) if mine else None, src=src)
+        module = mine[0] if mine else build_module(spec).to(device)
+        D.broadcast_module(module, src=src)
+        results[name] = (module, spec, rep)
+    return results
 
 
 def compress_model(
@@ -274,8 +407,33 @@ def compress_model(
     """Compress the target linears of every block of ``model`` in place, in order.
 
     ``windows`` ``[n, seq]`` are this rank's calibration token windows. Under torch.distributed
-    each rank passes its own shard; Hessians are all-reduced and rank 0's compressed tensors are
-    broadcast, so all ranks end with the same model.
+    (gloo or NCCL; every rank calls this with its own shard, e.g. ``windows[rank::world_size]``
+    as :meth:`CompressionDataModule.calibration_windows` gives) the work is split:
+
+    * calibration forwards and Hessian accumulation run on each rank's windows; the Hessian sums
+      and token counts are all-reduced (:meth:`HessianAccumulator.all_reduce`);
+    * the linears of each group (q/k/v, o, gate/up, down) are divided across ranks by cost, each
+      rank compresses its own and broadcasts them (:func:`_quantize_owned`);
+    * block fine-tuning is data-parallel (gradients all-reduced before each step, see
+      :func:`lit_cb.block_finetune.finetune_block`), then the whole block state is broadcast
+      from rank 0 as a safety net;
+    * keep_dense salience statistics are all-reduced; only rank 0 writes ``resume_dir``.
+
+    All ranks end with bit-identical models. N processes versus one: codes and every tensor are
+    computed by the same code from the same inputs except for floating-point summation order:
+    the Hessian is a sum over windows, and N ranks sum their shards separately (in batches of
+    other windows) before the all-reduce adds the partial sums. In float64 (``hessian_dtype:
+    float64``) that changes H by ~1e-16 relative, and H reaches the methods rounded to float32,
+    so H, codes, codebooks and scales come out identical unless an entry sits within ~1e-16 of a
+    float32 rounding boundary (about one entry in 10^8; a 7B block has ~1.7e8 Hessian entries).
+    In float32 H differs by ~1e-7 relative and codes can flip where two centroids nearly tie.
+    On GPUs the calibration forwards themselves may differ in the last bit, because cuBLAS picks
+    kernels by batch shape and the batches hold other windows. Block fine-tuning sums the
+    gradients of each mini-batch per rank and then across ranks (float32, ~1e-7 relative per step).
+    Measured on the tiny test model (CPU, 2 gloo ranks, ``tests/test_distributed.py``): with
+    float64 Hessians every tensor of the codebook and AQLM results is bit-identical to one
+    process; with float32 Hessians the codebook codes stay identical but codebooks/scales differ
+    by up to 1.5e-5, and AQLM flips 7 of 36,864 codes (fp16 values differ by up to 4e-3).
     """
     t0 = time.perf_counter()
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -283,15 +441,29 @@ def compress_model(
     finetune_cfg = config.finetune_settings()
     hdtype = HESSIAN_DTYPES[config.hessian_dtype]
     checkpoints = BlockCheckpoints(resume_dir, config)
-    report = CompressionReport()
+    report = CompressionReport(world_size=D.world_size())
+    if D.is_distributed() and hdtype != torch.float64 and D.rank() == 0:
+        warnings.warn(
+            f"compression.hessian_dtype={config.hessian_dtype!r} with {D.world_size()} ranks: the per-rank "
+            "Hessian sums round differently than one process's sum would; use float64 for results that "
+            "match a single-process run",
+            stacklevel=2,
+        )
+    stage = _Stages(device)
     layers = decoder_layers(model)
     model_device = next(model.parameters()).device
+    # Every rank must see the same finished blocks, or they would take different branches below.
+    D.check_same_on_all_ranks(
+        sorted(k for k in range(len(layers)) if checkpoints.finished(k) is not None),
+        f"the finished blocks in {resume_dir} (resume_dir must be on a filesystem all ranks share)",
+    )
 
     keep: set[str] = set()
     if config.keep_dense:
         model.to(device)
         scores = salience_scores(model, windows, config.targets, device, config.forward_batch_size)
-        keep = set(sorted(scores, key=scores.get, reverse=True)[: config.keep_dense])
+        keep = set(sorted(scores, key=lambda n: (-scores[n], n))[: config.keep_dense])
+        D.check_same_on_all_ranks(sorted(keep), "the layers kept dense")
         report.kept_dense = sorted(keep)
         model.to(model_device)
 
@@ -299,14 +471,19 @@ def compress_model(
     store = torch.device("cpu") if config.offload_activations else device
     base = getattr(model, "model", model)
     moved = [m for n, m in base.named_children() if n != "layers"]
-    for m in moved:
-        m.to(device)
-    inputs, block_kwargs = capture_block_inputs(model, windows, device, store)
-    for m in moved:
-        m.to(model_device)
+    with stage("capture"):
+        for m in moved:
+            m.to(device)
+        inputs, block_kwargs = capture_block_inputs(model, windows, device, store)
+        for m in moved:
+            m.to(model_device)
+
+    def forward(block: nn.Module, collect: bool = True) -> torch.Tensor | None:
+        return run_block(block, inputs, block_kwargs, config.forward_batch_size, device, collect)
 
     bar = tqdm(total=len(layers), desc=f"compress ({config.method})", disable=not progress)
     for i, block in enumerate(layers):
+        t_block = time.perf_counter()
         prefix = f"model.layers.{i}."
         block.to(device)
         done = checkpoints.finished(i)
@@ -315,66 +492,66 @@ def compress_model(
             report.layers.extend(LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in entry["layers"])
             if entry.get("block_finetune"):
                 report.block_finetune.append(entry["block_finetune"])
-            inputs = run_block(block, inputs, block_kwargs, config.forward_batch_size, device)
+            with stage("forward"):
+                inputs = forward(block)
             block.to(model_device)
             bar.update(1)
             bar.set_postfix_str(f"block {i} restored from {resume_dir}")
             continue
 
-        targets_float = (
-            run_block(block, inputs, block_kwargs, config.forward_batch_size, device) if finetune_cfg else None
-        )
+        with stage("forward"):
+            targets_float = forward(block) if finetune_cfg else None
         remaining = _target_linears(block, config.targets, prefix, keep)
         specs: dict[str, dict] = {}
         block_layers: list[LayerReport] = []
         while remaining:
-            accs, handles = attach_hessian_hooks(remaining, hdtype, device)
-            try:
-                run_block(block, inputs, block_kwargs, config.forward_batch_size, device)
-            finally:
-                remove_hooks(handles)
-            never_called = sorted(set(remaining) - set(accs))
-            if never_called:
-                raise RuntimeError(f"block {i}: linears {never_called} were never called during calibration")
-            for acc in {id(a): a for a in accs.values()}.values():
-                acc.all_reduce()
+            with stage("hessian"):
+                accs, handles = attach_hessian_hooks(remaining, hdtype, device)
+                try:
+                    forward(block, collect=False)
+                finally:
+                    remove_hooks(handles)
+                never_called = sorted(set(remaining) - set(accs))
+                if never_called:
+                    raise RuntimeError(f"block {i}: linears {never_called} were never called during calibration")
+                for acc in {id(a): a for a in accs.values()}.values():
+                    acc.all_reduce()
             first = next(iter(accs))
             group = [n for n in accs if accs[n] is accs[first]] if config.true_sequential else list(accs)
-            for name in group:
-                t_layer = time.perf_counter()
+            with stage("quantize"):
+                results = _quantize_owned(group, remaining, accs, method_cfg, prefix, device)
+            del accs
+            for name, (new, spec, rep) in results.items():
                 layer = remaining.pop(name)
-                hessian = accs[name].hessian
-                new = registry.quantize_linear(layer, hessian, method_cfg)
-                new = new.to(device)
-                _broadcast_module(new)
-                w_hat = new.dequantize() if hasattr(new, "dequantize") else new.weight
-                rep = LayerReport(
-                    name=prefix + name,
-                    shape=(layer.out_features, layer.in_features),
-                    relative_error=relative_layer_error(layer.weight.float(), w_hat.float(), hessian),
-                    bits_per_weight=float(new.bits_per_weight()) if hasattr(new, "bits_per_weight") else float("nan"),
-                    seconds=time.perf_counter() - t_layer,
+                block_layers.append(
+                    LayerReport(name=prefix + name, shape=(layer.out_features, layer.in_features), **rep)
                 )
-                block_layers.append(rep)
-                specs[name] = module_spec(new)
+                specs[name] = spec
                 _set_submodule(block, name, new)
-                bar.set_postfix_str(f"block {i} {name} rel.err {rep.relative_error:.4f}")
+                bar.set_postfix_str(f"block {i} {name} rel.err {rep['relative_error']:.4f}")
         ft_stats = None
         if finetune_cfg is not None and specs:
             from lit_cb.block_finetune import finetune_block
 
-            ft_stats = finetune_block(block, inputs, targets_float, block_kwargs, finetune_cfg)
+            with stage("block_finetune"):
+                ft_stats = finetune_block(block, inputs, targets_float, block_kwargs, finetune_cfg)
+                # Data-parallel steps keep ranks equal already; make the whole block (norms
+                # included) bit-identical regardless, from rank 0.
+                D.broadcast_module(block, src=0)
             ft_stats = {"block": i, **ft_stats}
-            for name in specs:
-                _broadcast_module(block.get_submodule(name))
             report.block_finetune.append(ft_stats)
         del targets_float
         report.layers.extend(block_layers)
-        checkpoints.save(i, block, specs, {"layers": [asdict(r) for r in block_layers], "block_finetune": ft_stats})
-        inputs = run_block(block, inputs, block_kwargs, config.forward_batch_size, device)
+        with stage("save"):
+            checkpoints.save(i, block, specs, {"layers": [asdict(r) for r in block_layers], "block_finetune": ft_stats})
+        with stage("forward"):
+            inputs = forward(block)
         block.to(model_device)
+        report.block_seconds.append(time.perf_counter() - t_block)
         bar.update(1)
     bar.close()
+    report.stages = stage.stats
+    report.peak_gpu_gb = stage.overall_peak_gpu_gb()
     report.seconds = time.perf_counter() - t0
     return report
 

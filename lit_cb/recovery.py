@@ -181,7 +181,25 @@ class RecoveryModule(L.LightningModule):
                 m.weight.requires_grad_(True)
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError("recovery: nothing is trainable (lora_r=0 and train_codebooks/train_norms off)")
+        self._ignore_codes_in_ddp()
         self.model.train()
+
+    def _ignore_codes_in_ddp(self) -> None:
+        """Keep CodebookLinear codes out of DDP's buffer sync.
+
+        DDP broadcasts every buffer from rank 0 when it wraps the module and again before every
+        forward. Codes are frozen and identical on all ranks by construction (compression
+        broadcasts them, a checkpoint restores them alike), so that traffic is pure waste: the
+        codes of a 7B model are about 1.6 GB per forward. gloo cannot even carry int16 (the codes
+        of 9..16-bit codebooks), so without this a CPU DDP run with them fails at wrap time.
+        (FSDP does not shard buffers, so codes stay whole there too; Lightning's FSDPStrategy
+        needs CUDA, and CodebookLinear's mix of frozen and trainable parameters needs
+        ``use_orig_params=True``.)"""
+        from torch.nn.parallel import DistributedDataParallel
+
+        names = [f"{name}.codes" for name, m in self.named_modules() if isinstance(m, CodebookLinear)]
+        if names:
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, names)
 
     def on_fit_start(self) -> None:
         for t in self._teacher:
