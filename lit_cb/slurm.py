@@ -34,7 +34,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 REQUEUE_SIGNAL = signal.SIGUSR1
@@ -162,6 +161,10 @@ class SlurmRequeue(L.Callback):
         path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
         trainer.save_checkpoint(path)
         rank_zero_info(f"saved {path} at step {trainer.global_step}")
+        # The requeue makes SLURM send SIGTERM at once. Lightning's SIGTERM handler broadcasts from
+        # inside the handler, which collides with the collective below; the checkpoint is saved,
+        # so let SIGTERM simply end the task.
+        sigterm = signal.signal(signal.SIGTERM, signal.SIG_DFL)
         ok = requeue_job(self.job_id) if trainer.is_global_zero else True
         ok_t = torch.tensor(float(ok), device=trainer.strategy.root_device)
         if trainer.world_size > 1:
@@ -171,6 +174,8 @@ class SlurmRequeue(L.Callback):
             self.requeued = True
             trainer.should_stop = True
             rank_zero_info(f"requeued SLURM job {self.job_id}; stopping at step {trainer.global_step}")
+        else:
+            signal.signal(signal.SIGTERM, sigterm)  # not requeued: train on, as before
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Lightning restores this handler when fit ends; keep it for the evaluation that follows.
@@ -190,4 +195,3 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     if not existing:
         return None
     return max(existing, key=lambda p: (p.stat().st_mtime_ns, p.name))
-

@@ -22,6 +22,7 @@ CPUS_PER_NODE=${SLURM_LOCAL_CPUS:-2}
 STATE=/var/spool/slurmctld
 LOGDIR=/var/log/slurm
 RUNDIR=/run/lit_cb_slurm
+CONF_CHANGED=0
 
 log() { echo "[slurm_local] $*" >&2; }
 
@@ -74,7 +75,7 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 # Requeued jobs wait cred_expire seconds before they may start again (default 120).
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=5
 StateSaveLocation=$STATE
 SlurmdSpoolDir=/var/spool/slurmd/%n
 SlurmctldPidFile=$RUNDIR/slurmctld.pid
@@ -110,6 +111,7 @@ EOF
     rm -f "$tmp"
   else
     mv "$tmp" "$CONF"
+    CONF_CHANGED=1
   fi
   for n in "${NODES[@]}"; do mkdir -p "/var/spool/slurmd/$n"; done
 }
@@ -150,6 +152,10 @@ start() {
   [[ $(id -u) == 0 ]] || fail "start needs root"
   install_packages
   write_config
+  if ((CONF_CHANGED)) && alive "$RUNDIR/slurmctld.pid"; then
+    log "slurm.conf changed: restarting the daemons"
+    stop
+  fi
   start_munge
   if ! alive "$RUNDIR/slurmctld.pid"; then
     log "starting slurmctld"

@@ -150,7 +150,9 @@ def _train_steps_and_losses(run_dir: Path) -> dict[str, list[tuple[int, float]]]
     rows = {}
     for path in sorted(run_dir.glob("logs/version_*/metrics.csv")):
         with open(path) as f:
-            rows[path.parent.name] = [(int(r["step"]), float(r["train_loss"])) for r in csv.DictReader(f) if r.get("train_loss")]
+            rows[path.parent.name] = [
+                (int(r["step"]), float(r["train_loss"])) for r in csv.DictReader(f) if r.get("train_loss")
+            ]
     return rows
 
 
@@ -235,7 +237,9 @@ def test_cpu_sbatch_on_two_nodes_matches_one_process_and_recovers(uninterrupted_
     assert (run_dir / "model" / "compression.json").is_file()
 
 
-def test_sigusr1_requeues_and_resumes_without_redoing_blocks_or_steps(slurm_cluster, model_dir, uninterrupted_job, tmp_path):
+def test_sigusr1_requeues_and_resumes_without_redoing_blocks_or_steps(
+    slurm_cluster, model_dir, uninterrupted_job, tmp_path
+):
     workdir = tmp_path / "job"
     run_dir = workdir / "out" / "tiny"
     job_id, res = _sbatch(workdir, _overrides(model_dir, workdir / "out"), wait=False)
