@@ -66,7 +66,7 @@ def run(cfg: RunConfig) -> dict:
     (:mod:`lit_cb.slurm`); a requeued process returns ``{"requeued": True, ...}`` unfinished."""
     check_trainer_matches_slurm(cfg.trainer.devices, cfg.trainer.num_nodes)
     # Installed first, so a signal during loading or compression requeues instead of killing the task.
-    requeue = SlurmRequeue(cfg.run_dir) if in_slurm_step() else None
+    requeue = SlurmRequeue() if in_slurm_step() else None
     try:
         return _run(cfg, requeue)
     finally:

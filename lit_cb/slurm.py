@@ -118,9 +118,8 @@ class SlurmRequeue(L.Callback):
     process should exit without finishing the run.
     """
 
-    def __init__(self, run_dir: str | Path, job_id: str | None = None, signum: int = REQUEUE_SIGNAL) -> None:
+    def __init__(self, job_id: str | None = None, signum: int = REQUEUE_SIGNAL) -> None:
         super().__init__()
-        self.run_dir = Path(run_dir)
         self.job_id = job_id or slurm_job_id()
         if self.job_id is None:
             raise ValueError("SlurmRequeue needs a SLURM job (no SLURM_JOB_ID in the environment)")
@@ -157,7 +156,8 @@ class SlurmRequeue(L.Callback):
             flag = trainer.strategy.reduce(flag, reduce_op="sum")
         if float(flag) == 0:
             return
-        # Every rank is here at the same step: saving (which has barriers) is safe.
+        # Every rank is here at the same step: saving (which has barriers) is safe. Lightning's own
+        # name and folder (default_root_dir), so `fit(ckpt_path="hpc")` would find it too.
         path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
         trainer.save_checkpoint(path)
         rank_zero_info(f"saved {path} at step {trainer.global_step}")

@@ -300,6 +300,21 @@ def test_sigusr1_requeues_and_resumes_without_redoing_blocks_or_steps(
             assert torch.equal(t, reference[name][key]), f"{name}:{key} differs from the uninterrupted run"
 
 
+def test_srun_with_a_mismatched_trainer_fails_before_loading(slurm_cluster, model_dir, tmp_path):
+    """The recipe run straight under srun (2 nodes x 1 task) with trainer.devices=2: a clear error
+    naming the key, from every task, before the model is loaded (no run directory content)."""
+    out = tmp_path / "out"
+    res = subprocess.run(
+        ["srun", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=5", f"--chdir={tmp_path}",
+         sys.executable, str(RECIPE), *_overrides(model_dir, out), "trainer.accelerator=cpu",
+         "trainer.num_nodes=2", "trainer.devices=2"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode != 0
+    assert res.stderr.count("trainer.devices=2 but this SLURM step runs 1 task(s) per node") == 2, res.stderr[-4000:]
+    assert not (out / "tiny" / "run_config.yaml").exists()
+
+
 def test_trainer_topology_must_match_the_srun_step(monkeypatch):
     env = {"SLURM_NTASKS": "4", "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_NAME": "x"}
     for k, v in env.items():
