@@ -1,8 +1,9 @@
 """Running a recipe as a SLURM job: check the trainer against the allocation, and requeue on SIGUSR1.
 
 SLURM sends SIGUSR1 before a time limit (``#SBATCH --signal=USR1@90``), a cluster that preempts
-with a signal can send it, and so does ``scancel --signal=USR1 <job>``. Lightning's own SLURM handler saves an HPC checkpoint and
-runs ``scontrol requeue`` from inside the signal handler, which has two gaps for this pipeline:
+with a signal can send it, and so does ``scancel --signal=USR1 <job>``. Lightning's own SLURM
+handler saves an HPC checkpoint and runs ``scontrol requeue`` from inside the signal handler, which
+has two gaps for this pipeline:
 
 * it is installed only when ``fit`` starts training, after ``CompressionCallback.setup`` has
   compressed the model, so a signal during loading, calibration or compression kills the task
