@@ -25,7 +25,9 @@ def perplexity(
 ) -> float:
     """Perplexity of ``model`` over ``windows`` ``[num_windows, seqlen]``."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    metric = Perplexity().to(device)
+    # Every caller passes all the windows, on one rank (rank 0 after training) or on each: never
+    # sync with other ranks, which may not be evaluating at all.
+    metric = Perplexity(sync_on_compute=False).to(device)
     was_training = model.training
     model.eval()
     starts = range(0, windows.shape[0], batch_size)

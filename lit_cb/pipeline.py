@@ -24,6 +24,7 @@ from lit_cb.evaluate import perplexity
 from lit_cb.models import load_model
 from lit_cb.recovery import RecoveryModule
 from lit_cb.serialization import save_compressed
+from lit_cb.slurm import SlurmRequeue, check_trainer_matches_slurm, in_slurm_step, latest_checkpoint
 
 
 def _device(cfg: RunConfig) -> torch.device:
@@ -59,7 +60,21 @@ def _peak_rss_gb() -> float:
 
 
 def run(cfg: RunConfig) -> dict:
-    """Run the whole pipeline; returns (and writes to ``run_dir/metrics.json``) the metrics."""
+    """Run the whole pipeline; returns (and writes to ``run_dir/metrics.json``) the metrics.
+
+    Inside a SLURM step the trainer must match the allocation, and SIGUSR1 requeues the job
+    (:mod:`lit_cb.slurm`); a requeued process returns ``{"requeued": True, ...}`` unfinished."""
+    check_trainer_matches_slurm(cfg.trainer.devices, cfg.trainer.num_nodes)
+    # Installed first, so a signal during loading or compression requeues instead of killing the task.
+    requeue = SlurmRequeue() if in_slurm_step() else None
+    try:
+        return _run(cfg, requeue)
+    finally:
+        if requeue is not None:
+            requeue.close()
+
+
+def _run(cfg: RunConfig, requeue: SlurmRequeue | None) -> dict:
     if cfg.model.requires_gpu and not torch.cuda.is_available():
         raise RuntimeError(
             f"recipe {cfg.run_name!r} needs a GPU (model {cfg.model.name}); none is visible. "
@@ -90,8 +105,9 @@ def run(cfg: RunConfig) -> dict:
 
     teacher = copy.deepcopy(model) if cfg.recovery.distill_alpha > 0 else None
     ckpt_dir = run_dir / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
-    ckpt_path = str(last) if cfg.resume and last.is_file() else None
+    # last.ckpt, or the HPC checkpoint a SLURM requeue saved after it.
+    latest = latest_checkpoint(run_dir) if cfg.resume else None
+    ckpt_path = str(latest) if latest is not None else None
     compression = CompressionCallback(
         cfg.compression,
         resume_dir=run_dir / "blocks" if cfg.resume else None,
@@ -114,7 +130,8 @@ def run(cfg: RunConfig) -> dict:
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
         gradient_clip_val=cfg.recovery.grad_clip or None,
-        callbacks=[compression, checkpoint],
+        callbacks=[compression, checkpoint] + ([requeue] if requeue is not None else []),
+        default_root_dir=run_dir,  # where Lightning writes (and finds) HPC checkpoints
         deterministic="warn" if cfg.trainer.deterministic else None,
         logger=CSVLogger(run_dir, name="logs"),
         enable_model_summary=False,
@@ -125,6 +142,10 @@ def run(cfg: RunConfig) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     fit_seconds = time.perf_counter() - t
+    if requeue is not None and requeue.requeued:
+        # SLURM is ending this job and will start it again; the next run resumes from the checkpoint.
+        metrics["requeued"] = True
+        return metrics
     metrics["stages"]["compress"] = {
         "seconds": compression.metrics.get("compress_seconds"),
         "peak_gpu_gb": compression.metrics.get("compress_peak_gpu_gb"),
