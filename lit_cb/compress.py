@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from lit_cb.architectures import DEFAULT_TARGETS, check_attention_uniform, spec_for
 from lit_cb.hessian import HESSIAN_DTYPES, attach_hessian_hooks, remove_hooks
 from lit_cb.models import decoder_layers
 from lit_cb.quant import registry
@@ -32,13 +33,12 @@ from lit_cb.quant.objective import relative_layer_error
 from lit_cb.serialization import build_module, module_spec
 from lit_cb.typed_config import build
 
-DEFAULT_TARGETS = r"(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
-
 
 @dataclass
 class CompressionConfig:
     """What to compress and how. ``method`` names a registered method; ``method_config`` holds
-    the fields of that method's config dataclass."""
+    the fields of that method's config dataclass. ``targets`` left at its default means the
+    model family's own linears (:mod:`lit_cb.architectures`)."""
 
     method: str = "codebook"
     method_config: dict[str, Any] = field(default_factory=dict)
@@ -185,15 +185,16 @@ def salience_scores(
     """Score each target linear by the error it would incur, weighted by the Hessian diagonal:
     sum_j E[x_j²] · ||W[:, j] - RTN2(W)[:, j]||² with a per-row 2-bit round-to-nearest proxy.
     One forward pass of the float model; high score = most salient."""
-    layers = decoder_layers(model)
-    regex = re.compile(targets)
+    spec = spec_for(model)
+    layers = spec.decoder_layers(model)
+    regex = re.compile(spec.compression_targets(targets))
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     handles = []
     for i, block in enumerate(layers):
         for name, m in block.named_modules():
             if isinstance(m, nn.Linear) and regex.search(name):
-                full = f"model.layers.{i}.{name}"
+                full = f"{spec.block_prefix(i)}{name}"
 
                 def hook(_m, args, full=full):
                     x = args[0].reshape(-1, args[0].shape[-1]).float()
@@ -284,21 +285,23 @@ def compress_model(
     hdtype = HESSIAN_DTYPES[config.hessian_dtype]
     checkpoints = BlockCheckpoints(resume_dir, config)
     report = CompressionReport()
-    layers = decoder_layers(model)
+    spec = spec_for(model)
+    layers = spec.decoder_layers(model)
+    targets = spec.compression_targets(config.targets)
+    check_attention_uniform(model.config, windows.shape[-1])
     model_device = next(model.parameters()).device
 
     keep: set[str] = set()
     if config.keep_dense:
         model.to(device)
-        scores = salience_scores(model, windows, config.targets, device, config.forward_batch_size)
+        scores = salience_scores(model, windows, targets, device, config.forward_batch_size)
         keep = set(sorted(scores, key=scores.get, reverse=True)[: config.keep_dense])
         report.kept_dense = sorted(keep)
         model.to(model_device)
 
     # Embeddings (and rotary tables) on the working device to capture block-0 inputs.
     store = torch.device("cpu") if config.offload_activations else device
-    base = getattr(model, "model", model)
-    moved = [m for n, m in base.named_children() if n != "layers"]
+    moved = spec.present_input_modules(model)
     for m in moved:
         m.to(device)
     inputs, block_kwargs = capture_block_inputs(model, windows, device, store)
@@ -307,7 +310,7 @@ def compress_model(
 
     bar = tqdm(total=len(layers), desc=f"compress ({config.method})", disable=not progress)
     for i, block in enumerate(layers):
-        prefix = f"model.layers.{i}."
+        prefix = spec.block_prefix(i)
         block.to(device)
         done = checkpoints.finished(i)
         if done is not None:
@@ -324,7 +327,7 @@ def compress_model(
         targets_float = (
             run_block(block, inputs, block_kwargs, config.forward_batch_size, device) if finetune_cfg else None
         )
-        remaining = _target_linears(block, config.targets, prefix, keep)
+        remaining = _target_linears(block, targets, prefix, keep)
         specs: dict[str, dict] = {}
         block_layers: list[LayerReport] = []
         while remaining:
