@@ -320,7 +320,11 @@ def test_family_end_to_end(family, method, windows, tiny_tokenizer, tmp_path):
     peft_model = module.model
     wrapped = {n for n, m in peft_model.named_modules() if hasattr(m, "lora_B") and len(m.lora_B)}
     assert len(wrapped) == len(all_linears)
-    assert all(float(m.lora_B["default"].weight.detach().abs().sum()) > 0 for n, m in peft_model.named_modules() if n in wrapped)
+    assert all(
+        float(m.lora_B["default"].weight.detach().abs().sum()) > 0
+        for n, m in peft_model.named_modules()
+        if n in wrapped
+    )
     ids = windows[8:10]
     peft_model.eval()  # OPT has dropout
     with torch.no_grad():
@@ -478,3 +482,40 @@ def test_default_lora_targets_resolve_per_family():
     custom = r"mlp\.fc1$"
     assert FAMILIES["opt"].compression_targets(custom) == custom
     assert FAMILIES["opt"].lora_target_regex(custom) == custom
+
+
+def test_non_llama_recipe_runs_through_the_pipeline(tmp_path, tiny_tokenizer):
+    """The GPT-NeoX recipe, on a tiny GPT-NeoX folder, through `lightning run` (CLI, datamodule,
+    callback, recovery, evaluation, save): its model.architecture matches the weights."""
+    folder = _save_tiny(tiny_model("gpt_neox", len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "neox")
+    overrides = {
+        "output_dir": tmp_path / "out",
+        "model.name": folder,
+        "model.dtype": "float32",
+        "model.requires_gpu": False,
+        "data.num_calibration_samples": 8,
+        "data.calibration_seqlen": SEQ,
+        "data.num_finetune_samples": 16,
+        "data.finetune_seqlen": SEQ,
+        "data.num_val_samples": 2,
+        "data.eval_seqlen": 64,
+        "data.max_eval_windows": 2,
+        "data.batch_size": 4,
+        "compression.method_config": "{in_group_size: 4, nbits: 4, kmeans_iters: 3}",
+        "compression.keep_dense": 1,
+        "recovery.max_steps": 2,
+        "recovery.lora_r": 4,
+        "trainer.accelerator": "cpu",
+        "trainer.precision": "32-true",
+        "trainer.deterministic": False,
+    }
+    recipe = ROOT / "recipes" / "pythia_6_9b_codebook.py"
+    assert main(["run", str(recipe), *(f"{k}={v}" for k, v in overrides.items())]) == 0
+    run_dir = tmp_path / "out" / "pythia_6_9b_codebook"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["wikitext2_ppl"]) == {"float", "compressed", "recovered"}
+    (kept,) = metrics["compression_report"]["kept_dense"]
+    assert kept.startswith("gpt_neox.layers.")
+    _, _, meta = load_compressed(run_dir / "model")
+    assert len(meta["modules"]) == 2 * len(FAMILIES["gpt_neox"].linears) - 1 and kept not in meta["modules"]
+    assert all(name.startswith("gpt_neox.layers.") for name in meta["modules"])
