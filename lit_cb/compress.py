@@ -279,16 +279,17 @@ def compress_model(
     broadcast, so all ranks end with the same model.
     """
     t0 = time.perf_counter()
+    # The family's layout first: an unsupported model is refused before anything is written.
+    spec = spec_for(model)
+    layers = spec.decoder_layers(model)
+    targets = spec.compression_targets(config.targets)
+    check_attention_uniform(model.config, windows.shape[-1])
     device = torch.device(device) if device is not None else next(model.parameters()).device
     method_cfg = config.method_settings()
     finetune_cfg = config.finetune_settings()
     hdtype = HESSIAN_DTYPES[config.hessian_dtype]
     checkpoints = BlockCheckpoints(resume_dir, config)
     report = CompressionReport()
-    spec = spec_for(model)
-    layers = spec.decoder_layers(model)
-    targets = spec.compression_targets(config.targets)
-    check_attention_uniform(model.config, windows.shape[-1])
     model_device = next(model.parameters()).device
 
     keep: set[str] = set()

@@ -431,7 +431,10 @@ def test_gpt2_is_refused_before_any_work(tmp_path, tiny_tokenizer, capsys, monke
     with pytest.raises(ValueError, match=r"gpt2.*Conv1D.*llama, mistral"):
         spec_for(model)
     with pytest.raises(ValueError, match="unsupported architecture"):
-        compress_model(model, torch.zeros(2, 8, dtype=torch.long), CompressionConfig(), progress=False)
+        compress_model(
+            model, torch.zeros(2, 8, dtype=torch.long), CompressionConfig(), resume_dir=tmp_path / "b", progress=False
+        )
+    assert not (tmp_path / "b").exists()
     folder = _save_tiny(model, tiny_tokenizer, tmp_path / "gpt2")
 
     def no_loading(*args, **kwargs):
