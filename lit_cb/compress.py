@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lit_cb import distributed as D
+from lit_cb.architectures import DEFAULT_TARGETS, check_attention_uniform, spec_for
 from lit_cb.hessian import HESSIAN_DTYPES, attach_hessian_hooks, remove_hooks
 from lit_cb.models import decoder_layers
 from lit_cb.quant import registry
@@ -35,13 +36,12 @@ from lit_cb.quant.objective import relative_layer_error
 from lit_cb.serialization import build_module, module_spec
 from lit_cb.typed_config import build
 
-DEFAULT_TARGETS = r"(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
-
 
 @dataclass
 class CompressionConfig:
     """What to compress and how. ``method`` names a registered method; ``method_config`` holds
-    the fields of that method's config dataclass."""
+    the fields of that method's config dataclass. ``targets`` left at its default means the
+    model family's own linears (:mod:`lit_cb.architectures`)."""
 
     method: str = "codebook"
     method_config: dict[str, Any] = field(default_factory=dict)
@@ -255,15 +255,16 @@ def salience_scores(
     Under torch.distributed ``windows`` is this rank's shard: the sums of x² (float64) and the
     token counts are all-reduced before scoring, so every rank scores the same global E[x_j²]
     and keeps the same layers dense (ranks that kept different layers would hang later)."""
-    layers = decoder_layers(model)
-    regex = re.compile(targets)
+    spec = spec_for(model)
+    layers = spec.decoder_layers(model)
+    regex = re.compile(spec.compression_targets(targets))
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     handles = []
     for i, block in enumerate(layers):
         for name, m in block.named_modules():
             if isinstance(m, nn.Linear) and regex.search(name):
-                full = f"model.layers.{i}.{name}"
+                full = f"{spec.block_prefix(i)}{name}"
 
                 def hook(_m, args, full=full):
                     x = args[0].reshape(-1, args[0].shape[-1]).double()
@@ -436,6 +437,11 @@ def compress_model(
     by up to 1.5e-5, and AQLM flips 7 of 36,864 codes (fp16 values differ by up to 4e-3).
     """
     t0 = time.perf_counter()
+    # The family's layout first: an unsupported model is refused before anything is written.
+    spec = spec_for(model)
+    layers = spec.decoder_layers(model)
+    targets = spec.compression_targets(config.targets)
+    check_attention_uniform(model.config, windows.shape[-1])
     device = torch.device(device) if device is not None else next(model.parameters()).device
     method_cfg = config.method_settings()
     finetune_cfg = config.finetune_settings()
@@ -450,7 +456,6 @@ def compress_model(
             stacklevel=2,
         )
     stage = _Stages(device)
-    layers = decoder_layers(model)
     model_device = next(model.parameters()).device
     # Every rank must see the same finished blocks, or they would take different branches below.
     D.check_same_on_all_ranks(
@@ -461,7 +466,7 @@ def compress_model(
     keep: set[str] = set()
     if config.keep_dense:
         model.to(device)
-        scores = salience_scores(model, windows, config.targets, device, config.forward_batch_size)
+        scores = salience_scores(model, windows, targets, device, config.forward_batch_size)
         keep = set(sorted(scores, key=lambda n: (-scores[n], n))[: config.keep_dense])
         D.check_same_on_all_ranks(sorted(keep), "the layers kept dense")
         report.kept_dense = sorted(keep)
@@ -469,8 +474,7 @@ def compress_model(
 
     # Embeddings (and rotary tables) on the working device to capture block-0 inputs.
     store = torch.device("cpu") if config.offload_activations else device
-    base = getattr(model, "model", model)
-    moved = [m for n, m in base.named_children() if n != "layers"]
+    moved = spec.present_input_modules(model)
     with stage("capture"):
         for m in moved:
             m.to(device)
@@ -484,7 +488,7 @@ def compress_model(
     bar = tqdm(total=len(layers), desc=f"compress ({config.method})", disable=not progress)
     for i, block in enumerate(layers):
         t_block = time.perf_counter()
-        prefix = f"model.layers.{i}."
+        prefix = spec.block_prefix(i)
         block.to(device)
         done = checkpoints.finished(i)
         if done is not None:
@@ -501,7 +505,7 @@ def compress_model(
 
         with stage("forward"):
             targets_float = forward(block) if finetune_cfg else None
-        remaining = _target_linears(block, config.targets, prefix, keep)
+        remaining = _target_linears(block, targets, prefix, keep)
         specs: dict[str, dict] = {}
         block_layers: list[LayerReport] = []
         while remaining:

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from lit_cb.architectures import FAMILIES
 from lit_cb.compress import CompressionConfig
 from lit_cb.data.datamodule import DataConfig
 from lit_cb.models import DTYPES, EMBEDDED_MODELS
@@ -28,10 +29,15 @@ class ModelConfig:
     name: str = "smollm2"
     dtype: str = "float32"
     requires_gpu: bool = False
+    # The model family (lit_cb.architectures.FAMILIES): checked against the weights' config.json
+    # before any work; required in configs whose model.name is a placeholder path.
+    architecture: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"model.dtype={self.dtype!r}; allowed: {sorted(DTYPES)}")
+        if self.architecture is not None and self.architecture not in FAMILIES:
+            raise ValueError(f"model.architecture={self.architecture!r}; allowed: {sorted(FAMILIES)}")
         if not self.name:
             raise ValueError(f"model.name must be a folder, a hub id or one of {sorted(EMBEDDED_MODELS)}")
 

