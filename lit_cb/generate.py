@@ -234,7 +234,7 @@ def generation_config(model, max_new_tokens: int, temperature: float, top_p: flo
     cfg.do_sample = temperature > 0
     cfg.temperature = temperature if temperature > 0 else None
     cfg.top_p = top_p if temperature > 0 else None
-    cfg.top_k = None
+    cfg.top_k = 0  # 0 disables top-k (None would mean transformers' default, 50): sampling is temperature + top-p
     if cfg.pad_token_id is None:
         cfg.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if compile_decode:
