@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # torch and transformers load after argument parsing, so --he
     import torch
 
 WARMUP_TOKENS = 3
+COMPILE_BACKENDS = ("inductor", "cudagraphs")
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -39,7 +40,7 @@ class GenerationStats:
     decode_tokens: int
     prefill_seconds: float
     decode_seconds: float
-    compiled: bool
+    compile_backend: str | None
 
     @property
     def prefill_tok_s(self) -> float:
@@ -51,7 +52,7 @@ class GenerationStats:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else float("nan")
 
     def summary(self) -> str:
-        mode = "static cache + torch.compile" if self.compiled else "eager"
+        mode = f"static cache + torch.compile ({self.compile_backend})" if self.compile_backend else "eager"
         return (
             f"prefill: {self.prompt_tokens} tokens in {self.prefill_seconds:.3f} s ({self.prefill_tok_s:.1f} tok/s); "
             f"decode: {self.decode_tokens} tokens in {self.decode_seconds:.3f} s ({self.decode_tok_s:.1f} tok/s) "
@@ -97,9 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--compile",
-        choices=("auto", "on", "off"),
+        choices=("auto", "off", *COMPILE_BACKENDS),
         default="auto",
-        help="static KV cache + torch.compile for decoding; auto = on for GPUs, off for CPUs",
+        help="static KV cache + torch.compile of the decode step: inductor (fused kernels + CUDA graphs, slower to "
+        "compile) or cudagraphs (CUDA graphs only, compiles in seconds); auto = inductor on a GPU, off on a CPU",
     )
     p.add_argument("--no-chat-template", action="store_true", help="tokenize the prompt as raw text")
     p.add_argument("--no-stream", action="store_true", help="print the reply at the end instead of streaming it")
@@ -220,8 +222,11 @@ class _StopAfter:
         return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.limit, device=input_ids.device)
 
 
-def generation_config(model, max_new_tokens: int, temperature: float, top_p: float, compile_decode: bool, tokenizer):
-    """The model's generation config with the command's decoding choices (greedy when temperature is 0)."""
+def generation_config(
+    model, max_new_tokens: int, temperature: float, top_p: float, compile_backend: str | None, tokenizer
+):
+    """The model's generation config with the command's decoding choices (greedy when temperature is 0)
+    and, with a ``compile_backend``, a static KV cache whose decode step transformers compiles."""
     import copy
 
     from transformers import GenerationConfig
@@ -234,15 +239,20 @@ def generation_config(model, max_new_tokens: int, temperature: float, top_p: flo
     cfg.do_sample = temperature > 0
     cfg.temperature = temperature if temperature > 0 else None
     cfg.top_p = top_p if temperature > 0 else None
-    cfg.top_k = 0  # 0 disables top-k (None would mean transformers' default, 50): sampling is temperature + top-p
+    cfg.top_k = 0 if temperature > 0 else None  # 0: no top-k (None would mean transformers' default, 50)
     if cfg.pad_token_id is None:
         cfg.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if compile_decode:
+    if compile_backend is not None:
         from transformers.generation.configuration_utils import CompileConfig
 
+        if compile_backend not in COMPILE_BACKENDS:
+            raise ValueError(f"compile backend {compile_backend!r}; allowed: {COMPILE_BACKENDS}")
         cfg.cache_implementation = "static"
-        cfg.compile_config = CompileConfig(fullgraph=True)
-        cfg.compile_config._compile_all_devices = model.device.type != "cuda"  # only when asked: --compile on
+        # fullgraph: a graph break is an error (caught by generate's warm-up), not a silent slowdown.
+        # "reduce-overhead" is inductor's CUDA-graph mode; the cudagraphs backend takes no mode.
+        mode = "reduce-overhead" if compile_backend == "inductor" else None
+        cfg.compile_config = CompileConfig(fullgraph=True, backend=compile_backend, mode=mode)
+        cfg.compile_config._compile_all_devices = model.device.type != "cuda"  # on a CPU only when asked for
         cfg.disable_compile = False
     else:
         cfg.cache_implementation = None
@@ -258,31 +268,32 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
-    compile_decode: bool = False,
+    compile_backend: str | None = None,
     stream: bool = False,
     warn=print,
 ) -> tuple[torch.Tensor, GenerationStats]:
-    """New token ids ``[B, N]`` and timings. With ``compile_decode`` a warm-up generation compiles the
+    """New token ids ``[B, N]`` and timings. With a ``compile_backend`` a warm-up generation compiles the
     decode step first; if that fails, ``warn`` is told why and generation runs eagerly."""
     import torch
 
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     attention_mask = torch.ones_like(input_ids)
-    if compile_decode:
+    if compile_backend is not None:
+        warmup_cfg = generation_config(model, max_new_tokens, temperature, top_p, compile_backend, tokenizer)
         try:
             torch.manual_seed(seed)
             with torch.inference_mode():
                 model.generate(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
-                    generation_config=generation_config(model, max_new_tokens, temperature, top_p, True, tokenizer),
+                    generation_config=warmup_cfg,
                     stopping_criteria=[_StopAfter(input_ids.shape[1], WARMUP_TOKENS)],
                 )
         except Exception as err:  # noqa: BLE001  any compile failure: say it and run eagerly
             warn(f"torch.compile of the decode step failed, running eagerly: {type(err).__name__}: {err}")
-            compile_decode = False
-    cfg = generation_config(model, max_new_tokens, temperature, top_p, compile_decode, tokenizer)
+            compile_backend = None
+    cfg = generation_config(model, max_new_tokens, temperature, top_p, compile_backend, tokenizer)
     clock = _Clock()
     torch.manual_seed(seed)
     with torch.inference_mode():
@@ -302,7 +313,7 @@ def generate(
         decode_tokens=max(0, new.shape[1] - 1) * new.shape[0],
         prefill_seconds=prefill,
         decode_seconds=decode,
-        compiled=compile_decode,
+        compile_backend=compile_backend,
     )
     return new, stats
 
@@ -322,7 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    compile_decode = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    if args.compile == "auto":
+        compile_backend = "inductor" if device.type == "cuda" else None
+    else:
+        compile_backend = None if args.compile == "off" else args.compile
     new, stats = generate(
         model,
         tokenizer,
@@ -331,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
-        compile_decode=compile_decode,
+        compile_backend=compile_backend,
         stream=not args.no_stream,
         warn=warn,
     )

@@ -168,6 +168,25 @@ def test_help_is_fast_and_imports_no_torch():
     assert "--temperature" in proc.stdout and "--max-new-tokens" in proc.stdout
 
 
+def test_compiled_static_cache_decoding_matches_eager(compressed_dir):
+    """The --compile path end to end on a CPU: transformers' static cache and a fullgraph torch.compile of
+    the decode step (cudagraphs backend; the graphs themselves need a GPU, the trace does not)."""
+    import torch._dynamo
+
+    model = AutoModelForCausalLM.from_pretrained(compressed_dir)
+    tokenizer = AutoTokenizer.from_pretrained(compressed_dir)
+    ids = encode_prompt(tokenizer, PROMPT)
+    eager, _ = generate(model, tokenizer, ids, max_new_tokens=8)
+    warnings = []
+    torch._dynamo.reset()
+    compiled, stats = generate(
+        model, tokenizer, ids, max_new_tokens=8, compile_backend="cudagraphs", warn=warnings.append
+    )
+    torch._dynamo.reset()
+    assert warnings == [] and stats.compile_backend == "cudagraphs"
+    assert torch.equal(compiled, eager)
+
+
 @pytest.mark.parametrize("tokens", [1, 5, 100])  # gemv, mm, dense
 def test_kernel_path_compiles_to_one_graph_without_breaks(tokens):
     """What CodebookLinear.forward runs on a GPU (select the kernel, call the custom op), traced by
