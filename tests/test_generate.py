@@ -213,3 +213,22 @@ def test_kernel_path_compiles_to_one_graph_without_breaks(tokens):
     torch._dynamo.reset()
     assert torch.equal(compiled, eager)
     torch.testing.assert_close(eager.float(), x.float() @ layer.dequantize().float().T, rtol=2e-2, atol=2e-2)
+
+
+def test_bench_generate_smoke_runs_and_writes_its_json(tmp_path):
+    """bench/generate.py --smoke (the H100 benchmark at tiny CPU shapes), as its own process."""
+    import json
+
+    out = tmp_path / "generate.json"
+    rows = "smollm2_fp16,smollm2_codebook,llama7b_1x8_g4"
+    cmd = [sys.executable, "bench/generate.py", "--smoke", "--rows", rows, "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert {"device", "versions", "date", "command"} <= set(result) and "transformers" in result["versions"]
+    assert list(result["rows"]) == rows.split(",")
+    for name, row in result["rows"].items():
+        assert "error" not in row, (name, row)
+        assert [r["batch"] for r in row["results"]] == [1, 2]
+        for r in row["results"]:
+            assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["new_tokens"] == 6
