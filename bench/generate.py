@@ -13,9 +13,15 @@ Rows (``--rows``, default all but the optional AQLM export):
   folders (pipeline outputs' ``model/``), and are loaded back with ``from_pretrained`` as users load them;
 * ``smollm2_aqlm_export`` (only with ``--aqlm-export``): the AQLM model exported to the official AQLM
   format (``lit_cb.interop.aqlm.export_aqlm``) and loaded by stock transformers + the ``aqlm`` package;
-* ``llama7b_fp16``, ``llama7b_2x8_g8``, ``llama7b_1x8_g4``: a LLaMA-7B-shaped ``LlamaForCausalLM`` built
-  from a config, its seven projections per block swapped for ``CodebookLinear`` layers with random codes
-  (``bench/decode_7b.py``'s factory; no calibration), embedding and lm_head fp16.
+* ``llama7b_fp16``, ``llama7b_nf4``, ``llama7b_2x8_g8``, ``llama7b_1x8_g4``: a LLaMA-7B-shaped
+  ``LlamaForCausalLM`` built from a config, its seven projections per block swapped for ``CodebookLinear``
+  layers with random codes (``bench/decode_7b.py``'s factory; no calibration) or for decode_7b's NF4
+  layers, embedding and lm_head fp16.
+
+transformers does not compile models it quantized with bitsandbytes or aqlm (``is_compileable`` is False
+for them), so ``smollm2_nf4`` and ``smollm2_aqlm_export`` decode eagerly (launch-bound at batch 1; each
+row records the ``compile_backend`` it actually ran with); ``llama7b_nf4`` holds its NF4 layers itself,
+so it goes through the same compile as the other 7B rows.
 
 Each row runs batch 1 and 16 (``--batches``) with a ``--prompt-tokens`` prompt (real text for SmolLM2,
 random ids for the 7B shape) and exactly ``--new-tokens`` new tokens (end of sequence ignored): one
@@ -47,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 SMOLLM2_ROWS = ("smollm2_fp16", "smollm2_nf4", "smollm2_codebook", "smollm2_aqlm")
-LLAMA7B_ROWS = {"llama7b_fp16": None, "llama7b_2x8_g8": "2x8_g8", "llama7b_1x8_g4": "1x8_g4"}
+LLAMA7B_ROWS = {"llama7b_fp16": None, "llama7b_nf4": "nf4", "llama7b_2x8_g8": "2x8_g8", "llama7b_1x8_g4": "1x8_g4"}
 QUICK = {
     "codebook": {"in_group_size": 4, "nbits": 8, "kmeans_iters": 10},
     "aqlm": {  # configs/smollm2_aqlm.yaml's CPU-sized settings
@@ -178,7 +184,8 @@ def load_nf4(source: str, device: torch.device):
 
 def llama7b_shaped(fmt: str | None, device: torch.device, smoke: bool):
     """A LLaMA-7B-shaped LlamaForCausalLM (smoke: 2 blocks of width 64) with random weights, its block
-    projections swapped for random ``CodebookLinear`` layers of ``fmt`` (None: fp16 linears)."""
+    projections swapped for random ``CodebookLinear`` layers of ``fmt`` (``nf4``: bitsandbytes NF4 layers;
+    None: fp16 linears)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     d7 = _load_by_path("decode_7b")
@@ -198,7 +205,7 @@ def llama7b_shaped(fmt: str | None, device: torch.device, smoke: bool):
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float16)
         if fmt is not None:
-            make = d7.codebook_linear_factory(*d7.FORMATS[fmt], device=str(device))
+            make = d7.NF4Linear if fmt == "nf4" else d7.codebook_linear_factory(*d7.FORMATS[fmt], device=str(device))
             for layer in model.model.layers:
                 for parent, names in (
                     (layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
@@ -249,7 +256,7 @@ def main() -> None:
     if args.smoke:
         device, batches, new_tokens, prompt_tokens = torch.device("cpu"), [1, 2], 6, 16
         backend = None if args.compile_backend in (None, "off") else args.compile_backend
-        rows = [r for r in rows if r not in ("smollm2_nf4", "smollm2_aqlm_export")]  # bitsandbytes/aqlm: GPU only
+        rows = [r for r in rows if r not in ("smollm2_nf4", "llama7b_nf4", "smollm2_aqlm_export")]  # GPU only
         torch.set_num_threads(1)
     else:
         if not torch.cuda.is_available():

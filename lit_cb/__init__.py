@@ -30,15 +30,16 @@ class _RegisterWhenTransformersLoadsQuantizers(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
         if fullname != _QUANTIZER_REGISTRY:
             return None
-        sys.meta_path.remove(self)
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
-            return spec
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return None  # let the other finders try; nothing to wrap
         loader = spec.loader
         exec_module = loader.exec_module
 
         def exec_then_register(module):
             exec_module(module)
+            if self in sys.meta_path:  # not earlier: the import system may be iterating sys.meta_path
+                sys.meta_path.remove(self)
             _register_quantizer()
 
         loader.exec_module = exec_then_register

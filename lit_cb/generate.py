@@ -282,6 +282,13 @@ def generate(
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     attention_mask = torch.ones_like(input_ids)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if compile_backend is not None and quantizer is not None and not quantizer.is_compileable:
+        method = quantizer.quantization_config.quant_method
+        warn(
+            f"transformers does not compile models quantized with {getattr(method, 'value', method)}; decoding eagerly"
+        )
+        compile_backend = None
     if compile_backend is not None:
         warmup_cfg = generation_config(model, max_new_tokens, temperature, top_p, compile_backend, tokenizer)
         try:
