@@ -198,7 +198,9 @@ def test_kernel_path_compiles_to_one_graph_without_breaks(tokens):
     layer.codes.copy_(torch.randint(0, 256, layer.codes.shape, generator=torch.Generator().manual_seed(0)))
     layer.codebooks.data.normal_(0, 0.1)
 
-    def kernel_path(x):
+    def kernel_path(x):  # CodebookLinear.forward's GPU branch, import included (CPU tensors never take it)
+        from lit_cb.kernels import dispatch
+
         kernel = dispatch.select_kernel(layer.fmt, x)
         return kernel(x, layer.codes, layer.codebooks, layer.scales, layer.bias, layer.fmt)
 
