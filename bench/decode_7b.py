@@ -115,13 +115,13 @@ class NF4Linear(nn.Module):
         return bnb.matmul_4bit(x, self.qweight.t(), quant_state=self.state)
 
 
-def codebook_linear_factory(m: int, b: int, g: int):
+def codebook_linear_factory(m: int, b: int, g: int, device: str = "cuda"):
     from lit_cb.layers import CodebookFormat, CodebookLinear
 
     def make(i: int, o: int) -> nn.Module:
         fmt = CodebookFormat(in_features=i, out_features=o, in_group_size=g, num_codebooks=m, nbits_per_codebook=b)
-        layer = CodebookLinear(fmt, device="cuda")
-        layer.codes.copy_(torch.randint(0, 2**b, layer.codes.shape, device="cuda").to(layer.codes.dtype))
+        layer = CodebookLinear(fmt, device=device)
+        layer.codes.copy_(torch.randint(0, 2**b, layer.codes.shape, device=device).to(layer.codes.dtype))
         layer.codebooks.data.normal_(0, 1 / math.sqrt(i * m))
         layer.scales.data.uniform_(0.5, 1.5)
         return layer

@@ -1,9 +1,11 @@
 """Saving and loading compressed models: safetensors tensors plus JSON, never pickle.
 
-A run directory holds ``config.json`` (the Hugging Face model config), ``compression.json``
-(one spec per replaced module, so the structure can be rebuilt before the tensors are loaded),
-``model.safetensors`` and the tokenizer files. Compressed module classes register a builder
-here (``type`` name -> class with ``from_spec``), so the loader needs no knowledge of methods.
+A model folder is a standard Hugging Face folder whose ``config.json`` carries
+``quantization_config: {"quant_method": "lit_cb", "modules": {name: spec}}`` (one spec per replaced
+module, so the structure can be rebuilt before the tensors are loaded; :mod:`lit_cb.hf_quantizer`),
+plus ``model.safetensors``, the tokenizer files and ``compression.json`` (how the model was made).
+Compressed module classes register a builder here (``type`` name -> callable from spec), so the
+loader needs no knowledge of methods.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lit_cb.layers import CodebookFormat, CodebookLinear
@@ -25,6 +26,8 @@ def _build_codebook_linear(spec: dict) -> CodebookLinear:
         layer.init_low_rank(spec["low_rank"])
     return layer
 
+
+RUN_INFO = "compression.json"  # how the model was made (run config, perplexities); not needed to load it
 
 _BUILDERS: dict[str, Callable[[dict], nn.Module]] = {"CodebookLinear": _build_codebook_linear}
 
@@ -53,6 +56,7 @@ def module_spec(module: nn.Module) -> dict:
 
 
 def build_module(spec: dict) -> nn.Module:
+    """An empty module (tensors zero, shapes right) of the type and shape ``spec`` describes."""
     kind = spec.get("type")
     if kind not in _BUILDERS:
         from lit_cb.quant import registry
@@ -60,7 +64,10 @@ def build_module(spec: dict) -> nn.Module:
         registry.method_names()  # importing the method modules registers their module types
     if kind not in _BUILDERS:
         raise ValueError(f"unknown compressed module type {kind!r}; known: {sorted(_BUILDERS)}")
-    return _BUILDERS[kind](spec)
+    try:
+        return _BUILDERS[kind](spec)
+    except (KeyError, TypeError) as err:  # a spec missing fields or with wrong ones (ValueError passes through)
+        raise ValueError(f"malformed {kind} spec {spec!r}: {err!r}") from err
 
 
 def compressed_specs(model: nn.Module) -> dict[str, dict]:
@@ -72,50 +79,96 @@ def compressed_specs(model: nn.Module) -> dict[str, dict]:
 
 
 def save_compressed(model: nn.Module, directory: str | Path, tokenizer=None, extra: dict | None = None) -> Path:
-    """Write the model (compressed modules included) to ``directory``; returns it."""
+    """Write ``model`` as a lit_cb Hugging Face folder (``save_pretrained`` with ``quant_method: "lit_cb"``,
+    see :mod:`lit_cb.hf_quantizer`) plus ``compression.json`` holding ``extra`` (how the model was made:
+    run config, perplexities); returns the folder."""
+    from lit_cb.hf_quantizer import attached
+
     out = Path(directory)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"cannot save a model to {out}: it is a file")
     out.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
-    # safetensors refuses aliased tensors: keep one name per storage (tied embeddings).
-    seen: dict[int, str] = {}
-    tensors: dict[str, torch.Tensor] = {}
-    tied: dict[str, str] = {}
-    for name, t in state.items():
-        key = t.data_ptr() if t.numel() else id(t)
-        if key in seen and t.numel():
-            tied[name] = seen[key]
-            continue
-        seen[key] = name
-        tensors[name] = t.detach().cpu().contiguous()
-    save_file(tensors, str(out / "model.safetensors"))
-    model.config.to_json_file(str(out / "config.json"))
-    meta = {"modules": compressed_specs(model), "tied": tied, **(extra or {})}
-    (out / "compression.json").write_text(json.dumps(meta, indent=1))
+    with attached(model):
+        model.save_pretrained(out)
+    (out / RUN_INFO).write_text(json.dumps(extra or {}, indent=1, default=str))
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
 
 
+def read_quantization_config(directory: str | Path) -> dict | None:
+    """``quantization_config`` of a model folder's config.json (None for a float model), with clear
+    errors for a missing or unreadable config."""
+    src = Path(directory)
+    if not src.is_dir():
+        raise FileNotFoundError(f"model folder {src} does not exist")
+    path = src / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{src} is not a Hugging Face model folder: config.json is missing")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a {type(config).__name__}, not a JSON object")
+    qc = config.get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        raise ValueError(f"{path}: quantization_config must be an object, got {qc!r}")
+    return qc
+
+
 def load_compressed(directory: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild a model written by :func:`save_compressed`; returns ``(model, tokenizer|None, meta)``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """Load a lit_cb folder; returns ``(model, tokenizer|None, meta)`` where ``meta`` is
+    ``{"modules": specs, **compression.json}``.
+
+    A thin wrapper over ``AutoModelForCausalLM.from_pretrained`` (the lit_cb quantizer does the work);
+    folders written before the format became a transformers quantization method (specs in
+    compression.json, config.json without quantization_config) still load.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lit_cb.hf_quantizer import QUANT_METHOD, register
 
     src = Path(directory)
-    for required in ("config.json", "compression.json", "model.safetensors"):
-        if not (src / required).is_file():
-            raise FileNotFoundError(f"{src} is not a lit_cb model directory: {required} is missing")
-    meta = json.loads((src / "compression.json").read_text())
-    config = AutoConfig.from_pretrained(src)
-    model = AutoModelForCausalLM.from_config(config)
-    for name, spec in meta["modules"].items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, build_module(spec))
+    qc = read_quantization_config(src)
+    info = json.loads((src / RUN_INFO).read_text()) if (src / RUN_INFO).is_file() else {}
+    if qc is None and "modules" in info:
+        model, meta = _load_legacy(src, info), info
+    elif qc is None:
+        raise ValueError(
+            f"{src} holds a float model (config.json has no quantization_config), not a lit_cb model; "
+            "load it with lit_cb.models.load_model or transformers"
+        )
+    elif qc.get("quant_method") != QUANT_METHOD:
+        raise ValueError(
+            f"{src} is quantized with quant_method={qc.get('quant_method')!r}; lit_cb loads {QUANT_METHOD!r} "
+            "folders only (load others with transformers and their own package)"
+        )
+    else:
+        register()
+        model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+        meta = {**info, "modules": model.config.quantization_config.modules}
+    model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(src) if (src / "tokenizer_config.json").is_file() else None
+    return model, tokenizer, meta
+
+
+def _load_legacy(src: Path, meta: dict) -> nn.Module:
+    """The pre-quantizer layout: specs and tied names in compression.json, config.json without
+    quantization_config (which stock transformers loaded with random weights: re-save such folders)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lit_cb.hf_quantizer import swap_in_compressed_modules
+
+    if not (src / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{src} is not a lit_cb model directory: model.safetensors is missing")
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src))
+    swap_in_compressed_modules(model, meta["modules"])
     tensors = load_file(str(src / "model.safetensors"))
     for name, source in meta.get("tied", {}).items():
         tensors[name] = tensors[source]
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected or missing:
         raise ValueError(f"{src}: state does not match the rebuilt model (missing {missing}, unexpected {unexpected})")
-    model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(src) if (src / "tokenizer_config.json").is_file() else None
-    return model, tokenizer, meta
+    return model

@@ -215,15 +215,16 @@ class GroupQuantLinear(nn.Module):
         in_f, out_f = spec["in_features"], spec["out_features"]
         n_groups = in_f // resolve_group_size(spec["group_size"], in_f)
         bias_dtype = spec.get("bias_dtype")
-        return cls(
-            torch.zeros(out_f, in_f, dtype=torch.uint8),
-            torch.ones(out_f, n_groups),
-            torch.zeros(out_f, n_groups),
-            spec["bits"],
-            spec["group_size"],
-            bias=None if bias_dtype is None else torch.zeros(out_f, dtype=getattr(torch, bias_dtype)),
-            g_idx=torch.zeros(in_f, dtype=torch.int32) if spec.get("g_idx") else None,
-        )
+        with torch.device("cpu"):  # the constructor checks values, which it cannot on the meta device
+            return cls(
+                torch.zeros(out_f, in_f, dtype=torch.uint8),
+                torch.ones(out_f, n_groups),
+                torch.zeros(out_f, n_groups),
+                spec["bits"],
+                spec["group_size"],
+                bias=None if bias_dtype is None else torch.zeros(out_f, dtype=getattr(torch, bias_dtype)),
+                g_idx=torch.zeros(in_f, dtype=torch.int32) if spec.get("g_idx") else None,
+            )
 
     def extra_repr(self) -> str:
         return (
