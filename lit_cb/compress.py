@@ -438,9 +438,9 @@ def compress_model(
     """
     t0 = time.perf_counter()
     # The family's layout first: an unsupported model is refused before anything is written.
-    spec = spec_for(model)
-    layers = spec.decoder_layers(model)
-    targets = spec.compression_targets(config.targets)
+    arch = spec_for(model)
+    layers = arch.decoder_layers(model)
+    targets = arch.compression_targets(config.targets)
     check_attention_uniform(model.config, windows.shape[-1])
     device = torch.device(device) if device is not None else next(model.parameters()).device
     method_cfg = config.method_settings()
@@ -474,7 +474,7 @@ def compress_model(
 
     # Embeddings (and rotary tables) on the working device to capture block-0 inputs.
     store = torch.device("cpu") if config.offload_activations else device
-    moved = spec.present_input_modules(model)
+    moved = arch.present_input_modules(model)
     with stage("capture"):
         for m in moved:
             m.to(device)
@@ -488,7 +488,7 @@ def compress_model(
     bar = tqdm(total=len(layers), desc=f"compress ({config.method})", disable=not progress)
     for i, block in enumerate(layers):
         t_block = time.perf_counter()
-        prefix = spec.block_prefix(i)
+        prefix = arch.block_prefix(i)
         block.to(device)
         done = checkpoints.finished(i)
         if done is not None:
