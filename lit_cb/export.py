@@ -56,7 +56,8 @@ def export(model_dir: str | Path, fmt: str, out_dir: str | Path) -> Path:
     kind = _input_kind(src)
     check_new_output_dir(out_dir)
     if kind == fmt:
-        raise ValueError(f"{src} is already a {kind} folder; nothing to convert (--format {fmt})")
+        what = "an AQLM" if kind == "aqlm" else "a lit_cb"
+        raise ValueError(f"{src} is already {what} folder (--format {fmt}); nothing to convert")
     if fmt == "aqlm":
         return export_aqlm(src, out_dir)
     return import_to_lit_cb(src, out_dir)
