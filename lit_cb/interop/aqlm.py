@@ -31,8 +31,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lit_cb.interop.outdir import new_output_dir
+from lit_cb.interop.outdir import check_new_output_dir, new_output_dir
 from lit_cb.layers import CodebookFormat, CodebookLinear, pack_codes, unpack_codes
+from lit_cb.serialization import load_compressed, save_compressed
 
 FORMAT_FIELDS = ("in_group_size", "out_group_size", "num_codebooks", "nbits_per_codebook")
 QUANT_METHOD = "aqlm"
@@ -143,16 +144,15 @@ def aqlm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         f"{name}.codes": m.fmt.nbits_per_codebook for name, m in model.named_modules() if isinstance(m, CodebookLinear)
     }
     out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
+    seen: set[tuple] = set()
     for key, t in model.state_dict().items():
+        alias = (t.device, t.data_ptr(), tuple(t.shape), t.dtype) if t.numel() else None  # before .cpu() copies
         t = t.detach().cpu()
-        ptr = t.untyped_storage().data_ptr() if t.numel() else None
-        if ptr is not None and ptr in seen:
+        if alias is not None and alias in seen:
             if tied:
                 continue
             t = t.clone()
-        if ptr is not None:
-            seen.add(ptr)
+        seen.add(alias)
         out[key] = codes_to_aqlm(t, nbits[key]) if key in nbits else t.contiguous()
     return out
 
@@ -175,9 +175,6 @@ def save_aqlm(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
 
 def export_aqlm(model_dir: str | Path, out_dir: str | Path) -> Path:
     """Convert the lit_cb model folder ``model_dir`` into the AQLM folder ``out_dir`` (new or empty)."""
-    from lit_cb.interop.outdir import check_new_output_dir
-    from lit_cb.serialization import load_compressed
-
     check_new_output_dir(out_dir)  # refuse before loading anything
     model, tokenizer, _ = load_compressed(model_dir)
     return save_aqlm(model, out_dir, tokenizer)
@@ -294,9 +291,9 @@ def import_aqlm(aqlm_dir: str | Path):
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
-    if missing:
-        model.tie_weights()  # assign=True replaced the embedding; point the tied head at it again
-        missing = [k for k in missing if not _aliases_loaded(model, k, tensors)]
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()  # assign=True replaced the embedding: tie the head to it again, as transformers does
+    missing = [k for k in missing if not _aliases_loaded(model, k, tensors)]
     if missing or unexpected:
         raise AQLMFormatError(
             f"{src}: checkpoint does not match the architecture (missing {missing}, unexpected {unexpected})"
@@ -315,9 +312,6 @@ def _aliases_loaded(model: nn.Module, key: str, tensors: dict[str, torch.Tensor]
 
 def import_to_lit_cb(aqlm_dir: str | Path, out_dir: str | Path) -> Path:
     """Convert the AQLM folder ``aqlm_dir`` into the lit_cb model folder ``out_dir`` (new or empty)."""
-    from lit_cb.interop.outdir import check_new_output_dir
-    from lit_cb.serialization import save_compressed
-
     check_new_output_dir(out_dir)
     quant = read_aqlm_quantization_config(aqlm_dir)
     model, tokenizer = import_aqlm(aqlm_dir)
