@@ -1,6 +1,6 @@
 """``lit_cb export <model dir> --format {aqlm,lit_cb} --out DIR``: convert between model folders.
 
-* a lit_cb folder (``compression.json``) ``--format aqlm``: the folder stock transformers loads
+* a lit_cb model folder ``--format aqlm``: the folder stock transformers loads
   with the ``aqlm`` package (see :mod:`lit_cb.interop.aqlm`); refused, naming the layer, when
   AQLM cannot express the model (merged low-rank slot, RTN/GPTQ layers, mixed formats, ...);
 * an AQLM folder (``quantization_config.quant_method == "aqlm"``) ``--format lit_cb``: a lit_cb
@@ -29,37 +29,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _input_kind(src: Path) -> str:
-    """``"aqlm"`` or ``"lit_cb"``; raises naming the folder if it is neither."""
-    from lit_cb.interop.aqlm import is_aqlm_dir
-
-    if not src.is_dir():
-        raise FileNotFoundError(f"model dir {src} is not an existing folder")
-    if is_aqlm_dir(src):
-        return "aqlm"
-    if (src / "compression.json").is_file():
-        return "lit_cb"
-    raise ValueError(
-        f"{src} is neither a lit_cb model folder (compression.json) nor an AQLM folder "
-        "(config.json with quantization_config.quant_method 'aqlm')"
-    )
-
-
 def export(model_dir: str | Path, fmt: str, out_dir: str | Path) -> Path:
-    """Convert ``model_dir`` to ``fmt`` in ``out_dir``; everything is checked before any work."""
-    from lit_cb.interop.aqlm import export_aqlm, import_to_lit_cb
+    """Convert ``model_dir`` to ``fmt`` in ``out_dir``; everything is checked before any work.
+
+    The input kind is told by AQLM's marker (``quantization_config.quant_method == "aqlm"``); any
+    other folder is handed to :func:`lit_cb.serialization.load_compressed`, which names what a
+    lit_cb folder lacks, so this stays right whatever that folder's layout becomes."""
+    from lit_cb.interop.aqlm import export_aqlm, import_to_lit_cb, is_aqlm_dir
     from lit_cb.interop.outdir import check_new_output_dir
 
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} is not allowed; use one of {list(FORMATS)}")
     src = Path(model_dir)
-    kind = _input_kind(src)
+    if not src.is_dir():
+        raise FileNotFoundError(f"model dir {src} is not an existing folder")
     check_new_output_dir(out_dir)
-    if kind == fmt:
-        what = "an AQLM" if kind == "aqlm" else "a lit_cb"
-        raise ValueError(f"{src} is already {what} folder (--format {fmt}); nothing to convert")
+    aqlm_input = is_aqlm_dir(src)
     if fmt == "aqlm":
+        if aqlm_input:
+            raise ValueError(f"{src} is already an AQLM folder (--format aqlm); nothing to convert")
         return export_aqlm(src, out_dir)
+    if not aqlm_input:
+        raise ValueError(
+            f"{src} is not an AQLM folder (config.json with quantization_config.quant_method 'aqlm'); "
+            "--format lit_cb converts AQLM folders into lit_cb folders"
+        )
     return import_to_lit_cb(src, out_dir)
 
 

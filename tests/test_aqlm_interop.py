@@ -314,7 +314,7 @@ def test_nonempty_out_is_refused_and_left_alone(tmp_path, capsys):
 def test_cli_refuses_bad_inputs(tmp_path, capsys):
     save_compressed(_codebook_model(1, 8), tmp_path / "lit")
     assert export_cli.main([str(tmp_path / "lit"), "--format", "lit_cb", "--out", str(tmp_path / "x")]) == 1
-    assert "already a lit_cb folder" in capsys.readouterr().err
+    assert "is not an AQLM folder" in capsys.readouterr().err
     assert export_cli.main([str(tmp_path / "nowhere"), "--format", "aqlm", "--out", str(tmp_path / "x")]) == 1
     assert "nowhere" in capsys.readouterr().err
     with pytest.raises(SystemExit):
