@@ -1,0 +1,1 @@
+"""Conversion between lit_cb model folders and other published quantization formats (AQLM)."""
