@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from lit_cb.fingerprint import check_same, flatten
 from lit_cb.hessian import HESSIAN_DTYPES, attach_hessian_hooks, remove_hooks
 from lit_cb.models import decoder_layers
 from lit_cb.quant import registry
@@ -222,21 +223,37 @@ class BlockCheckpoints:
     modules, and the norm weights and biases that block fine-tuning changed) and ``progress.json``
     (specs, reports, and the config they were made with)."""
 
-    def __init__(self, directory: str | Path | None, config: CompressionConfig) -> None:
+    def __init__(
+        self, directory: str | Path | None, config: CompressionConfig, fingerprint: dict | None = None
+    ) -> None:
         self.dir = Path(directory) if directory else None
         self.config = config.to_dict()
-        self.progress: dict = {"config": self.config, "blocks": {}}
+        # What the blocks were made from (model, calibration data, lit_cb version; see
+        # lit_cb.fingerprint.compression_scope): blocks of another model of the same shape must
+        # not be restored.
+        self.progress: dict = {"config": self.config, "fingerprint": fingerprint, "blocks": {}}
         if self.dir is not None:
-            self.dir.mkdir(parents=True, exist_ok=True)
             path = self.dir / "progress.json"
             if path.is_file():
                 stored = json.loads(path.read_text())
+                check_same(
+                    stored.get("fingerprint"),
+                    fingerprint,
+                    f"the finished blocks in {self.dir}",
+                    "Use another resume directory (run_name/output_dir), or overwrite=true to move the old run aside.",
+                )
                 if stored.get("config") != self.config:
+                    changed = sorted(
+                        k
+                        for k in set(flatten(stored.get("config"))) | set(flatten(self.config))
+                        if flatten(stored.get("config")).get(k) != flatten(self.config).get(k)
+                    )
                     raise ValueError(
-                        f"{path} was written with a different compression config; use another resume "
-                        "directory or delete it to start over"
+                        f"{path} was written with a different compression config (changed: {changed}); use "
+                        "another resume directory or delete it to start over"
                     )
                 self.progress = stored
+            self.dir.mkdir(parents=True, exist_ok=True)
 
     def finished(self, index: int) -> dict | None:
         return self.progress["blocks"].get(str(index))
@@ -270,19 +287,21 @@ def compress_model(
     device: str | torch.device | None = None,
     resume_dir: str | Path | None = None,
     progress: bool = True,
+    fingerprint: dict | None = None,
 ) -> CompressionReport:
     """Compress the target linears of every block of ``model`` in place, in order.
 
     ``windows`` ``[n, seq]`` are this rank's calibration token windows. Under torch.distributed
     each rank passes its own shard; Hessians are all-reduced and rank 0's compressed tensors are
-    broadcast, so all ranks end with the same model.
+    broadcast, so all ranks end with the same model. ``fingerprint`` (what the blocks are made
+    from) is stored with the finished blocks; resuming blocks of another fingerprint refuses.
     """
     t0 = time.perf_counter()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     method_cfg = config.method_settings()
     finetune_cfg = config.finetune_settings()
     hdtype = HESSIAN_DTYPES[config.hessian_dtype]
-    checkpoints = BlockCheckpoints(resume_dir, config)
+    checkpoints = BlockCheckpoints(resume_dir, config, fingerprint)
     report = CompressionReport()
     layers = decoder_layers(model)
     model_device = next(model.parameters()).device

@@ -16,14 +16,19 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_cb.callbacks import CompressionCallback
+from lit_cb.callbacks import CompressionCallback, CrashCheckpoint
 from lit_cb.compress import bits_per_weight
 from lit_cb.config import RunConfig, save_config
 from lit_cb.data import CompressionDataModule
 from lit_cb.evaluate import perplexity
+from lit_cb.fingerprint import check_same, compression_scope, run_fingerprint
+from lit_cb.integrity import atomic_write_text, load_checkpoint
 from lit_cb.models import load_model
+from lit_cb.preflight import check_model, check_text_sources
 from lit_cb.recovery import RecoveryModule
 from lit_cb.serialization import save_compressed
+
+FINGERPRINT_FILE = "fingerprint.json"
 
 
 def _device(cfg: RunConfig) -> torch.device:
@@ -58,26 +63,98 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _run_dir_state(cfg: RunConfig) -> dict | None:
+    """Read-only look at ``run_dir`` before anything is loaded: refuses a non-empty folder that
+    resume=false would overwrite, and returns the stored fingerprint of a run to resume (None for
+    a fresh run)."""
+    run_dir = cfg.run_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run folder {run_dir} (output_dir/run_name) exists and is not a folder")
+    if not run_dir.is_dir() or not any(run_dir.iterdir()) or cfg.overwrite:
+        return None
+    if not cfg.resume:
+        raise ValueError(
+            f"run folder {run_dir} already holds a run and resume=false would overwrite it. Resume it with "
+            "resume=true, choose another run_name or output_dir, or set overwrite=true to move the old folder "
+            f"aside (to {run_dir}.replaced-<time>) and start over."
+        )
+    path = run_dir / FINGERPRINT_FILE
+    if not path.is_file():
+        raise ValueError(
+            f"run folder {run_dir} holds files but no {FINGERPRINT_FILE}, so what made them is unknown (an older "
+            "lit_cb, or another program) and resuming could mix two runs. Choose another run_name or output_dir, "
+            "or set overwrite=true to move the old folder aside and start over."
+        )
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path} is corrupt ({err}); use another run_name or overwrite=true") from err
+
+
+_START_FRESH = (
+    "To start fresh: choose another run_name or output_dir, or set overwrite=true (the old run folder is moved "
+    "aside, not deleted). To continue this run, use the config, model and data it was made with."
+)
+
+
+def _move_aside(run_dir) -> None:
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}")
+    run_dir.rename(target)
+    rank_zero_info(f"overwrite=true: the previous run folder was moved to {target}")
+
+
 def run(cfg: RunConfig) -> dict:
-    """Run the whole pipeline; returns (and writes to ``run_dir/metrics.json``) the metrics."""
+    """Run the whole pipeline; returns (and writes to ``run_dir/metrics.json``) the metrics.
+
+    Everything that can be checked is checked before anything in ``run_dir`` is written: the run
+    folder's state, the text files, the model's layers and weights against the compression
+    config, and the fingerprints of saved progress (see :mod:`lit_cb.fingerprint`)."""
     if cfg.model.requires_gpu and not torch.cuda.is_available():
         raise RuntimeError(
             f"recipe {cfg.run_name!r} needs a GPU (model {cfg.model.name}); none is visible. "
             "Use the smollm2 recipes on a CPU machine."
         )
+    stored_fingerprint = _run_dir_state(cfg)
+    check_text_sources(cfg.data)
     L.seed_everything(cfg.seed, workers=True)
     if cfg.trainer.deterministic:
         use_deterministic_kernels()
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "run_config.yaml")
     device = _device(cfg)
     metrics: dict = {"run_name": cfg.run_name, "method": cfg.compression.method, "stages": {}}
 
     t = time.perf_counter()
     model, tokenizer = load_model(cfg.model.name, cfg.model.dtype)
+    check_model(model, cfg.compression)
     dm = CompressionDataModule(tokenizer, cfg.data)
+    # Build every window now: too few tokens fails here, not after compression.
+    dm.calibration_windows()
+    dm.setup("fit")
+    dm.test_windows()
     metrics["stages"]["load"] = {"seconds": time.perf_counter() - t}
+
+    fingerprint = run_fingerprint(cfg, model)
+    check_same(stored_fingerprint, fingerprint, f"the run in {run_dir}", _START_FRESH)
+    ckpt_dir = run_dir / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    ckpt_path = str(last) if stored_fingerprint is not None and last.is_file() else None
+    if ckpt_path:
+        state = load_checkpoint(last).get("callbacks", {}).get("CompressionCallback", {})
+        check_same(state.get("fingerprint"), fingerprint, f"the checkpoint {last}", _START_FRESH)
+    progress = run_dir / "blocks" / "progress.json"
+    if stored_fingerprint is not None and progress.is_file():
+        stored_blocks = json.loads(progress.read_text()).get("fingerprint")
+        check_same(
+            stored_blocks, compression_scope(fingerprint), f"the finished blocks in {progress.parent}", _START_FRESH
+        )
+
+    # Validation passed: from here on the run folder is written.
+    if cfg.overwrite and run_dir.is_dir() and any(run_dir.iterdir()):
+        _move_aside(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "run_config.yaml")
+    atomic_write_text(run_dir / FINGERPRINT_FILE, json.dumps(fingerprint, indent=1))
 
     ppl = metrics.setdefault("wikitext2_ppl", {})
     if cfg.eval.float_model:
@@ -89,14 +166,12 @@ def run(cfg: RunConfig) -> dict:
         rank_zero_info(f"float perplexity: {ppl['float']:.3f}")
 
     teacher = copy.deepcopy(model) if cfg.recovery.distill_alpha > 0 else None
-    ckpt_dir = run_dir / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
-    ckpt_path = str(last) if cfg.resume and last.is_file() else None
     compression = CompressionCallback(
         cfg.compression,
-        resume_dir=run_dir / "blocks" if cfg.resume else None,
+        resume_dir=run_dir / "blocks",
         eval_fn=make_eval_fn(cfg, dm, device, "compressed ppl") if cfg.eval.compressed else None,
         ckpt_path=ckpt_path,
+        fingerprint=fingerprint,
     )
     module = RecoveryModule(model, cfg.recovery, teacher=teacher)
     checkpoint = ModelCheckpoint(
@@ -114,16 +189,18 @@ def run(cfg: RunConfig) -> dict:
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
         gradient_clip_val=cfg.recovery.grad_clip or None,
-        callbacks=[compression, checkpoint],
+        callbacks=[compression, checkpoint, CrashCheckpoint(ckpt_dir, filename="last")],
         deterministic="warn" if cfg.trainer.deterministic else None,
         logger=CSVLogger(run_dir, name="logs"),
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        # The datamodule's resumable sampler shards by rank itself (see EpochShuffleSampler).
+        use_distributed_sampler=False,
     )
     t = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
     fit_seconds = time.perf_counter() - t
     metrics["stages"]["compress"] = {
         "seconds": compression.metrics.get("compress_seconds"),
@@ -158,7 +235,7 @@ def run(cfg: RunConfig) -> dict:
         final.cpu(),
         run_dir / "model",
         tokenizer,
-        extra={"run_config": cfg.to_dict(), "wikitext2_ppl": ppl},
+        extra={"run_config": cfg.to_dict(), "wikitext2_ppl": ppl, "fingerprint": fingerprint},
     )
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
     _print_summary(metrics)

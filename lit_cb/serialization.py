@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lit_cb.integrity import check_values, verify_model_dir, write_manifest
 from lit_cb.layers import CodebookFormat, CodebookLinear
 
 
@@ -93,6 +94,7 @@ def save_compressed(model: nn.Module, directory: str | Path, tokenizer=None, ext
     (out / "compression.json").write_text(json.dumps(meta, indent=1))
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    write_manifest(out)  # last: sha256 of every file and tensor, verified by load_compressed
     return out
 
 
@@ -104,6 +106,7 @@ def load_compressed(directory: str | Path, device: str | torch.device = "cpu"):
     for required in ("config.json", "compression.json", "model.safetensors"):
         if not (src / required).is_file():
             raise FileNotFoundError(f"{src} is not a lit_cb model directory: {required} is missing")
+    verify_model_dir(src)  # sizes and sha256 of every file and tensor against manifest.json
     meta = json.loads((src / "compression.json").read_text())
     config = AutoConfig.from_pretrained(src)
     model = AutoModelForCausalLM.from_config(config)
@@ -116,6 +119,7 @@ def load_compressed(directory: str | Path, device: str | torch.device = "cpu"):
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected or missing:
         raise ValueError(f"{src}: state does not match the rebuilt model (missing {missing}, unexpected {unexpected})")
+    check_values(model, src)  # codes in [0, 2**B), finite codebooks and scales
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(src) if (src / "tokenizer_config.json").is_file() else None
     return model, tokenizer, meta
