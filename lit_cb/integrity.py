@@ -113,24 +113,28 @@ def verify_model_dir(directory: str | Path) -> None:
         )
     try:
         manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError) as err:
-        raise IntegrityError(f"{manifest_path} is corrupt ({err}); save the model again") from err
+        files = {rel: (int(e["bytes"]), str(e["sha256"])) for rel, e in manifest["files"].items()}
+        tensor_hashes = dict(manifest.get("tensors", {}))
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+        raise IntegrityError(
+            f"{manifest_path} is corrupt ({type(err).__name__}: {err}); restore the folder from a copy or save "
+            "the model again"
+        ) from err
     problems = []
-    for rel, entry in files.items():
+    for rel, (nbytes, sha) in files.items():
         p = root / rel
         if not p.is_file():
             problems.append(f"{p}: missing")
             continue
         size = p.stat().st_size
-        if size != entry["bytes"]:
-            what = "truncated" if size < entry["bytes"] else "longer than written"
-            problems.append(f"{p}: {what} ({size} bytes, {entry['bytes']} written)")
+        if size != nbytes:
+            what = "truncated" if size < nbytes else "longer than written"
+            problems.append(f"{p}: {what} ({size} bytes, {nbytes} written)")
             continue
-        if file_sha256(p) != entry["sha256"]:
+        if file_sha256(p) != sha:
             detail = "content changed"
-            if rel in manifest.get("tensors", {}):
-                detail = _describe_tensor_changes(p, manifest["tensors"][rel])
+            if rel in tensor_hashes:
+                detail = _describe_tensor_changes(p, tensor_hashes[rel])
             problems.append(f"{p}: sha256 differs from {MANIFEST}: {detail}")
     if problems:
         raise IntegrityError(
