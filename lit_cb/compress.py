@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from lit_cb.fingerprint import check_same, flatten
 from lit_cb.hessian import HESSIAN_DTYPES, attach_hessian_hooks, remove_hooks
+from lit_cb.integrity import check_blocks_readable
 from lit_cb.models import decoder_layers
 from lit_cb.quant import registry
 from lit_cb.quant.objective import relative_layer_error
@@ -235,7 +236,13 @@ class BlockCheckpoints:
         if self.dir is not None:
             path = self.dir / "progress.json"
             if path.is_file():
-                stored = json.loads(path.read_text())
+                try:
+                    stored = json.loads(path.read_text())
+                except ValueError as err:
+                    raise ValueError(
+                        f"{path} is corrupt ({err}); move the folder {self.dir} away to compress from scratch"
+                    ) from err
+                check_blocks_readable(self.dir, stored.get("blocks", {}))
                 check_same(
                     stored.get("fingerprint"),
                     fingerprint,

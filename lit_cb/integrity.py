@@ -185,3 +185,22 @@ def load_checkpoint(path: str | Path) -> dict:
             f"away, then either rename a step checkpoint of {path.parent} (if any) to {path.name}, or resume without "
             "one: compression is restored from the finished blocks and recovery restarts at step 0."
         ) from err
+
+
+def check_blocks_readable(directory: str | Path, finished: dict) -> None:
+    """Each finished block's safetensors file exists and its header and size are intact (a
+    block file is written under a temporary name and renamed, so only outside damage breaks it)."""
+    for index in sorted(finished, key=int):
+        path = Path(directory) / f"block_{int(index):03d}.safetensors"
+        try:
+            with open(path, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(header_len))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if path.stat().st_size != 8 + header_len + end:
+                raise ValueError(f"{path.stat().st_size} bytes, {8 + header_len + end} expected")
+        except Exception as err:  # noqa: BLE001 - missing, truncated, or not safetensors
+            raise IntegrityError(
+                f"finished block file {path} is missing or corrupt ({err}). Restore it from a copy, or move the "
+                f"folder {Path(directory)} away to compress from scratch."
+            ) from err

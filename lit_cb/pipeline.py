@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from lit_cb.callbacks import CompressionCallback, CrashCheckpoint
 from lit_cb.compress import bits_per_weight
@@ -22,7 +22,7 @@ from lit_cb.config import RunConfig, save_config
 from lit_cb.data import CompressionDataModule
 from lit_cb.evaluate import perplexity
 from lit_cb.fingerprint import check_same, compression_scope, run_fingerprint
-from lit_cb.integrity import atomic_write_text, load_checkpoint
+from lit_cb.integrity import atomic_write_text, check_blocks_readable, load_checkpoint
 from lit_cb.models import load_model
 from lit_cb.preflight import check_model, check_text_sources
 from lit_cb.recovery import RecoveryModule
@@ -144,17 +144,32 @@ def run(cfg: RunConfig) -> dict:
         check_same(state.get("fingerprint"), fingerprint, f"the checkpoint {last}", _START_FRESH)
     progress = run_dir / "blocks" / "progress.json"
     if stored_fingerprint is not None and progress.is_file():
-        stored_blocks = json.loads(progress.read_text()).get("fingerprint")
+        try:
+            blocks = json.loads(progress.read_text())
+        except ValueError as err:
+            raise ValueError(f"{progress} is corrupt ({err}); move {progress.parent} away to compress again") from err
+        check_blocks_readable(progress.parent, blocks.get("blocks", {}))
+        stored_blocks = blocks.get("fingerprint")
         check_same(
             stored_blocks, compression_scope(fingerprint), f"the finished blocks in {progress.parent}", _START_FRESH
         )
 
-    # Validation passed: from here on the run folder is written.
-    if cfg.overwrite and run_dir.is_dir() and any(run_dir.iterdir()):
-        _move_aside(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "run_config.yaml")
-    atomic_write_text(run_dir / FINGERPRINT_FILE, json.dumps(fingerprint, indent=1))
+    if stored_fingerprint is not None:
+        before, now = stored_fingerprint["config"].get("recovery.max_steps"), cfg.recovery.max_steps
+        if before is not None and before != now:
+            rank_zero_warn(
+                f"recovery.max_steps changed from {before} to {now} on resume: training continues from the "
+                f"checkpoint, but the cosine schedule now spans {now} steps, so the result differs from a run "
+                f"planned with {now} steps from the start"
+            )
+
+    # Validation passed: from here on the run folder is written (by one process).
+    if rank_zero_only.rank == 0:
+        if cfg.overwrite and run_dir.is_dir() and any(run_dir.iterdir()):
+            _move_aside(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "run_config.yaml")
+        atomic_write_text(run_dir / FINGERPRINT_FILE, json.dumps(fingerprint, indent=1))
 
     ppl = metrics.setdefault("wikitext2_ppl", {})
     if cfg.eval.float_model:

@@ -393,3 +393,17 @@ def test_truncated_safetensors_is_refused_naming_it(model_copy):
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(IntegrityError, match=r"model\.safetensors: truncated"):
         load_compressed(model_copy)
+
+
+def test_truncated_block_checkpoint_is_refused_naming_it(finished, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(finished["cfg"].run_dir, out / "tiny")
+    block = out / "tiny" / "blocks" / "block_001.safetensors"
+    block.write_bytes(block.read_bytes()[:-10])
+    before = _tree_hashes(out / "tiny")
+    with pytest.raises(ValueError) as info:
+        run(_cfg(finished["model"], out, **finished["extra"]))
+    assert str(block) in str(info.value) and "compress from scratch" in str(info.value)
+    assert _tree_hashes(out / "tiny") == before
