@@ -407,3 +407,16 @@ def test_truncated_block_checkpoint_is_refused_naming_it(finished, tmp_path):
         run(_cfg(finished["model"], out, **finished["extra"]))
     assert str(block) in str(info.value) and "compress from scratch" in str(info.value)
     assert _tree_hashes(out / "tiny") == before
+
+
+def test_cli_prints_a_refusal_without_traceback(finished, capsys):
+    from lit_cb.cli import main
+
+    run_dir = finished["cfg"].run_dir
+    before = _tree_hashes(run_dir)
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "smollm2_codebook.py"
+    rc = main(["run", str(recipe), f"output_dir={run_dir.parent}", "run_name=tiny", "resume=false"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "resume=false would overwrite" in err and "Traceback" not in err
+    assert _tree_hashes(run_dir) == before
