@@ -160,7 +160,8 @@ class EpochShuffleSampler(Sampler[int]):
     run resumed from a checkpoint sees other batches than the uninterrupted run did (and restarts
     the epoch from its first batch). This order is a pure function of the seed and the epoch, and
     :meth:`resume` skips the samples already trained on. Under DDP each rank takes every
-    ``world_size``-th index of the same order (Lightning's DistributedSampler is not used)."""
+    ``world_size``-th index of the same order, padded to equal shares (Lightning's
+    DistributedSampler is not used)."""
 
     def __init__(self, num_samples: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
         self.num_samples = num_samples
@@ -179,12 +180,14 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __iter__(self):
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.num_samples, generator=gen).tolist()[self.rank :: self.world_size]
+        order = torch.randperm(self.num_samples, generator=gen).tolist()
+        # Equal shares (wrapping around, like DistributedSampler), so no rank waits for another.
+        order = (order * self.world_size)[: len(self) * self.world_size][self.rank :: self.world_size]
         skip, self._skip = self._skip, 0
         return iter(order[skip:])
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.num_samples, self.world_size))
+        return -(-self.num_samples // self.world_size)
 
 
 class ResumableLoader(DataLoader):
