@@ -75,36 +75,51 @@ class _Crash(RuntimeError):
     pass
 
 
-def test_recovery_resumed_after_a_crash_equals_an_uninterrupted_run(model_dir, tmp_path, monkeypatch):
-    """A crash at step 14 (mid-epoch: 8 batches per epoch; periodic checkpoints every 5 steps),
-    then a resume to step 20, gives bit-identical weights to 20 uninterrupted steps, with
-    LoRA dropout on (the RNG stream is restored too)."""
+RESUME = {"recovery.max_steps": 16, "recovery.lora_dropout": 0.1}  # 8 batches per epoch, checkpoints every 4 steps
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    model = _save_model(root / "model", tiny_tokenizer)
+    cfg = _cfg(model, root / "out", **RESUME)
+    run(cfg)
+    return model, load_file(str(cfg.run_dir / "model" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("crash_checkpoint", [True, False], ids=["crash-checkpoint", "periodic-checkpoint"])
+def test_recovery_resumed_after_a_crash_equals_an_uninterrupted_run(
+    uninterrupted, tmp_path, monkeypatch, crash_checkpoint
+):
+    """A crash in step 11 (mid-epoch), then a resume to step 16, gives bit-identical weights to 16
+    uninterrupted steps, with LoRA dropout on (the RNG stream is restored too). With the crash
+    checkpoint nothing is lost; without it (as after kill -9) the run resumes from the periodic
+    checkpoint of step 8, written at an epoch's end."""
+    import lit_cb.callbacks
     import lit_cb.recovery
 
-    extra = {"recovery.max_steps": 20, "recovery.lora_dropout": 0.1}
-    full = _cfg(model_dir, tmp_path / "a", **extra)
-    run(full)
-
+    model_dir, reference = uninterrupted
     original = lit_cb.recovery.RecoveryModule.training_step
 
     def crashing_step(self, batch, batch_idx):
-        if self.trainer.global_step == 14:
+        if self.trainer.global_step == 10:
             raise _Crash("simulated crash")
         return original(self, batch, batch_idx)
 
     monkeypatch.setattr(lit_cb.recovery.RecoveryModule, "training_step", crashing_step)
-    resumed = _cfg(model_dir, tmp_path / "b", **extra)
+    if not crash_checkpoint:
+        monkeypatch.setattr(lit_cb.callbacks.CrashCheckpoint, "on_exception", lambda *a, **k: None)
+    cfg = _cfg(model_dir, tmp_path / "b", **RESUME)
     with pytest.raises(_Crash):
-        run(resumed)
-    ckpt = torch.load(resumed.run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 14
-    monkeypatch.setattr(lit_cb.recovery.RecoveryModule, "training_step", original)
-    metrics = run(resumed)
+        run(cfg)
+    ckpt = torch.load(cfg.run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == (10 if crash_checkpoint else 8)
+    monkeypatch.undo()
+    metrics = run(cfg)
     assert metrics["stages"]["recover"]["resumed_from"].endswith("last.ckpt")
-    a = load_file(str(full.run_dir / "model" / "model.safetensors"))
-    b = load_file(str(resumed.run_dir / "model" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    resumed = load_file(str(cfg.run_dir / "model" / "model.safetensors"))
+    assert reference.keys() == resumed.keys()
+    worst = max((reference[k].float() - resumed[k].float()).abs().max().item() for k in reference)
     assert worst == 0.0, f"resumed run differs from the uninterrupted one by up to {worst}"
 
 
