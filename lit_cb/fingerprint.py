@@ -23,6 +23,8 @@ EDGE_BYTES = 1 << 20
 # Files up to this size are hashed whole.
 WHOLE_FILE_BYTES = 4 * EDGE_BYTES
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
 # Config keys that may change between a run and its resume: where it lives, what is only
 # reported, and how long recovery trains (a longer max_steps extends training; note that the
 # cosine schedule is laid over max_steps, so the extended run is not the same as one planned
@@ -36,6 +38,7 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "recovery.max_steps",
     "trainer.log_every_n_steps",
     "trainer.val_check_interval",
+    "data.num_workers",
 )
 
 # What block checkpoints depend on: everything up to the end of compression. Recovery, eval and
@@ -85,9 +88,6 @@ def file_identity(path: Path) -> str:
             f.seek(size - EDGE_BYTES)
             h.update(f.read(EDGE_BYTES))
     return h.hexdigest()
-
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
 
 def model_identity(name: str, model=None) -> dict[str, str]:
