@@ -72,6 +72,8 @@ def _run_dir_state(cfg: RunConfig) -> dict | None:
         raise ValueError(f"run folder {run_dir} (output_dir/run_name) exists and is not a folder")
     if not run_dir.is_dir() or not any(run_dir.iterdir()) or cfg.overwrite:
         return None
+    if not cfg.resume and rank_zero_only.rank != 0:
+        return None  # rank 0 decides: it may already have started writing this fresh run's folder
     if not cfg.resume:
         raise ValueError(
             f"run folder {run_dir} already holds a run and resume=false would overwrite it. Resume it with "
@@ -155,7 +157,7 @@ def run(cfg: RunConfig) -> dict:
         )
 
     if stored_fingerprint is not None:
-        before, now = stored_fingerprint["config"].get("recovery.max_steps"), cfg.recovery.max_steps
+        before, now = stored_fingerprint.get("config", {}).get("recovery.max_steps"), cfg.recovery.max_steps
         if before is not None and before != now:
             rank_zero_warn(
                 f"recovery.max_steps changed from {before} to {now} on resume: training continues from the "
