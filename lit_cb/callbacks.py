@@ -16,9 +16,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_cb.compress import CompressionConfig, CompressionReport, bits_per_weight, compress_model
+from lit_cb.fingerprint import check_same, compression_scope
+from lit_cb.integrity import load_checkpoint
 from lit_cb.serialization import build_module, compressed_specs
 
 
@@ -34,6 +37,8 @@ class CompressionCallback(L.Callback):
             Lightning sets ``trainer.ckpt_path`` only after the ``setup`` hook, so the callback is
             told here; with it, the compressed structure is rebuilt from the checkpoint's specs and
             calibration is skipped (the weights then come from the checkpoint).
+        fingerprint: the run's :func:`lit_cb.fingerprint.run_fingerprint`; stored in the checkpoint
+            state and with the finished blocks, and compared with theirs before either is resumed.
     """
 
     def __init__(
@@ -42,6 +47,7 @@ class CompressionCallback(L.Callback):
         resume_dir: str | Path | None = None,
         eval_fn=None,
         ckpt_path: str | Path | None = None,
+        fingerprint: dict | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(config, CompressionConfig):
@@ -50,6 +56,7 @@ class CompressionCallback(L.Callback):
         self.resume_dir = Path(resume_dir) if resume_dir else None
         self.eval_fn = eval_fn
         self.ckpt_path = str(ckpt_path) if ckpt_path else None
+        self.fingerprint = fingerprint
         # Wall time of this process's setup (compression or rebuild); not checkpointed, unlike metrics.
         self.setup_seconds = 0.0
         self.report: CompressionReport | None = None
@@ -77,7 +84,13 @@ class CompressionCallback(L.Callback):
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         self.report = compress_model(
-            model, windows, self.config, device=device, resume_dir=self.resume_dir, progress=trainer.is_global_zero
+            model,
+            windows,
+            self.config,
+            device=device,
+            resume_dir=self.resume_dir,
+            progress=trainer.is_global_zero,
+            fingerprint=compression_scope(self.fingerprint) if self.fingerprint else None,
         )
         self.specs = compressed_specs(model)
         self.metrics["compress_seconds"] = time.perf_counter() - t0
@@ -97,10 +110,17 @@ class CompressionCallback(L.Callback):
         self.setup_seconds = time.perf_counter() - t_setup
 
     def _rebuild_from_checkpoint(self, ckpt_path: str, model: torch.nn.Module) -> None:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(ckpt_path)  # weights_only=True: no pickle
         state = ckpt.get("callbacks", {}).get(self.state_key)
         if not state or not state.get("specs"):
             raise ValueError(f"{ckpt_path} holds no CompressionCallback state: it was not written by a lit_cb run")
+        check_same(
+            state.get("fingerprint"),
+            self.fingerprint,
+            f"the checkpoint {ckpt_path}",
+            "Start fresh with another run_name or output_dir, or with overwrite=true (the old run folder is "
+            "moved aside, not deleted).",
+        )
         for name, spec in state["specs"].items():
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, build_module(spec))
@@ -109,8 +129,42 @@ class CompressionCallback(L.Callback):
         rank_zero_info(f"rebuilt {len(self.specs)} compressed linears from {ckpt_path}; calibration skipped")
 
     def state_dict(self) -> dict:
-        return {"config": self.config.to_dict(), "specs": self.specs, "metrics": self.metrics}
+        return {
+            "config": self.config.to_dict(),
+            "specs": self.specs,
+            "metrics": self.metrics,
+            "fingerprint": self.fingerprint,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.specs = state_dict.get("specs", self.specs)
         self.metrics = state_dict.get("metrics", self.metrics)
+
+
+class CrashCheckpoint(OnExceptionCheckpoint):
+    """Write ``last.ckpt`` when recovery training stops on an exception (a bug, an OOM, Ctrl-C,
+    SIGTERM), so a crash loses nothing since the last periodic checkpoint.
+
+    Saved only at a point a resume can continue from exactly: after at least one optimizer step
+    (a failure inside compression is resumed from the finished blocks instead), and not in the
+    middle of a gradient accumulation (its partial gradients are not in a checkpoint; the
+    periodic ``last.ckpt`` is kept then). The RNG is stored as the failed step found it.
+    """
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        if trainer.global_step == 0 or progress.processed % trainer.accumulate_grad_batches:
+            return
+        mid_step = progress.started > progress.processed
+        if mid_step and getattr(pl_module, "_rng_at_batch_start", None) is not None:
+            pl_module._rng_for_checkpoint = pl_module._rng_at_batch_start
+        try:
+            super().on_exception(trainer, pl_module, exception)
+            rank_zero_info(f"training stopped ({type(exception).__name__}); state saved to {self.ckpt_path}")
+        finally:
+            pl_module._rng_for_checkpoint = None
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Lightning's version deletes the file at the end of fit: here it is last.ckpt, shared with
+        # the periodic ModelCheckpoint, and must stay.
+        pass

@@ -29,7 +29,9 @@ from tqdm.auto import tqdm
 
 from lit_cb import distributed as D
 from lit_cb.architectures import DEFAULT_TARGETS, check_attention_uniform, spec_for
+from lit_cb.fingerprint import check_same, flatten
 from lit_cb.hessian import HESSIAN_DTYPES, attach_hessian_hooks, remove_hooks
+from lit_cb.integrity import check_blocks_readable
 from lit_cb.models import decoder_layers
 from lit_cb.quant import registry
 from lit_cb.quant.objective import relative_layer_error
@@ -299,21 +301,43 @@ class BlockCheckpoints:
     modules, and the norm weights and biases that block fine-tuning changed) and ``progress.json``
     (specs, reports, and the config they were made with)."""
 
-    def __init__(self, directory: str | Path | None, config: CompressionConfig) -> None:
+    def __init__(
+        self, directory: str | Path | None, config: CompressionConfig, fingerprint: dict | None = None
+    ) -> None:
         self.dir = Path(directory) if directory else None
         self.config = config.to_dict()
-        self.progress: dict = {"config": self.config, "blocks": {}}
+        # What the blocks were made from (model, calibration data, lit_cb version; see
+        # lit_cb.fingerprint.compression_scope): blocks of another model of the same shape must
+        # not be restored.
+        self.progress: dict = {"config": self.config, "fingerprint": fingerprint, "blocks": {}}
         if self.dir is not None:
-            self.dir.mkdir(parents=True, exist_ok=True)
             path = self.dir / "progress.json"
             if path.is_file():
-                stored = json.loads(path.read_text())
-                if stored.get("config") != self.config:
+                try:
+                    stored = json.loads(path.read_text())
+                except ValueError as err:
                     raise ValueError(
-                        f"{path} was written with a different compression config; use another resume "
-                        "directory or delete it to start over"
+                        f"{path} is corrupt ({err}); move the folder {self.dir} away to compress from scratch"
+                    ) from err
+                check_blocks_readable(self.dir, stored.get("blocks", {}))
+                check_same(
+                    stored.get("fingerprint"),
+                    fingerprint,
+                    f"the finished blocks in {self.dir}",
+                    "Use another resume directory (run_name/output_dir), or overwrite=true to move the old run aside.",
+                )
+                if stored.get("config") != self.config:
+                    changed = sorted(
+                        k
+                        for k in set(flatten(stored.get("config"))) | set(flatten(self.config))
+                        if flatten(stored.get("config")).get(k) != flatten(self.config).get(k)
+                    )
+                    raise ValueError(
+                        f"{path} was written with a different compression config (changed: {changed}); use "
+                        "another resume directory or delete it to start over"
                     )
                 self.progress = stored
+            self.dir.mkdir(parents=True, exist_ok=True)
 
     def finished(self, index: int) -> dict | None:
         return self.progress["blocks"].get(str(index))
@@ -404,6 +428,7 @@ def compress_model(
     device: str | torch.device | None = None,
     resume_dir: str | Path | None = None,
     progress: bool = True,
+    fingerprint: dict | None = None,
 ) -> CompressionReport:
     """Compress the target linears of every block of ``model`` in place, in order.
 
@@ -435,6 +460,9 @@ def compress_model(
     float64 Hessians every tensor of the codebook and AQLM results is bit-identical to one
     process; with float32 Hessians the codebook codes stay identical but codebooks/scales differ
     by up to 1.5e-5, and AQLM flips 7 of 36,864 codes (fp16 values differ by up to 4e-3).
+
+    ``fingerprint`` (what the blocks are made from) is stored with the finished blocks; resuming
+    blocks of another fingerprint refuses.
     """
     t0 = time.perf_counter()
     # The family's layout first: an unsupported model is refused before anything is written.
@@ -446,7 +474,7 @@ def compress_model(
     method_cfg = config.method_settings()
     finetune_cfg = config.finetune_settings()
     hdtype = HESSIAN_DTYPES[config.hessian_dtype]
-    checkpoints = BlockCheckpoints(resume_dir, config)
+    checkpoints = BlockCheckpoints(resume_dir, config, fingerprint)
     report = CompressionReport(world_size=D.world_size())
     if D.is_distributed() and hdtype != torch.float64 and D.rank() == 0:
         warnings.warn(

@@ -64,6 +64,16 @@ class TrainerConfig:
             raise ValueError(f"trainer.precision={self.precision!r}; allowed: {list(PRECISIONS)}")
         if self.num_nodes < 1:
             raise ValueError(f"trainer.num_nodes={self.num_nodes} must be >= 1")
+        for name in ("accumulate_grad_batches", "log_every_n_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"trainer.{name}={value!r} must be an integer >= 1")
+        if self.val_check_interval is not None and (
+            isinstance(self.val_check_interval, bool)
+            or not isinstance(self.val_check_interval, int)
+            or self.val_check_interval < 1
+        ):
+            raise ValueError(f"trainer.val_check_interval={self.val_check_interval!r} must be an integer >= 1 or null")
 
 
 @dataclass
@@ -77,6 +87,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.autocast_dtype not in AUTOCAST:
             raise ValueError(f"eval.autocast_dtype={self.autocast_dtype!r}; allowed: {list(AUTOCAST)}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"eval.batch_size={self.batch_size!r} must be an integer >= 1")
 
 
 @dataclass
@@ -84,7 +96,10 @@ class RunConfig:
     run_name: str = "run"
     output_dir: str = "outputs"
     seed: int = 0
+    # resume=true continues the run in run_dir if its fingerprint matches; resume=false refuses a
+    # non-empty run_dir. overwrite=true starts over in it after moving the old one aside.
     resume: bool = True
+    overwrite: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)

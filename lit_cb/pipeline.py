@@ -14,18 +14,23 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
-from lit_cb.architectures import check_model
-from lit_cb.callbacks import CompressionCallback
+from lit_cb.architectures import check_model as check_architecture
+from lit_cb.callbacks import CompressionCallback, CrashCheckpoint
 from lit_cb.compress import bits_per_weight
 from lit_cb.config import RunConfig, save_config
 from lit_cb.data import CompressionDataModule
 from lit_cb.evaluate import perplexity
+from lit_cb.fingerprint import check_same, compression_scope, run_fingerprint
+from lit_cb.integrity import atomic_write_text, check_blocks_readable, load_checkpoint
 from lit_cb.models import EMBEDDED_FAMILIES, load_model
+from lit_cb.preflight import check_model, check_text_sources
 from lit_cb.recovery import RecoveryModule
 from lit_cb.serialization import save_compressed
 from lit_cb.slurm import SlurmRequeue, check_trainer_matches_slurm, in_slurm_step, latest_checkpoint
+
+FINGERPRINT_FILE = "fingerprint.json"
 
 
 def _device(cfg: RunConfig) -> torch.device:
@@ -60,11 +65,58 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _run_dir_state(cfg: RunConfig) -> dict | None:
+    """Read-only look at ``run_dir`` before anything is loaded: refuses a non-empty folder that
+    resume=false would overwrite, and returns the stored fingerprint of a run to resume (None for
+    a fresh run)."""
+    run_dir = cfg.run_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run folder {run_dir} (output_dir/run_name) exists and is not a folder")
+    if not run_dir.is_dir() or not any(run_dir.iterdir()) or cfg.overwrite:
+        return None
+    if not cfg.resume and rank_zero_only.rank != 0:
+        return None  # rank 0 decides: it may already have started writing this fresh run's folder
+    if not cfg.resume:
+        raise ValueError(
+            f"run folder {run_dir} already holds a run and resume=false would overwrite it. Resume it with "
+            "resume=true, choose another run_name or output_dir, or set overwrite=true to move the old folder "
+            f"aside (to {run_dir}.replaced-<time>) and start over."
+        )
+    path = run_dir / FINGERPRINT_FILE
+    if not path.is_file():
+        raise ValueError(
+            f"run folder {run_dir} holds files but no {FINGERPRINT_FILE}, so what made them is unknown (an older "
+            "lit_cb, or another program) and resuming could mix two runs. Choose another run_name or output_dir, "
+            "or set overwrite=true to move the old folder aside and start over."
+        )
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path} is corrupt ({err}); use another run_name or overwrite=true") from err
+
+
+_START_FRESH = (
+    "To start fresh: choose another run_name or output_dir, or set overwrite=true (the old run folder is moved "
+    "aside, not deleted). To continue this run, use the config, model and data it was made with."
+)
+
+
+def _move_aside(run_dir) -> None:
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}")
+    run_dir.rename(target)
+    rank_zero_info(f"overwrite=true: the previous run folder was moved to {target}")
+
+
 def run(cfg: RunConfig) -> dict:
     """Run the whole pipeline; returns (and writes to ``run_dir/metrics.json``) the metrics.
 
     Inside a SLURM step the trainer must match the allocation, and SIGUSR1 requeues the job
-    (:mod:`lit_cb.slurm`); a requeued process returns ``{"requeued": True, ...}`` unfinished."""
+    (:mod:`lit_cb.slurm`); a requeued process returns ``{"requeued": True, ...}`` unfinished.
+
+    Everything that can be checked is checked before anything in ``run_dir`` is written: the run
+    folder's state, the text files, the model's family, layers and weights against the compression
+    config, and the fingerprints of saved progress (see :mod:`lit_cb.fingerprint`)."""
     check_trainer_matches_slurm(cfg.trainer.devices, cfg.trainer.num_nodes)
     # Installed first, so a signal during loading or compression requeues instead of killing the task.
     requeue = SlurmRequeue() if in_slurm_step() else None
@@ -82,20 +134,63 @@ def _run(cfg: RunConfig, requeue: SlurmRequeue | None) -> dict:
             "Use the smollm2 recipes on a CPU machine."
         )
     # Refuse an unsupported architecture from its config.json alone, before loading the weights.
-    check_model(cfg.model.name, cfg.model.architecture, EMBEDDED_FAMILIES, cfg.data.calibration_seqlen)
+    check_architecture(cfg.model.name, cfg.model.architecture, EMBEDDED_FAMILIES, cfg.data.calibration_seqlen)
+    stored_fingerprint = _run_dir_state(cfg)
+    check_text_sources(cfg.data)
     L.seed_everything(cfg.seed, workers=True)
     if cfg.trainer.deterministic:
         use_deterministic_kernels()
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "run_config.yaml")
     device = _device(cfg)
     metrics: dict = {"run_name": cfg.run_name, "method": cfg.compression.method, "stages": {}}
 
     t = time.perf_counter()
     model, tokenizer = load_model(cfg.model.name, cfg.model.dtype)
+    check_model(model, cfg.compression)
     dm = CompressionDataModule(tokenizer, cfg.data)
+    # Build every window now: too few tokens fails here, not after compression.
+    dm.calibration_windows()
+    dm.setup("fit")
+    dm.test_windows()
     metrics["stages"]["load"] = {"seconds": time.perf_counter() - t}
+
+    fingerprint = run_fingerprint(cfg, model)
+    check_same(stored_fingerprint, fingerprint, f"the run in {run_dir}", _START_FRESH)
+    ckpt_dir = run_dir / "checkpoints"
+    # last.ckpt, or the HPC checkpoint a SLURM requeue saved after it.
+    latest = latest_checkpoint(run_dir) if stored_fingerprint is not None else None
+    ckpt_path = str(latest) if latest is not None else None
+    if latest is not None:
+        state = load_checkpoint(latest).get("callbacks", {}).get("CompressionCallback", {})
+        check_same(state.get("fingerprint"), fingerprint, f"the checkpoint {latest}", _START_FRESH)
+    progress = run_dir / "blocks" / "progress.json"
+    if stored_fingerprint is not None and progress.is_file():
+        try:
+            blocks = json.loads(progress.read_text())
+        except ValueError as err:
+            raise ValueError(f"{progress} is corrupt ({err}); move {progress.parent} away to compress again") from err
+        check_blocks_readable(progress.parent, blocks.get("blocks", {}))
+        stored_blocks = blocks.get("fingerprint")
+        check_same(
+            stored_blocks, compression_scope(fingerprint), f"the finished blocks in {progress.parent}", _START_FRESH
+        )
+
+    if stored_fingerprint is not None:
+        before, now = stored_fingerprint.get("config", {}).get("recovery.max_steps"), cfg.recovery.max_steps
+        if before is not None and before != now:
+            rank_zero_warn(
+                f"recovery.max_steps changed from {before} to {now} on resume: training continues from the "
+                f"checkpoint, but the cosine schedule now spans {now} steps, so the result differs from a run "
+                f"planned with {now} steps from the start"
+            )
+
+    # Validation passed: from here on the run folder is written (by one process).
+    if rank_zero_only.rank == 0:
+        if cfg.overwrite and run_dir.is_dir() and any(run_dir.iterdir()):
+            _move_aside(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "run_config.yaml")
+        atomic_write_text(run_dir / FINGERPRINT_FILE, json.dumps(fingerprint, indent=1))
 
     ppl = metrics.setdefault("wikitext2_ppl", {})
     if cfg.eval.float_model:
@@ -107,15 +202,12 @@ def _run(cfg: RunConfig, requeue: SlurmRequeue | None) -> dict:
         rank_zero_info(f"float perplexity: {ppl['float']:.3f}")
 
     teacher = copy.deepcopy(model) if cfg.recovery.distill_alpha > 0 else None
-    ckpt_dir = run_dir / "checkpoints"
-    # last.ckpt, or the HPC checkpoint a SLURM requeue saved after it.
-    latest = latest_checkpoint(run_dir) if cfg.resume else None
-    ckpt_path = str(latest) if latest is not None else None
     compression = CompressionCallback(
         cfg.compression,
-        resume_dir=run_dir / "blocks" if cfg.resume else None,
+        resume_dir=run_dir / "blocks",
         eval_fn=make_eval_fn(cfg, dm, device, "compressed ppl") if cfg.eval.compressed else None,
         ckpt_path=ckpt_path,
+        fingerprint=fingerprint,
     )
     module = RecoveryModule(model, cfg.recovery, teacher=teacher)
     checkpoint = ModelCheckpoint(
@@ -133,17 +225,20 @@ def _run(cfg: RunConfig, requeue: SlurmRequeue | None) -> dict:
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
         gradient_clip_val=cfg.recovery.grad_clip or None,
-        callbacks=[compression, checkpoint] + ([requeue] if requeue is not None else []),
+        callbacks=[compression, checkpoint, CrashCheckpoint(ckpt_dir, filename="last")]
+        + ([requeue] if requeue is not None else []),
         default_root_dir=run_dir,  # where Lightning writes (and finds) HPC checkpoints
         deterministic="warn" if cfg.trainer.deterministic else None,
         logger=CSVLogger(run_dir, name="logs"),
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        # The datamodule's resumable sampler shards by rank itself (see EpochShuffleSampler).
+        use_distributed_sampler=False,
     )
     t = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
     fit_seconds = time.perf_counter() - t
     if requeue is not None and requeue.requeued:
         # SLURM is ending this job and will start it again; the next run resumes from the checkpoint.
@@ -182,7 +277,7 @@ def _run(cfg: RunConfig, requeue: SlurmRequeue | None) -> dict:
         final.cpu(),
         run_dir / "model",
         tokenizer,
-        extra={"run_config": cfg.to_dict(), "wikitext2_ppl": ppl},
+        extra={"run_config": cfg.to_dict(), "wikitext2_ppl": ppl, "fingerprint": fingerprint},
     )
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
     _print_summary(metrics)

@@ -148,6 +148,13 @@ def _kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
 
 
+def _rng_states() -> dict:
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
 class RecoveryModule(L.LightningModule):
     """LoRA / codebook recovery of a compressed causal LM.
 
@@ -164,6 +171,9 @@ class RecoveryModule(L.LightningModule):
             raise ValueError("recovery.distill_alpha > 0 needs a teacher model")
         self.val_ppl = Perplexity()
         self._lora_applied = False
+        # RNG states for checkpoints: set by CrashCheckpoint to the state at the failed step's start.
+        self._rng_for_checkpoint: dict | None = None
+        self._rng_at_batch_start: dict | None = None
         self.save_hyperparameters({"recovery": config.to_dict()})
 
     def configure_model(self) -> None:
@@ -204,6 +214,28 @@ class RecoveryModule(L.LightningModule):
         names = [f"{name}.codes" for name, m in self.named_modules() if isinstance(m, CodebookLinear)]
         if names:
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, names)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The RNG streams (dropout) as they are after this step, so that a resumed run draws the
+        # same numbers as the uninterrupted one.
+        checkpoint["rng_states"] = self._rng_for_checkpoint or _rng_states()
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # A crash checkpoint taken inside this step must store the RNG as the step found it.
+        self._rng_at_batch_start = _rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._rng_to_restore = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        # Restored here, not at load time: building LoRA and the loaders after the load draws
+        # numbers that the uninterrupted run drew before its checkpoint.
+        rng = getattr(self, "_rng_to_restore", None)
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            self._rng_to_restore = None
 
     def on_fit_start(self) -> None:
         for t in self._teacher:

@@ -11,12 +11,14 @@ loader needs no knowledge of methods.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from lit_cb.integrity import MANIFEST, check_values, verify_model_dir, write_manifest
 from lit_cb.layers import CodebookFormat, CodebookLinear
 
 
@@ -93,6 +95,7 @@ def save_compressed(model: nn.Module, directory: str | Path, tokenizer=None, ext
     (out / RUN_INFO).write_text(json.dumps(extra or {}, indent=1, default=str))
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    write_manifest(out)  # last: sha256 of every file and tensor, verified by load_compressed
     return out
 
 
@@ -131,6 +134,14 @@ def load_compressed(directory: str | Path, device: str | torch.device = "cpu"):
 
     src = Path(directory)
     qc = read_quantization_config(src)
+    if (src / MANIFEST).is_file():
+        verify_model_dir(src)  # sizes and sha256 of every file and tensor against manifest.json
+    else:
+        warnings.warn(
+            f"{src} has no {MANIFEST} (saved by save_pretrained, another tool or an older lit_cb): its files "
+            "cannot be checked against checksums; lit_cb.serialization.save_compressed writes one",
+            stacklevel=2,
+        )
     info = json.loads((src / RUN_INFO).read_text()) if (src / RUN_INFO).is_file() else {}
     if qc is None and "modules" in info:
         model, meta = _load_legacy(src, info), info
@@ -148,6 +159,7 @@ def load_compressed(directory: str | Path, device: str | torch.device = "cpu"):
         register()
         model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
         meta = {**info, "modules": model.config.quantization_config.modules}
+    check_values(model, src)  # codes in [0, 2**B), finite codebooks and scales
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(src) if (src / "tokenizer_config.json").is_file() else None
     return model, tokenizer, meta

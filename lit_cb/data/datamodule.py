@@ -20,7 +20,7 @@ from typing import Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lit_cb.data.texts import read_eval_text, resolve_text
 
@@ -61,7 +61,7 @@ class DataConfig:
             "eval_batch_size",
         ):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"data.{name}={value!r} must be a positive integer")
         if self.num_val_samples < 0:
             raise ValueError(f"data.num_val_samples={self.num_val_samples} must be >= 0")
@@ -153,6 +153,66 @@ class TokenWindows(Dataset):
         return {"input_ids": self.windows[i]}
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """A shuffle whose order depends only on ``(seed, epoch)``, that can start mid-epoch.
+
+    torch's RandomSampler draws its order from the global RNG when the iterator is created, so a
+    run resumed from a checkpoint sees other batches than the uninterrupted run did (and restarts
+    the epoch from its first batch). This order is a pure function of the seed and the epoch, and
+    :meth:`resume` skips the samples already trained on. Under DDP each rank takes every
+    ``world_size``-th index of the same order, padded to equal shares (Lightning's
+    DistributedSampler is not used)."""
+
+    def __init__(self, num_samples: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.num_samples = num_samples
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self._skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def resume(self, epoch: int, skip: int) -> None:
+        """Start the next iteration at sample ``skip`` of epoch ``epoch``."""
+        self.epoch, self._skip = epoch, skip
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.num_samples, generator=gen).tolist()
+        # Equal shares (wrapping around, like DistributedSampler), so no rank waits for another.
+        order = (order * self.world_size)[: len(self) * self.world_size][self.rank :: self.world_size]
+        skip, self._skip = self._skip, 0
+        return iter(order[skip:])
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.world_size)
+
+
+class ResumableLoader(DataLoader):
+    """The training loader, with the ``state_dict``/``load_state_dict`` pair Lightning saves in
+    its checkpoints and restores on resume: the epoch and how many batches of it were trained
+    (read from the trainer, since the loader runs one prefetched batch ahead of training)."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, sampler: EpochShuffleSampler, num_workers: int, trainer):
+        # A private generator: creating an iterator then draws no number from the global RNG, so
+        # the dropout RNG stream is the same with or without a resume.
+        gen = torch.Generator().manual_seed(sampler.seed)
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, generator=gen)
+        self._trainer = trainer
+
+    def state_dict(self) -> dict:
+        done = self._trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        epoch = self._trainer.current_epoch
+        if done >= len(self):  # saved at the end of an epoch: the next one starts from its first batch
+            epoch, done = epoch + 1, 0
+        return {"epoch": epoch, "batches": done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.resume(int(state["epoch"]), int(state["batches"]) * self.batch_size)
+
+
 class CompressionDataModule(L.LightningDataModule):
     """Calibration windows for compression, train/val windows for recovery, test windows for
     the perplexity protocol. All tensors are built once in :meth:`setup` and are deterministic
@@ -220,12 +280,22 @@ class CompressionDataModule(L.LightningDataModule):
 
     # -- loaders ------------------------------------------------------------------------------------
     def _loader(self, windows: torch.Tensor, batch_size: int, shuffle: bool) -> DataLoader:
+        # A private generator so that iterating draws nothing from the global RNG (see ResumableLoader).
         return DataLoader(
-            TokenWindows(windows), batch_size=batch_size, shuffle=shuffle, num_workers=self.config.num_workers
+            TokenWindows(windows),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.config.num_workers,
+            generator=torch.Generator().manual_seed(self.config.seed),
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._train, self.config.batch_size, shuffle=True)
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = EpochShuffleSampler(self._train.shape[0], self.config.seed + 4, rank, world)
+        return ResumableLoader(
+            TokenWindows(self._train), self.config.batch_size, sampler, self.config.num_workers, trainer
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._val, self.config.eval_batch_size, shuffle=False)
