@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from dataclasses import asdict, dataclass
 
 import lightning as L
 import torch
@@ -22,49 +21,12 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from torchmetrics.text import Perplexity
 
+from lit_cb.configs.recovery import (  # noqa: F401 (re-exported: the config lives torch-free)
+    DEFAULT_LORA_TARGETS,
+    RecoveryConfig,
+)
 from lit_cb.evaluate import causal_lm_perplexity_update
 from lit_cb.layers import CodebookLinear
-
-DEFAULT_LORA_TARGETS = r"layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
-
-
-@dataclass
-class RecoveryConfig:
-    max_steps: int = 200
-    lr: float = 2e-4
-    codebook_lr: float = 1e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_targets: str = DEFAULT_LORA_TARGETS
-    lora_on_compressed: bool = False
-    train_codebooks: bool = False
-    train_norms: bool = False
-    distill_alpha: float = 0.0
-    distill_temperature: float = 1.0
-    grad_clip: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.max_steps < 0:
-            raise ValueError(f"recovery.max_steps={self.max_steps} must be >= 0")
-        for name in ("lr", "codebook_lr"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"recovery.{name}={getattr(self, name)} must be > 0")
-        if self.lora_r < 0:
-            raise ValueError(f"recovery.lora_r={self.lora_r} must be >= 0 (0 disables LoRA)")
-        if not 0.0 <= self.distill_alpha <= 1.0:
-            raise ValueError(f"recovery.distill_alpha={self.distill_alpha} must lie in [0, 1]")
-        if self.distill_temperature <= 0:
-            raise ValueError(f"recovery.distill_temperature={self.distill_temperature} must be > 0")
-        try:
-            re.compile(self.lora_targets)
-        except re.error as err:
-            raise ValueError(f"recovery.lora_targets={self.lora_targets!r} is not a valid regex: {err}") from err
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class CodebookLoraLinear(nn.Module, LoraLayer):
