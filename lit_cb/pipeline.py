@@ -7,13 +7,12 @@ import contextlib
 import copy
 import json
 import os
-import resource
 import time
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_cb.callbacks import CompressionCallback
@@ -22,7 +21,9 @@ from lit_cb.config import RunConfig, save_config
 from lit_cb.data import CompressionDataModule
 from lit_cb.evaluate import perplexity
 from lit_cb.models import load_model
+from lit_cb.progress import StepProgressBar
 from lit_cb.recovery import RecoveryModule
+from lit_cb.run_summary import format_summary, peak_rss_gb, plot_recovery, stage, timed_eval
 from lit_cb.serialization import save_compressed
 
 
@@ -54,8 +55,21 @@ def use_deterministic_kernels() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+def make_loggers(cfg: RunConfig) -> list:
+    """The configured Lightning loggers (``trainer.loggers``): CSV in ``<run>/logs``, TensorBoard
+    in ``<run>/tensorboard``."""
+    loggers = []
+    if "csv" in cfg.trainer.loggers:
+        loggers.append(CSVLogger(cfg.run_dir, name="logs"))
+    if "tensorboard" in cfg.trainer.loggers:
+        try:
+            loggers.append(TensorBoardLogger(cfg.run_dir, name="tensorboard", default_hp_metric=False))
+        except ModuleNotFoundError as err:
+            raise RuntimeError(
+                "trainer.loggers lists tensorboard, but neither tensorboard nor tensorboardX is installed: "
+                "pip install tensorboardX, or set trainer.loggers=[csv]"
+            ) from err
+    return loggers
 
 
 def run(cfg: RunConfig) -> dict:
@@ -74,18 +88,17 @@ def run(cfg: RunConfig) -> dict:
     device = _device(cfg)
     metrics: dict = {"run_name": cfg.run_name, "method": cfg.compression.method, "stages": {}}
 
-    t = time.perf_counter()
-    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype)
-    dm = CompressionDataModule(tokenizer, cfg.data)
-    metrics["stages"]["load"] = {"seconds": time.perf_counter() - t}
+    stages = metrics["stages"]
+    with stage(stages, "load"):
+        model, tokenizer = load_model(cfg.model.name, cfg.model.dtype)
+        dm = CompressionDataModule(tokenizer, cfg.data)
 
     ppl = metrics.setdefault("wikitext2_ppl", {})
     if cfg.eval.float_model:
-        t = time.perf_counter()
-        model.to(device)
-        ppl["float"] = make_eval_fn(cfg, dm, device, "float ppl")(model)
-        model.cpu()
-        metrics["stages"]["eval_float"] = {"seconds": time.perf_counter() - t}
+        with stage(stages, "eval_float", device):
+            model.to(device)
+            ppl["float"] = make_eval_fn(cfg, dm, device, "float ppl")(model)
+            model.cpu()
         rank_zero_info(f"float perplexity: {ppl['float']:.3f}")
 
     teacher = copy.deepcopy(model) if cfg.recovery.distill_alpha > 0 else None
@@ -95,12 +108,15 @@ def run(cfg: RunConfig) -> dict:
     compression = CompressionCallback(
         cfg.compression,
         resume_dir=run_dir / "blocks" if cfg.resume else None,
-        eval_fn=make_eval_fn(cfg, dm, device, "compressed ppl") if cfg.eval.compressed else None,
+        eval_fn=timed_eval(make_eval_fn(cfg, dm, device, "compressed ppl"), stages, "eval_compressed", device)
+        if cfg.eval.compressed
+        else None,
         ckpt_path=ckpt_path,
     )
     module = RecoveryModule(model, cfg.recovery, teacher=teacher)
+    # One copy of each state: last.ckpt only (save_top_k=0), overwritten every quarter of the steps.
     checkpoint = ModelCheckpoint(
-        dirpath=ckpt_dir, save_last=True, every_n_train_steps=max(1, cfg.recovery.max_steps // 4)
+        dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=max(1, cfg.recovery.max_steps // 4)
     )
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
@@ -114,9 +130,9 @@ def run(cfg: RunConfig) -> dict:
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
         gradient_clip_val=cfg.recovery.grad_clip or None,
-        callbacks=[compression, checkpoint],
+        callbacks=[compression, checkpoint, StepProgressBar("recovery")],
         deterministic="warn" if cfg.trainer.deterministic else None,
-        logger=CSVLogger(run_dir, name="logs"),
+        logger=make_loggers(cfg) or False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
@@ -125,16 +141,17 @@ def run(cfg: RunConfig) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     fit_seconds = time.perf_counter() - t
-    metrics["stages"]["compress"] = {
+    stages["compress"] = {
         "seconds": compression.metrics.get("compress_seconds"),
         "peak_gpu_gb": compression.metrics.get("compress_peak_gpu_gb"),
     }
-    metrics["stages"]["recover"] = {
+    stages["recover"] = {
         # This process's training only: a resumed run does not count the steps before its checkpoint.
         "seconds": fit_seconds - compression.setup_seconds,
         "steps": trainer.global_step,
         "resumed_from": ckpt_path,
         "peak_gpu_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "peak_rss_gb": peak_rss_gb(),
     }
     metrics["bits_per_weight"] = compression.metrics.get("bits_per_weight")
     if compression.report is not None:
@@ -148,36 +165,20 @@ def run(cfg: RunConfig) -> dict:
     # Merged LoRA adds low-rank slots to compressed linears: count them in the recovered model's bits.
     metrics["bits_per_weight_recovered"] = bits_per_weight(final)
     if cfg.eval.recovered and cfg.recovery.max_steps > 0:
-        t = time.perf_counter()
-        final.to(device)
-        ppl["recovered"] = make_eval_fn(cfg, dm, device, "recovered ppl")(final)
-        metrics["stages"]["eval_recovered"] = {"seconds": time.perf_counter() - t}
+        with stage(stages, "eval_recovered", device):
+            final.to(device)
+            ppl["recovered"] = make_eval_fn(cfg, dm, device, "recovered ppl")(final)
         rank_zero_info(f"perplexity after recovery: {ppl['recovered']:.3f}")
-    metrics["peak_rss_gb"] = _peak_rss_gb()
-    save_compressed(
-        final.cpu(),
-        run_dir / "model",
-        tokenizer,
-        extra={"run_config": cfg.to_dict(), "wikitext2_ppl": ppl},
-    )
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
-    _print_summary(metrics)
-    return metrics
-
-
-def _print_summary(metrics: dict) -> None:
-    ppl = metrics.get("wikitext2_ppl", {})
-    bpw = metrics.get("bits_per_weight") or {}
-    lines = [f"== {metrics['run_name']} ({metrics['method']}) =="]
-    for key in ("float", "compressed", "recovered"):
-        if key in ppl:
-            lines.append(f"  WikiText-2 perplexity, {key:>10}: {ppl[key]:.3f}")
-    if bpw:
-        lines.append(
-            f"  bits/weight: {bpw['compressed_linears']:.3f} over compressed linears, "
-            f"{bpw['whole_model']:.3f} over the whole model"
+    with stage(stages, "save"):
+        save_compressed(
+            final.cpu(),
+            run_dir / "model",
+            tokenizer,
+            extra={"run_config": cfg.to_dict(), "wikitext2_ppl": ppl},
         )
-    rec = metrics.get("bits_per_weight_recovered")
-    if rec and "recovered" in ppl:
-        lines.append(f"  bits/weight after recovery (merged adapters): {rec['compressed_linears']:.3f}")
-    print("\n".join(lines), flush=True)
+        if "csv" in cfg.trainer.loggers and cfg.recovery.max_steps > 0:
+            plot_recovery(run_dir)
+    metrics["peak_rss_gb"] = peak_rss_gb()
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
+    print(format_summary(metrics, run_dir), flush=True)
+    return metrics

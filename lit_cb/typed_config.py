@@ -211,7 +211,7 @@ def build(cls: type, values: dict | None, where: str = ""):
     except ValueError as err:
         # Section validators name their field; make sure the message also says where it sits.
         message = str(err)
-        if where and not message.startswith(where):
+        if where and where not in message:
             raise ValueError(f"{where}: {message}") from err
         raise
 
