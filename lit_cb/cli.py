@@ -103,7 +103,9 @@ def load_recipe(path: str | Path) -> ModuleType:
     return module
 
 
-def _config_parser(prog: str, description: str, default_config: str | Path | None) -> argparse.ArgumentParser:
+def _config_parser(
+    prog: str, description: str, default_config: str | Path | None, example: str = "recovery.max_steps=50"
+) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description=description, add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -115,7 +117,7 @@ def _config_parser(prog: str, description: str, default_config: str | Path | Non
         help=f"YAML config (default: {default_config})" if default_config else "YAML config (default: none)",
     )
     parser.add_argument("--verbose", action="store_true", help="show every warning and tracebacks")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides, e.g. recovery.max_steps=50")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help=f"overrides, e.g. {example}")
     return parser
 
 
@@ -222,7 +224,7 @@ def _cmd_recover(prog: str, argv: list[str]) -> int:
 
 
 def _cmd_evaluate(prog: str, argv: list[str]) -> int:
-    parser = _config_parser(f"{prog} evaluate", COMMANDS["evaluate"] + ".", None)
+    parser = _config_parser(f"{prog} evaluate", COMMANDS["evaluate"] + ".", None, example="max_eval_windows=0")
     parser.usage = f"{prog} evaluate <model folder> [--config X.yaml] [--verbose] [key=value ...]"
     positional, rest = [], []
     for i, a in enumerate(argv):
@@ -252,7 +254,7 @@ def _cmd_evaluate(prog: str, argv: list[str]) -> int:
 
 def _cmd_report(prog: str, argv: list[str]) -> int:
     parser = _config_parser(
-        f"{prog} report", COMMANDS["report"] + ". Writes report.json, report.md and pareto.png.", None
+        f"{prog} report", COMMANDS["report"] + ". Writes report.json, report.md and pareto.png.", None, "methods=[fp16]"
     )
     cfg, args = _parse_config(parser, argv, ReportConfig, None)
     if cfg is None:

@@ -17,6 +17,8 @@ import warnings
 HARMLESS_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     # Lightning on a machine with SLURM tools installed but a run started without srun
     (r"The `srun` command is available on your system but is not used", Warning, ""),
+    # `lit_cb compress` fits with recovery.max_steps=0 on purpose: no optimizer, no training batches
+    (r".*configure_optimizers` returned `None`", Warning, ""),
     # deprecations inside the libraries, not in lit_cb's own calls
     (r"`is_gradient_checkpointing` is deprecated", FutureWarning, ""),
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", Warning, ""),

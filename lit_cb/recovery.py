@@ -128,6 +128,9 @@ class RecoveryModule(L.LightningModule):
         """Add adapters and choose trainable parameters (after compression, before optimizers)."""
         if self._lora_applied:
             return
+        if self.config.max_steps == 0:  # compression only (lit_cb compress): nothing trains, add nothing
+            self._lora_applied = True
+            return
         for p in self.model.parameters():
             p.requires_grad_(False)
         if self.config.lora_r > 0:
@@ -178,6 +181,8 @@ class RecoveryModule(L.LightningModule):
         self.val_ppl.reset()
 
     def configure_optimizers(self):
+        if self.config.max_steps == 0:
+            return None
         codebook_params, other = [], []
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
@@ -203,7 +208,7 @@ class RecoveryModule(L.LightningModule):
     def merged_model(self) -> nn.Module:
         """The plain transformers model with every LoRA merged: into the weights of dense
         linears, into the low-rank slot of compressed ones."""
-        model = self.model.merge_and_unload() if self._lora_applied and self.config.lora_r > 0 else self.model
+        model = self.model.merge_and_unload() if hasattr(self.model, "merge_and_unload") else self.model
         for m in model.modules():
             if isinstance(m, CodebookLinear):
                 m.half()  # back to the fp16 storage format
