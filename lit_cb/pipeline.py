@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_cb.callbacks import CompressionCallback
 from lit_cb.compress import bits_per_weight
@@ -57,18 +57,19 @@ def use_deterministic_kernels() -> None:
 
 def make_loggers(cfg: RunConfig) -> list:
     """The configured Lightning loggers (``trainer.loggers``): CSV in ``<run>/logs``, TensorBoard
-    in ``<run>/tensorboard``."""
+    in ``<run>/tensorboard`` (skipped with a warning where no TensorBoard package is installed)."""
     loggers = []
     if "csv" in cfg.trainer.loggers:
         loggers.append(CSVLogger(cfg.run_dir, name="logs"))
     if "tensorboard" in cfg.trainer.loggers:
         try:
             loggers.append(TensorBoardLogger(cfg.run_dir, name="tensorboard", default_hp_metric=False))
-        except ModuleNotFoundError as err:
-            raise RuntimeError(
-                "trainer.loggers lists tensorboard, but neither tensorboard nor tensorboardX is installed: "
-                "pip install tensorboardX, or set trainer.loggers=[csv]"
-            ) from err
+        except ModuleNotFoundError:
+            # A machine without the package (e.g. an offline GPU box) still runs; the CSV logs remain.
+            rank_zero_warn(
+                "trainer.loggers lists tensorboard, but neither tensorboard nor tensorboardX is installed "
+                "(pip install tensorboardX): no TensorBoard logs for this run"
+            )
     return loggers
 
 

@@ -65,7 +65,7 @@ class TrainerConfig:
     otherwise sum with atomics, and two runs of one config differ (AQLM 2x8: 75.47 vs 78.79 ppl).
     Ops with no deterministic kernel only warn."""
     loggers: list[LoggerName] = field(default_factory=lambda: ["csv", "tensorboard"])
-    """Lightning loggers writing to <run>/logs (tensorboard needs tensorboard or tensorboardX)."""
+    """Lightning loggers: csv to <run>/logs, tensorboard to <run>/tensorboard (skipped if no tensorboardX)."""
 
     def __post_init__(self) -> None:
         if self.accelerator not in ACCELERATORS:
