@@ -22,6 +22,7 @@ from lit_cb.config import read_config_dict
 from lit_cb.configs.evaluate import EvaluateConfig
 from lit_cb.configs.report import ReportConfig
 from lit_cb.configs.run import RunConfig
+from lit_cb.configs.schema import _lookup
 from lit_cb.typed_config import FieldHelp, build
 
 COMMANDS: dict[str, str] = {
@@ -61,8 +62,6 @@ def _show(value) -> str:
 
 def format_keys(keys: list[FieldHelp], raw: dict, source: str | None) -> str:
     """The config-key section of ``--help``: ``key  type = value  {allowed}`` then the meaning."""
-    from lit_cb.configs.schema import _lookup
-
     lines = [
         "config keys (set them in the YAML or as key.sub=value; "
         + (f"values shown are {source}'s, else the defaults):" if source else "values shown are the defaults):")
@@ -126,10 +125,11 @@ def _parse_config(
     argv: list[str],
     cls: type,
     default_config: str | Path | None,
-    forced: list[str] = (),
+    forced: dict | None = None,
 ) -> tuple[object | None, argparse.Namespace]:
     """Parse ``[--config X] [overrides]``; on ``--help`` print the help with every key and return
-    ``(None, args)``, else the validated config."""
+    ``(None, args)``, else the validated config. ``forced`` (``{"section.key": value}``) is what the
+    command itself sets, after validation; an override that asks for another value is an error."""
     args = parser.parse_args(argv)
     path = args.config or default_config
     if args.help:
@@ -141,9 +141,22 @@ def _parse_config(
         print(config_help(cls, raw, str(path) if path else None))
         return None, args
     try:
-        return build(cls, read_config_dict(path, [*args.overrides, *forced])), args
+        cfg = build(cls, read_config_dict(path, args.overrides))
     except (ValueError, FileNotFoundError) as err:
         raise CommandError(str(err)) from err
+    for key, value in (forced or {}).items():
+        given = read_config_dict(None, [o for o in args.overrides if o.split("=", 1)[0] == key])
+        found, asked = _lookup(given, key)
+        if found and asked != value:
+            raise CommandError(
+                f"{parser.prog} sets {key}={_show(value)}; the override {key}={_show(asked)} contradicts it"
+            )
+        *sections, leaf = key.split(".")
+        node = cfg
+        for section in sections:
+            node = getattr(node, section)
+        setattr(node, leaf, value)
+    return cfg, args
 
 
 def _quiet(verbose: bool) -> None:
@@ -193,7 +206,7 @@ def _cmd_compress(prog: str, argv: list[str]) -> int:
         f"`{prog} recover` with the same config then fine-tunes it.",
         None,
     )
-    cfg, args = _parse_config(parser, argv, RunConfig, None, forced=["recovery.max_steps=0"])
+    cfg, args = _parse_config(parser, argv, RunConfig, None, forced={"recovery.max_steps": 0})
     if cfg is None:
         return 0
     _quiet(args.verbose)
@@ -208,7 +221,7 @@ def _cmd_recover(prog: str, argv: list[str]) -> int:
         "<run>/blocks are reused (a different compression config is refused), last.ckpt resumes training.",
         None,
     )
-    cfg, args = _parse_config(parser, argv, RunConfig, None, forced=["resume=true"])
+    cfg, args = _parse_config(parser, argv, RunConfig, None, forced={"resume": True})
     if cfg is None:
         return 0
     blocks = cfg.run_dir / "blocks"
@@ -232,8 +245,8 @@ def _cmd_evaluate(prog: str, argv: list[str]) -> int:
         (rest if a.startswith("-") or "=" in a or after_option else positional).append(a)
     if len(positional) > 1:
         raise CommandError(f"evaluate takes one model folder, got {positional}")
-    forced = [f"model_dir={positional[0]}"] if positional else []
-    cfg, args = _parse_config(parser, rest, EvaluateConfig, None, forced=forced)
+    rest += [f"model_dir={positional[0]}"] if positional else []
+    cfg, args = _parse_config(parser, rest, EvaluateConfig, None)
     if cfg is None:
         return 0
     _quiet(args.verbose)

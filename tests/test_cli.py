@@ -203,14 +203,17 @@ names = []
 for path, cls in {pairs!r}:
     names.append(load_config(path, cls={{"ReportConfig": ReportConfig, "RunConfig": RunConfig}}[cls]).run_name)
 rcs = [main(["compress", "recovery.lr=fast"]), main(["run", "recipes/smollm2_codebook.py", "trainer.loggers=[x]"]),
-       main(["recover", "--config", "configs/smollm2_aqlm.yaml", "output_dir=/nonexistent"])]
+       main(["recover", "--config", "configs/smollm2_aqlm.yaml", "output_dir=/nonexistent"]),
+       # the value a command sets itself neither hides a bad override nor silently replaces a good one
+       main(["compress", "recovery.max_steps=abc"]), main(["compress", "recovery.max_steps=5"]),
+       main(["recover", "resume=false"])]
 print(json.dumps({{"names": names, "rcs": rcs,
                   "modules": sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY!r})}}))
 """
     out = _python(code)
     assert out["modules"] == []
     assert len(out["names"]) == len(pairs) >= 10
-    assert out["rcs"] == [1, 1, 1]
+    assert out["rcs"] == [1] * 6
 
 
 @pytest.mark.parametrize(
