@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 QuantizeFn = Callable[["torch.Tensor", "torch.Tensor", Any, "torch.Tensor | None"], "nn.Module"]
 
 _REGISTRY: dict[type, QuantizeFn] = {}
+_BY_NAME = _configs._BY_NAME  # the torch-free name -> config table itself (one dict, read here too)
 # Built-in methods: name -> the module whose @register_method registers the transform.
 _BUILTIN_MODULES = {
     "aqlm": "lit_cb.quant.aqlm",
