@@ -53,10 +53,11 @@ def demo_paragraph(record: dict) -> str:
     if record.get("provenance"):
         measured = record["provenance"]
     else:
-        load = "/".join(f"{x:.1f}" for x in machine["load_average_before"])
+        before, after = machine["load_average_before"][0], machine["load_average_after"][0]
         measured = (
-            f"Measured {record['date']} ({machine['cpu']}, load average {load} when it started) by "
-            "`python bench/cpu_demo.py`; the figures come from `bench/results/cpu_demo.json`."
+            f"Measured {record['date']} ({machine['cpu']}; 1-minute load average {before:.1f} when it started, "
+            f"{after:.1f} when it ended) by `python bench/cpu_demo.py`; the figures come from "
+            "`bench/results/cpu_demo.json`."
         )
     text = (
         f"On {machine['cores']} CPU cores the demo config ({data['num_calibration_samples']} × "
