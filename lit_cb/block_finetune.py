@@ -26,7 +26,6 @@ import logging
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -34,70 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_cb import distributed as D
+from lit_cb.configs.block_finetune import BlockFinetuneConfig  # noqa: F401 (re-exported: the config lives torch-free)
 from lit_cb.layers import CodebookLinear
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BlockFinetuneConfig:
-    """Hyper-parameters of :func:`finetune_block` (defaults follow AQLM's block fine-tuning)."""
-
-    epochs: int = 5
-    lr: float = 1e-4
-    batch_size: int = 4
-    val_fraction: float = 0.1
-    patience: int = 1
-    """Stop after this many epochs without a held-out improvement larger than ``relative_tol``."""
-    relative_tol: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    train_norms: bool = True
-    train_biases: bool = False
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        def bad(name: str, allowed: str) -> ValueError:
-            return ValueError(f"BlockFinetuneConfig.{name}={getattr(self, name)!r} is not allowed; {allowed}")
-
-        def is_int(value: object) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        def is_float(value: object) -> bool:
-            return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-        if not is_int(self.epochs) or self.epochs < 0:
-            raise bad("epochs", "use an integer >= 0")
-        if not is_float(self.lr) or self.lr <= 0:
-            raise bad("lr", "use a finite float > 0")
-        if not is_int(self.batch_size) or self.batch_size < 1:
-            raise bad("batch_size", "use an integer >= 1")
-        if not is_float(self.val_fraction) or not 0.0 <= self.val_fraction < 1.0:
-            raise bad("val_fraction", "use a float in [0, 1)")
-        if not is_int(self.patience) or self.patience < 1:
-            raise bad("patience", "use an integer >= 1")
-        if not is_float(self.relative_tol) or self.relative_tol < 0:
-            raise bad("relative_tol", "use a finite float >= 0")
-        for name in ("adam_beta1", "adam_beta2"):
-            value = getattr(self, name)
-            if not is_float(value) or not 0.0 <= value < 1.0:
-                raise bad(name, "use a float in [0, 1)")
-        for name in ("train_norms", "train_biases"):
-            if not isinstance(getattr(self, name), bool):
-                raise bad(name, "use True or False")
-        if not is_int(self.seed) or self.seed < 0:
-            raise bad("seed", "use an integer >= 0")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> BlockFinetuneConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown BlockFinetuneConfig field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
 
 
 def _is_norm(module: nn.Module) -> bool:

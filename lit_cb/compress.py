@@ -28,7 +28,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lit_cb import distributed as D
-from lit_cb.architectures import DEFAULT_TARGETS, check_attention_uniform, spec_for
+from lit_cb.architectures import check_attention_uniform, spec_for
+from lit_cb.configs.compression import CompressionConfig  # noqa: F401 (re-exported: the config lives torch-free)
 from lit_cb.fingerprint import check_same, flatten
 from lit_cb.hessian import HESSIAN_DTYPES, attach_hessian_hooks, remove_hooks
 from lit_cb.integrity import check_blocks_readable
@@ -36,53 +37,6 @@ from lit_cb.models import decoder_layers
 from lit_cb.quant import registry
 from lit_cb.quant.objective import relative_layer_error
 from lit_cb.serialization import build_module, module_spec
-from lit_cb.typed_config import build
-
-
-@dataclass
-class CompressionConfig:
-    """What to compress and how. ``method`` names a registered method; ``method_config`` holds
-    the fields of that method's config dataclass. ``targets`` left at its default means the
-    model family's own linears (:mod:`lit_cb.architectures`)."""
-
-    method: str = "codebook"
-    method_config: dict[str, Any] = field(default_factory=dict)
-    targets: str = DEFAULT_TARGETS
-    keep_dense: int = 0
-    true_sequential: bool = True
-    hessian_dtype: str = "float32"
-    forward_batch_size: int = 8
-    offload_activations: bool = False
-    block_finetune: dict[str, Any] | None = None
-
-    def __post_init__(self) -> None:
-        registry.config_class(self.method)  # raises with the list of known methods
-        if self.keep_dense < 0:
-            raise ValueError(f"compression.keep_dense={self.keep_dense} must be >= 0")
-        if self.hessian_dtype not in HESSIAN_DTYPES:
-            raise ValueError(f"compression.hessian_dtype={self.hessian_dtype!r}; allowed: {sorted(HESSIAN_DTYPES)}")
-        if self.forward_batch_size < 1:
-            raise ValueError(f"compression.forward_batch_size={self.forward_batch_size} must be >= 1")
-        try:
-            re.compile(self.targets)
-        except re.error as err:
-            raise ValueError(f"compression.targets={self.targets!r} is not a valid regular expression: {err}") from err
-        self.method_settings()  # validate the method's own fields now, not after calibration
-        self.finetune_settings()
-
-    def method_settings(self):
-        cls = registry.config_class(self.method)
-        return build(cls, self.method_config, "compression.method_config")
-
-    def finetune_settings(self):
-        if self.block_finetune is None:
-            return None
-        from lit_cb.block_finetune import BlockFinetuneConfig
-
-        return build(BlockFinetuneConfig, self.block_finetune, "compression.block_finetune")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

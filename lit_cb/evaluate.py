@@ -37,3 +37,54 @@ def perplexity(
         causal_lm_perplexity_update(metric, logits, batch)
     model.train(was_training)
     return float(metric.compute())
+
+
+def evaluate_saved(cfg) -> dict:
+    """``lit_cb evaluate``: the perplexity of a model saved by a run (:func:`lit_cb.serialization.save_compressed`),
+    under the saving run's protocol unless ``cfg`` (an :class:`lit_cb.configs.evaluate.EvaluateConfig`)
+    says otherwise; returns (and optionally writes) ``{"model_dir", "protocol", "perplexity",
+    "stored_ppl", "seconds"}``."""
+    import contextlib
+    import json
+    import time
+    from pathlib import Path
+
+    from lit_cb.configs.data import DataConfig
+    from lit_cb.data.datamodule import CompressionDataModule
+    from lit_cb.serialization import load_compressed
+
+    model_dir = Path(cfg.model_dir)
+    if (model_dir / "model" / "compression.json").is_file():
+        model_dir = model_dir / "model"
+    if cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("accelerator asks for a GPU but torch sees none")
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    t = time.perf_counter()
+    model, tokenizer, meta = load_compressed(model_dir, device)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{model_dir} holds no tokenizer: it cannot be evaluated on text")
+    saved = (meta.get("run_config") or {}).get("data", {})
+    max_windows = saved.get("max_eval_windows") if cfg.max_eval_windows is None else cfg.max_eval_windows
+    protocol = {
+        "eval_source": cfg.eval_source or saved.get("eval_source", "wikitext2"),
+        "eval_seqlen": cfg.eval_seqlen or saved.get("eval_seqlen", 2048),
+        "max_eval_windows": max_windows or None,
+    }
+    windows = CompressionDataModule(tokenizer, DataConfig(**protocol)).test_windows()
+    dtype = getattr(torch, cfg.autocast_dtype) if cfg.autocast_dtype else None
+    ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    with ctx:
+        ppl = perplexity(model, windows, cfg.batch_size, device, desc="perplexity")
+    result = {
+        "model_dir": str(model_dir),
+        "protocol": {**protocol, "num_windows": int(windows.shape[0])},
+        "perplexity": ppl,
+        "stored_ppl": meta.get("wikitext2_ppl", {}),
+        "seconds": time.perf_counter() - t,
+    }
+    if cfg.output:
+        Path(cfg.output).write_text(json.dumps(result, indent=1))
+    return result

@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ALLOWED_GROUP_SIZES = (1, 2, 4, 8, 16)
-MIN_NBITS, MAX_NBITS = 1, 16
+from lit_cb.configs.format import ALLOWED_GROUP_SIZES, MAX_NBITS, MIN_NBITS
 
 
 @dataclass(frozen=True)

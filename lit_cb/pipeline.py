@@ -7,13 +7,12 @@ import contextlib
 import copy
 import json
 import os
-import resource
 import time
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from lit_cb.architectures import check_model as check_architecture
@@ -26,7 +25,9 @@ from lit_cb.fingerprint import check_same, compression_scope, run_fingerprint
 from lit_cb.integrity import atomic_write_text, check_blocks_readable, load_checkpoint
 from lit_cb.models import EMBEDDED_FAMILIES, load_model
 from lit_cb.preflight import check_model, check_text_sources
+from lit_cb.progress import StepProgressBar
 from lit_cb.recovery import RecoveryModule
+from lit_cb.run_summary import format_summary, peak_rss_gb, plot_recovery, stage, timed_eval
 from lit_cb.serialization import save_compressed
 from lit_cb.slurm import SlurmRequeue, check_trainer_matches_slurm, in_slurm_step, latest_checkpoint
 
@@ -61,8 +62,22 @@ def use_deterministic_kernels() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+def make_loggers(cfg: RunConfig) -> list:
+    """The configured Lightning loggers (``trainer.loggers``): CSV in ``<run>/logs``, TensorBoard
+    in ``<run>/tensorboard`` (skipped with a warning where no TensorBoard package is installed)."""
+    loggers = []
+    if "csv" in cfg.trainer.loggers:
+        loggers.append(CSVLogger(cfg.run_dir, name="logs"))
+    if "tensorboard" in cfg.trainer.loggers:
+        try:
+            loggers.append(TensorBoardLogger(cfg.run_dir, name="tensorboard", default_hp_metric=False))
+        except ModuleNotFoundError:
+            # A machine without the package (e.g. an offline GPU box) still runs; the CSV logs remain.
+            rank_zero_warn(
+                "trainer.loggers lists tensorboard, but neither tensorboard nor tensorboardX is installed "
+                "(pip install tensorboardX): no TensorBoard logs for this run"
+            )
+    return loggers
 
 
 def _run_dir_state(cfg: RunConfig) -> dict | None:
@@ -144,15 +159,15 @@ def _run(cfg: RunConfig, requeue: SlurmRequeue | None) -> dict:
     device = _device(cfg)
     metrics: dict = {"run_name": cfg.run_name, "method": cfg.compression.method, "stages": {}}
 
-    t = time.perf_counter()
-    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype)
-    check_model(model, cfg.compression)
-    dm = CompressionDataModule(tokenizer, cfg.data)
-    # Build every window now: too few tokens fails here, not after compression.
-    dm.calibration_windows()
-    dm.setup("fit")
-    dm.test_windows()
-    metrics["stages"]["load"] = {"seconds": time.perf_counter() - t}
+    stages = metrics["stages"]
+    with stage(stages, "load"):
+        model, tokenizer = load_model(cfg.model.name, cfg.model.dtype)
+        check_model(model, cfg.compression)
+        dm = CompressionDataModule(tokenizer, cfg.data)
+        # Build every window now: too few tokens fails here, not after compression.
+        dm.calibration_windows()
+        dm.setup("fit")
+        dm.test_windows()
 
     fingerprint = run_fingerprint(cfg, model)
     check_same(stored_fingerprint, fingerprint, f"the run in {run_dir}", _START_FRESH)
@@ -194,24 +209,26 @@ def _run(cfg: RunConfig, requeue: SlurmRequeue | None) -> dict:
 
     ppl = metrics.setdefault("wikitext2_ppl", {})
     if cfg.eval.float_model:
-        t = time.perf_counter()
-        model.to(device)
-        ppl["float"] = make_eval_fn(cfg, dm, device, "float ppl")(model)
-        model.cpu()
-        metrics["stages"]["eval_float"] = {"seconds": time.perf_counter() - t}
+        with stage(stages, "eval_float", device):
+            model.to(device)
+            ppl["float"] = make_eval_fn(cfg, dm, device, "float ppl")(model)
+            model.cpu()
         rank_zero_info(f"float perplexity: {ppl['float']:.3f}")
 
     teacher = copy.deepcopy(model) if cfg.recovery.distill_alpha > 0 else None
     compression = CompressionCallback(
         cfg.compression,
         resume_dir=run_dir / "blocks",
-        eval_fn=make_eval_fn(cfg, dm, device, "compressed ppl") if cfg.eval.compressed else None,
+        eval_fn=timed_eval(make_eval_fn(cfg, dm, device, "compressed ppl"), stages, "eval_compressed", device)
+        if cfg.eval.compressed
+        else None,
         ckpt_path=ckpt_path,
         fingerprint=fingerprint,
     )
     module = RecoveryModule(model, cfg.recovery, teacher=teacher)
+    # One copy of each state: last.ckpt only (save_top_k=0), overwritten every quarter of the steps.
     checkpoint = ModelCheckpoint(
-        dirpath=ckpt_dir, save_last=True, every_n_train_steps=max(1, cfg.recovery.max_steps // 4)
+        dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=max(1, cfg.recovery.max_steps // 4)
     )
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
@@ -225,11 +242,11 @@ def _run(cfg: RunConfig, requeue: SlurmRequeue | None) -> dict:
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
         gradient_clip_val=cfg.recovery.grad_clip or None,
-        callbacks=[compression, checkpoint, CrashCheckpoint(ckpt_dir, filename="last")]
+        callbacks=[compression, checkpoint, CrashCheckpoint(ckpt_dir, filename="last"), StepProgressBar("recovery")]
         + ([requeue] if requeue is not None else []),
         default_root_dir=run_dir,  # where Lightning writes (and finds) HPC checkpoints
         deterministic="warn" if cfg.trainer.deterministic else None,
-        logger=CSVLogger(run_dir, name="logs"),
+        logger=make_loggers(cfg) or False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         # The datamodule's resumable sampler shards by rank itself (see EpochShuffleSampler).
@@ -244,16 +261,17 @@ def _run(cfg: RunConfig, requeue: SlurmRequeue | None) -> dict:
         # SLURM is ending this job and will start it again; the next run resumes from the checkpoint.
         metrics["requeued"] = True
         return metrics
-    metrics["stages"]["compress"] = {
+    stages["compress"] = {
         "seconds": compression.metrics.get("compress_seconds"),
         "peak_gpu_gb": compression.metrics.get("compress_peak_gpu_gb"),
     }
-    metrics["stages"]["recover"] = {
+    stages["recover"] = {
         # This process's training only: a resumed run does not count the steps before its checkpoint.
         "seconds": fit_seconds - compression.setup_seconds,
         "steps": trainer.global_step,
         "resumed_from": ckpt_path,
         "peak_gpu_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "peak_rss_gb": peak_rss_gb(),
     }
     metrics["bits_per_weight"] = compression.metrics.get("bits_per_weight")
     if compression.report is not None:
@@ -267,36 +285,20 @@ def _run(cfg: RunConfig, requeue: SlurmRequeue | None) -> dict:
     # Merged LoRA adds low-rank slots to compressed linears: count them in the recovered model's bits.
     metrics["bits_per_weight_recovered"] = bits_per_weight(final)
     if cfg.eval.recovered and cfg.recovery.max_steps > 0:
-        t = time.perf_counter()
-        final.to(device)
-        ppl["recovered"] = make_eval_fn(cfg, dm, device, "recovered ppl")(final)
-        metrics["stages"]["eval_recovered"] = {"seconds": time.perf_counter() - t}
+        with stage(stages, "eval_recovered", device):
+            final.to(device)
+            ppl["recovered"] = make_eval_fn(cfg, dm, device, "recovered ppl")(final)
         rank_zero_info(f"perplexity after recovery: {ppl['recovered']:.3f}")
-    metrics["peak_rss_gb"] = _peak_rss_gb()
-    save_compressed(
-        final.cpu(),
-        run_dir / "model",
-        tokenizer,
-        extra={"run_config": cfg.to_dict(), "wikitext2_ppl": ppl, "fingerprint": fingerprint},
-    )
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
-    _print_summary(metrics)
-    return metrics
-
-
-def _print_summary(metrics: dict) -> None:
-    ppl = metrics.get("wikitext2_ppl", {})
-    bpw = metrics.get("bits_per_weight") or {}
-    lines = [f"== {metrics['run_name']} ({metrics['method']}) =="]
-    for key in ("float", "compressed", "recovered"):
-        if key in ppl:
-            lines.append(f"  WikiText-2 perplexity, {key:>10}: {ppl[key]:.3f}")
-    if bpw:
-        lines.append(
-            f"  bits/weight: {bpw['compressed_linears']:.3f} over compressed linears, "
-            f"{bpw['whole_model']:.3f} over the whole model"
+    with stage(stages, "save"):
+        save_compressed(
+            final.cpu(),
+            run_dir / "model",
+            tokenizer,
+            extra={"run_config": cfg.to_dict(), "wikitext2_ppl": ppl, "fingerprint": fingerprint},
         )
-    rec = metrics.get("bits_per_weight_recovered")
-    if rec and "recovered" in ppl:
-        lines.append(f"  bits/weight after recovery (merged adapters): {rec['compressed_linears']:.3f}")
-    print("\n".join(lines), flush=True)
+        if "csv" in cfg.trainer.loggers and cfg.recovery.max_steps > 0:
+            plot_recovery(run_dir)
+    metrics["peak_rss_gb"] = peak_rss_gb()
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
+    print(format_summary(metrics, run_dir), flush=True)
+    return metrics

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from dataclasses import asdict, dataclass
 
 import lightning as L
 import torch
@@ -22,48 +21,10 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from torchmetrics.text import Perplexity
 
-from lit_cb.architectures import DEFAULT_LORA_TARGETS, spec_for
+from lit_cb.architectures import DEFAULT_LORA_TARGETS, spec_for  # noqa: F401 (re-exported)
+from lit_cb.configs.recovery import RecoveryConfig  # noqa: F401 (re-exported: the config lives torch-free)
 from lit_cb.evaluate import causal_lm_perplexity_update
 from lit_cb.layers import CodebookLinear
-
-
-@dataclass
-class RecoveryConfig:
-    max_steps: int = 200
-    lr: float = 2e-4
-    codebook_lr: float = 1e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_targets: str = DEFAULT_LORA_TARGETS
-    lora_on_compressed: bool = False
-    train_codebooks: bool = False
-    train_norms: bool = False
-    distill_alpha: float = 0.0
-    distill_temperature: float = 1.0
-    grad_clip: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.max_steps < 0:
-            raise ValueError(f"recovery.max_steps={self.max_steps} must be >= 0")
-        for name in ("lr", "codebook_lr"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"recovery.{name}={getattr(self, name)} must be > 0")
-        if self.lora_r < 0:
-            raise ValueError(f"recovery.lora_r={self.lora_r} must be >= 0 (0 disables LoRA)")
-        if not 0.0 <= self.distill_alpha <= 1.0:
-            raise ValueError(f"recovery.distill_alpha={self.distill_alpha} must lie in [0, 1]")
-        if self.distill_temperature <= 0:
-            raise ValueError(f"recovery.distill_temperature={self.distill_temperature} must be > 0")
-        try:
-            re.compile(self.lora_targets)
-        except re.error as err:
-            raise ValueError(f"recovery.lora_targets={self.lora_targets!r} is not a valid regex: {err}") from err
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class CodebookLoraLinear(nn.Module, LoraLayer):
@@ -180,6 +141,9 @@ class RecoveryModule(L.LightningModule):
         """Add adapters and choose trainable parameters (after compression, before optimizers)."""
         if self._lora_applied:
             return
+        if self.config.max_steps == 0:  # compression only (lit_cb compress): nothing trains, add nothing
+            self._lora_applied = True
+            return
         for p in self.model.parameters():
             p.requires_grad_(False)
         if self.config.lora_r > 0:
@@ -270,6 +234,8 @@ class RecoveryModule(L.LightningModule):
         self.val_ppl.reset()
 
     def configure_optimizers(self):
+        if self.config.max_steps == 0:
+            return None
         codebook_params, other = [], []
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
@@ -295,7 +261,7 @@ class RecoveryModule(L.LightningModule):
     def merged_model(self) -> nn.Module:
         """The plain transformers model with every LoRA merged: into the weights of dense
         linears, into the low-rank slot of compressed ones."""
-        model = self.model.merge_and_unload() if self._lora_applied and self.config.lora_r > 0 else self.model
+        model = self.model.merge_and_unload() if hasattr(self.model, "merge_and_unload") else self.model
         for m in model.modules():
             if isinstance(m, CodebookLinear):
                 m.half()  # back to the fp16 storage format

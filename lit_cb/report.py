@@ -32,7 +32,7 @@ import platform
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -40,136 +40,21 @@ import torch
 from torch import nn
 
 from lit_cb.architectures import check_model, spec_for
-from lit_cb.compress import DEFAULT_TARGETS, CompressionConfig, bits_per_weight, compress_model
-from lit_cb.config import ModelConfig, TrainerConfig
-from lit_cb.data.datamodule import CompressionDataModule, DataConfig
+from lit_cb.compress import DEFAULT_TARGETS, bits_per_weight, compress_model
+from lit_cb.config import TrainerConfig
+from lit_cb.configs.report import (  # noqa: F401 (re-exported: the config lives torch-free)
+    METHODS,
+    ReportConfig,
+    ReportEvalConfig,
+    _parse_collect,
+)
+from lit_cb.data.datamodule import CompressionDataModule
 from lit_cb.evaluate import perplexity
 from lit_cb.models import DTYPES, EMBEDDED_FAMILIES, load_model
 from lit_cb.quant.bnb import BnbConfig, bnb_bits_per_weight, swap_linears_bnb4
-from lit_cb.quant.gptq import GPTQConfig
-from lit_cb.quant.rtn import RTNConfig
-from lit_cb.recovery import RecoveryConfig
-from lit_cb.typed_config import build
 
-METHODS = (
-    "fp16",
-    "bnb_nf4",
-    "bnb_fp4",
-    "qlora_nf4",
-    "rtn_2bit",
-    "rtn_3bit",
-    "rtn_4bit",
-    "gptq_2bit",
-    "gptq_3bit",
-    "gptq_4bit",
-)
 _SCALAR = re.compile(r"^(rtn|gptq)_(\d)bit$")
-# Compression-driver fields a report may set (method and method_config come from the row name).
-_DRIVER_KEYS = ("targets", "true_sequential", "hessian_dtype", "forward_batch_size", "offload_activations")
 VERSIONED_PACKAGES = ("lit_cb", "torch", "transformers", "lightning", "peft", "bitsandbytes")
-
-
-def _qlora_recovery_default() -> RecoveryConfig:
-    return RecoveryConfig(max_steps=100, lr=2e-4, warmup_steps=10, lora_r=16, lora_alpha=32)
-
-
-@dataclass
-class ReportEvalConfig:
-    """``dtype``: the dtype every row's model is cast to for evaluation (``float16`` on a GPU
-    reproduces the reference protocol; ``float32`` on a CPU, which has no fast fp16 matmul).
-    Autocast is always off, so the dtype is the arithmetic. ``batch_size``: windows per forward."""
-
-    dtype: str = "float32"
-    batch_size: int = 1
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"eval.dtype={self.dtype!r}; allowed: {sorted(DTYPES)}")
-        if self.batch_size < 1:
-            raise ValueError(f"eval.batch_size={self.batch_size} must be >= 1")
-
-
-@dataclass
-class ReportConfig:
-    """What the report runs. ``methods`` are computed here (see :data:`METHODS`); ``collect``
-    lists finished lit_cb run directories (or ``name=dir``) whose ``metrics.json`` rows are added.
-
-    ``rtn`` / ``gptq`` hold extra fields of :class:`RTNConfig` / :class:`GPTQConfig` (the bit width
-    comes from the row name); ``bnb`` the fields of :class:`BnbConfig` except ``quant_type``
-    (``compute_dtype`` null = ``eval.dtype``); ``compression`` the driver fields of
-    :class:`CompressionConfig` (forward_batch_size, hessian_dtype, ...); ``recovery`` and
-    ``trainer`` drive the QLoRA row's Lightning fit. ``trainer.accelerator`` also picks the device
-    of every row.
-    """
-
-    run_name: str = "report"
-    output_dir: str = "outputs"
-    seed: int = 0
-    methods: list[str] = field(default_factory=lambda: ["fp16", "bnb_nf4", "rtn_3bit", "gptq_3bit"])
-    collect: list[str] = field(default_factory=list)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    eval: ReportEvalConfig = field(default_factory=ReportEvalConfig)
-    rtn: dict[str, Any] = field(default_factory=lambda: {"group_size": -1})
-    gptq: dict[str, Any] = field(default_factory=lambda: {"group_size": -1, "damp": 0.01})
-    bnb: dict[str, Any] = field(default_factory=lambda: {"blocksize": 64, "compute_dtype": None})
-    compression: dict[str, Any] = field(default_factory=lambda: {"forward_batch_size": 8})
-    recovery: RecoveryConfig = field(default_factory=_qlora_recovery_default)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if isinstance(self.methods, str) or not isinstance(self.methods, list):
-            raise ValueError(f"methods={self.methods!r} must be a list of method names; allowed: {list(METHODS)}")
-        bad = [m for m in self.methods if m not in METHODS]
-        if bad:
-            raise ValueError(f"unknown report method(s) {bad}; allowed: {list(METHODS)}")
-        if len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"methods={self.methods} lists a method twice")
-        if not self.methods and not self.collect:
-            raise ValueError("the report has nothing to do: methods and collect are both empty")
-        # Validate the per-method settings now, before any model is loaded.
-        self.rtn_config(4)
-        self.gptq_config(4)
-        self.bnb_config("nf4")
-        self.compression_config("rtn", {"bits": 4, **self.rtn})
-        for entry in self.collect:
-            _parse_collect(entry)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.run_name
-
-    def rtn_config(self, bits: int) -> RTNConfig:
-        return build(RTNConfig, {**self.rtn, "bits": bits}, "rtn")
-
-    def gptq_config(self, bits: int) -> GPTQConfig:
-        return build(GPTQConfig, {**self.gptq, "bits": bits}, "gptq")
-
-    def bnb_config(self, quant_type: str) -> BnbConfig:
-        values = dict(self.bnb)
-        if values.get("compute_dtype") is None:
-            values["compute_dtype"] = self.eval.dtype
-        if "quant_type" in values:
-            raise ValueError("bnb.quant_type is set by the row name (bnb_nf4 / bnb_fp4); remove it")
-        return build(BnbConfig, {**values, "quant_type": quant_type}, "bnb")
-
-    def compression_config(self, method: str, method_config: dict) -> CompressionConfig:
-        unknown = sorted(set(self.compression) - set(_DRIVER_KEYS))
-        if unknown:
-            raise ValueError(f"compression: unknown or fixed key(s) {unknown}; allowed: {list(_DRIVER_KEYS)}")
-        return CompressionConfig(method=method, method_config=method_config, **self.compression)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _parse_collect(entry: str) -> tuple[str | None, Path]:
-    """``"dir"`` or ``"name=dir"`` -> (row name or None, run directory)."""
-    if not isinstance(entry, str) or not entry:
-        raise ValueError(f"collect entry {entry!r} must be a run directory or name=directory")
-    name, sep, path = entry.partition("=")
-    return (name, Path(path)) if sep else (None, Path(entry))
 
 
 # -- devices and helpers ----------------------------------------------------------------------------

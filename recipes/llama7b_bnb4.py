@@ -7,7 +7,7 @@ lightning run recipes/llama7b_bnb4.py [--config configs/llama7b_bnb4.yaml] model
 
 from pathlib import Path
 
-from lit_cb.report import ReportConfig, run_report
+from lit_cb.configs.report import ReportConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "llama7b_bnb4.yaml"
 CONFIG_CLASS = ReportConfig
@@ -19,6 +19,8 @@ def main(cfg: ReportConfig) -> dict:
 
         if not torch.cuda.is_available():
             raise RuntimeError(f"recipe {cfg.run_name!r} needs a GPU (model {cfg.model.name}); none is visible")
+    from lit_cb.report import run_report
+
     return run_report(cfg)
 
 

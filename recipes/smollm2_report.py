@@ -7,13 +7,15 @@ Full protocol (GPU): --config configs/smollm2_report_full.yaml output_dir=$OUT
 
 from pathlib import Path
 
-from lit_cb.report import ReportConfig, run_report
+from lit_cb.configs.report import ReportConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smollm2_report.yaml"
 CONFIG_CLASS = ReportConfig
 
 
 def main(cfg: ReportConfig) -> dict:
+    from lit_cb.report import run_report  # imported here: loading a recipe (for --help) stays torch-free
+
     return run_report(cfg)
 
 

@@ -15,67 +15,13 @@ exact bytes.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
-from typing import Literal
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lit_cb.configs.data import SAMPLING_MODES, DataConfig  # noqa: F401 (re-exported: the config lives torch-free)
 from lit_cb.data.texts import read_eval_text, resolve_text
-
-SAMPLING_MODES = ("document", "concat")
-
-
-@dataclass
-class DataConfig:
-    """Which texts to use and how to cut them. Sources are shipped names (``c4``,
-    ``wikitext2``) or local file paths."""
-
-    calibration_source: str = "c4"
-    finetune_source: str = "c4"
-    eval_source: str = "wikitext2"
-    num_calibration_samples: int = 128
-    calibration_seqlen: int = 2048
-    calibration_sampling: Literal["document", "concat"] = "document"
-    num_finetune_samples: int = 512
-    finetune_seqlen: int = 2048
-    num_val_samples: int = 16
-    val_fraction_docs: float = 0.1
-    eval_seqlen: int = 2048
-    max_eval_windows: int | None = None
-    batch_size: int = 1
-    eval_batch_size: int = 1
-    text_field: str = "text"
-    seed: int = 0
-    num_workers: int = 0
-
-    def __post_init__(self) -> None:
-        for name in (
-            "num_calibration_samples",
-            "calibration_seqlen",
-            "num_finetune_samples",
-            "finetune_seqlen",
-            "eval_seqlen",
-            "batch_size",
-            "eval_batch_size",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"data.{name}={value!r} must be a positive integer")
-        if self.num_val_samples < 0:
-            raise ValueError(f"data.num_val_samples={self.num_val_samples} must be >= 0")
-        if self.calibration_sampling not in SAMPLING_MODES:
-            raise ValueError(
-                f"data.calibration_sampling={self.calibration_sampling!r}; allowed: {list(SAMPLING_MODES)}"
-            )
-        if not 0.0 < self.val_fraction_docs < 1.0:
-            raise ValueError(f"data.val_fraction_docs={self.val_fraction_docs} must lie in (0, 1)")
-        if self.max_eval_windows is not None and self.max_eval_windows < 1:
-            raise ValueError(f"data.max_eval_windows={self.max_eval_windows} must be >= 1 or null (all)")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def load_documents(source: str, text_field: str = "text") -> list[str]:

@@ -19,64 +19,25 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from lit_cb.configs.bnb import (  # noqa: F401 (re-exported: the config lives torch-free)
+    BLOCKSIZES,
+    COMPUTE_DTYPE_NAMES,
+    QUANT_STORAGE_NAMES,
+    QUANT_TYPES,
+    BnbConfig,
+)
 from lit_cb.quant.registry import register_method
 
-QUANT_TYPES = ("nf4", "fp4")
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-COMPUTE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-QUANT_STORAGES = {
-    "uint8": torch.uint8,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-}
+COMPUTE_DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPE_NAMES}
+QUANT_STORAGES = {name: getattr(torch, name) for name in QUANT_STORAGE_NAMES}
 # Linears that stay dense by default: the output head (found by identity with
 # ``get_output_embeddings()`` and, for models without it, by these names). Embeddings are not
 # ``nn.Linear`` and are never touched.
 DEFAULT_EXCLUDE = re.compile(r"(^|\.)(lm_head|embed_out)$")
-
-
-@dataclass(frozen=True)
-class BnbConfig:
-    """bitsandbytes 4-bit settings: ``quant_type`` "nf4"|"fp4"; ``blocksize`` weights per absmax
-    (32..4096, powers of two); ``compute_dtype`` "float16"|"bfloat16"|"float32" (the matmul dtype);
-    ``quant_storage`` dtype name of the packed storage (uint8 unless FSDP needs another);
-    ``compress_statistics`` bitsandbytes' double quantization of the absmax values."""
-
-    quant_type: str = "nf4"
-    blocksize: int = 64
-    compute_dtype: str = "float16"
-    quant_storage: str = "uint8"
-    compress_statistics: bool = False
-
-    def __post_init__(self) -> None:
-        if self.quant_type not in QUANT_TYPES:
-            raise ValueError(f"quant_type={self.quant_type!r} is not supported; use one of {QUANT_TYPES}")
-        if isinstance(self.blocksize, bool) or self.blocksize not in BLOCKSIZES:
-            raise ValueError(f"blocksize={self.blocksize!r} is not supported; use one of {BLOCKSIZES}")
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(
-                f"compute_dtype={self.compute_dtype!r} is not supported; use one of {tuple(COMPUTE_DTYPES)}"
-            )
-        if self.quant_storage not in QUANT_STORAGES:
-            raise ValueError(
-                f"quant_storage={self.quant_storage!r} is not supported; use one of {tuple(QUANT_STORAGES)}"
-            )
-        if not isinstance(self.compress_statistics, bool):
-            raise ValueError(f"compress_statistics={self.compress_statistics!r} must be a bool")
-
-    @property
-    def torch_compute_dtype(self) -> torch.dtype:
-        return COMPUTE_DTYPES[self.compute_dtype]
-
-    @property
-    def torch_quant_storage(self) -> torch.dtype:
-        return QUANT_STORAGES[self.quant_storage]
 
 
 def bnb_bits_per_weight(config: BnbConfig) -> float:

@@ -26,124 +26,30 @@ it runs on the device of the weight.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
-from lit_cb.layers import CodebookFormat, CodebookLinear
+from lit_cb.configs.codebook import (  # noqa: F401 (re-exported: the config lives torch-free)
+    ALLOWED_IN_GROUP_SIZES,
+    GPTVQ_FIT_WEIGHTS,
+    INITS,
+    MAX_NBITS,
+    MIN_NBITS,
+    SCALES,
+    WEIGHTINGS,
+    CodebookConfig,
+)
+from lit_cb.layers import CodebookLinear
 from lit_cb.quant.objective import damped_hessian, layer_error, relative_layer_error  # noqa: F401 (re-exported)
 from lit_cb.quant.registry import register_method
-
-ALLOWED_IN_GROUP_SIZES = (1, 2, 4, 8)
-MIN_NBITS, MAX_NBITS = 2, 16
-WEIGHTINGS = ("hessian_diag", "gptvq", "none")
-INITS = ("kmeans++", "random")
-SCALES = ("row_max", "row_norm", None)
-GPTVQ_FIT_WEIGHTS = ("hessian_diag", "hinv_chol")
 
 MAX_TEMP_BYTES = 1 << 28  # 256 MiB for the [chunk, K] distance blocks on GPU; well under the 1 GB budget
 MAX_TEMP_BYTES_CPU = 1 << 25  # on CPU, cache-sized blocks are faster than big ones
 KMEANS_FULL_ITERS = 3  # Lloyd iterations on all vectors after a subsampled fit (see kmeans_max_points)
 KMEANSPP_SAMPLE_PER_CLUSTER = 32  # k-means++ runs on a random subsample of this many vectors per centroid
 KMEANSPP_SEQUENTIAL_MAX = 4096  # above this many centroids, k-means++ picks several centroids per round
-
-
-@dataclass(frozen=True)
-class CodebookConfig:
-    """Settings of the LLM-Codebook quantizer (one ``2**nbits`` x ``in_group_size`` codebook per layer).
-
-    ``damp`` is relative: ``H + damp * mean(diag H) * I`` (as in GPTQ), which keeps the Cholesky
-    factorisation of the inverse stable for rank-deficient calibration Hessians.
-
-    Defaults were picked on real SmolLM2-135M layers (relative layer error at ~2.08 bits/weight):
-    "gptvq" is 3-6x better than "hessian_diag" and ~5-15x better than "none"; fitting its codebook
-    with GPTQ's saliency ``1 / U_jj²`` ("hinv_chol") beats ``diag(H)`` by ~1%; the per-row RMS scale
-    ("row_norm") is on par with "row_max" and ~10% better than no scale. ``kmeans_max_points``
-    bounds the vectors used in the main k-means iterations (for CPU speed; ``None`` = all, which
-    costs about the same on a GPU and is ~1% better).
-    """
-
-    in_group_size: int = 4
-    nbits: int = 8
-    weighting: str = "gptvq"
-    kmeans_iters: int = 30
-    init: str = "kmeans++"
-    seed: int = 0
-    damp: float = 0.01
-    gptvq_block_size: int = 128
-    gptvq_fit_weights: str = "hinv_chol"
-    scale: str | None = "row_norm"
-    codebook_update_steps: int = 10
-    kmeans_max_points: int | None = 65536
-
-    def __post_init__(self) -> None:
-        def bad(name: str, allowed: str) -> ValueError:
-            return ValueError(f"CodebookConfig.{name}={getattr(self, name)!r} is invalid; allowed: {allowed}")
-
-        if not _is_int(self.in_group_size) or self.in_group_size not in ALLOWED_IN_GROUP_SIZES:
-            raise bad("in_group_size", f"one of {ALLOWED_IN_GROUP_SIZES}")
-        if not _is_int(self.nbits) or not MIN_NBITS <= self.nbits <= MAX_NBITS:
-            raise bad("nbits", f"an integer in [{MIN_NBITS}, {MAX_NBITS}]")
-        if self.weighting not in WEIGHTINGS:
-            raise bad("weighting", f"one of {WEIGHTINGS}")
-        if not _is_int(self.kmeans_iters) or self.kmeans_iters < 0:
-            raise bad("kmeans_iters", "an integer >= 0")
-        if self.init not in INITS:
-            raise bad("init", f"one of {INITS}")
-        if not _is_int(self.seed):
-            raise bad("seed", "an integer")
-        if isinstance(self.damp, bool) or not isinstance(self.damp, int | float) or not (0.0 <= self.damp < math.inf):
-            raise bad("damp", "a finite float >= 0")
-        if (
-            not _is_int(self.gptvq_block_size)
-            or self.gptvq_block_size < self.in_group_size
-            or self.gptvq_block_size % self.in_group_size
-        ):
-            raise bad("gptvq_block_size", f"a positive multiple of in_group_size={self.in_group_size}")
-        if self.gptvq_fit_weights not in GPTVQ_FIT_WEIGHTS:
-            raise bad("gptvq_fit_weights", f"one of {GPTVQ_FIT_WEIGHTS}")
-        if self.scale not in SCALES:
-            raise bad("scale", f"one of {SCALES}")
-        if not _is_int(self.codebook_update_steps) or self.codebook_update_steps < 0:
-            raise bad("codebook_update_steps", "an integer >= 0")
-        if self.kmeans_max_points is not None and (
-            not _is_int(self.kmeans_max_points) or self.kmeans_max_points < 2**self.nbits
-        ):
-            raise bad("kmeans_max_points", f"None (all vectors) or an integer >= 2**nbits={2**self.nbits}")
-
-    @property
-    def codebook_size(self) -> int:
-        return 2**self.nbits
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CodebookConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise so that typos in recipes are not ignored."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown CodebookConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**d)
-
-    def make_format(self, in_features: int, out_features: int, bias: bool) -> CodebookFormat:
-        return CodebookFormat(
-            in_features=in_features,
-            out_features=out_features,
-            in_group_size=self.in_group_size,
-            out_group_size=1,
-            num_codebooks=1,
-            nbits_per_codebook=self.nbits,
-            bias=bias,
-        )
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,22 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ALLOWED_BITS = (2, 3, 4, 8)
+from lit_cb.configs.dense import ALLOWED_BITS, validate_bits_group  # noqa: F401 (re-exported)
+
 # Smallest scale we store; keeps all-zero groups (scale 0) from dividing by zero. A power of two,
 # exact in float16 (subnormal), and far below any real weight spacing.
 MIN_SCALE = 2.0**-20
 MAX_SCALE = float(torch.finfo(torch.float16).max)
-
-
-def validate_bits_group(bits: int, group_size: int) -> None:
-    """Shared ``__post_init__`` checks of the RTN and GPTQ configs (ValueError names the field)."""
-    if isinstance(bits, bool) or bits not in ALLOWED_BITS:
-        raise ValueError(f"bits={bits!r} is not supported; use one of {ALLOWED_BITS}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size != -1 and group_size < 1):
-        raise ValueError(
-            f"group_size={group_size!r} is not allowed; use -1 (one group per row) or a positive int "
-            "that divides in_features (e.g. 32, 64, 128)"
-        )
 
 
 def resolve_group_size(group_size: int, in_features: int) -> int:

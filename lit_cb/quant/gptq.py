@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lit_cb.configs.dense import GPTQConfig  # noqa: F401 (re-exported: the config lives torch-free)
 from lit_cb.quant.dense_quant import (
     GroupQuantLinear,
     dequantize_codes,
@@ -43,32 +44,6 @@ from lit_cb.quant.dense_quant import (
     validate_bits_group,
 )
 from lit_cb.quant.registry import register_method
-
-
-@dataclass(frozen=True)
-class GPTQConfig:
-    """GPTQ settings. ``bits`` in (2, 3, 4, 8); ``group_size`` -1 (whole row) or a positive divisor of
-    in_features; ``damp`` relative dampening (> 0 and <= 1 recommended 0.01); ``act_order`` processes
-    columns by descending Hessian diagonal; ``block_size`` columns per lazy batch update;
-    ``static_groups`` fixes group parameters before the sweep (only matters with act_order)."""
-
-    bits: int = 4
-    group_size: int = 128
-    damp: float = 0.01
-    act_order: bool = False
-    block_size: int = 128
-    static_groups: bool = False
-    symmetric: bool = False
-
-    def __post_init__(self) -> None:
-        validate_bits_group(self.bits, self.group_size)
-        if isinstance(self.damp, bool) or not isinstance(self.damp, int | float) or not 0 <= self.damp <= 1:
-            raise ValueError(f"damp={self.damp!r} must be a float in [0, 1] (typically 0.01)")
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ValueError(f"block_size={self.block_size!r} must be a positive int (typically 128)")
-        for name in ("act_order", "static_groups", "symmetric"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
 
 
 @dataclass

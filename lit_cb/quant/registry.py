@@ -4,6 +4,11 @@ torchao-style: a method is a frozen config dataclass plus one registered transfo
 sequential compression driver only ever calls :func:`quantize_linear`, so adding a method means
 adding a config and registering its transform, nothing else.
 
+The two halves live apart: the name -> config table is :mod:`lit_cb.configs.methods` (torch-free,
+what config validation and ``--help`` use); this module holds the transforms. A built-in method's
+module is imported the first time a layer is compressed with it, which runs its
+``@register_method`` decorator.
+
 A transform has the signature ``fn(weight, hessian, config, bias) -> nn.Module`` where
 ``weight`` is the float32 ``[out, in]`` weight, ``hessian`` the float32 ``[in, in]`` input second
 moment ``XᵀX / n_tokens`` from :class:`lit_cb.hessian.HessianAccumulator`, ``bias`` the float
@@ -12,16 +17,29 @@ bias or None; it returns the module that replaces the ``nn.Linear``.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+from lit_cb.configs import methods as _configs
+from lit_cb.configs.methods import config_class, method_name  # noqa: F401 (re-exported)
 
-QuantizeFn = Callable[[torch.Tensor, torch.Tensor, Any, "torch.Tensor | None"], nn.Module]
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+QuantizeFn = Callable[["torch.Tensor", "torch.Tensor", Any, "torch.Tensor | None"], "nn.Module"]
 
 _REGISTRY: dict[type, QuantizeFn] = {}
-_BY_NAME: dict[str, type] = {}
+_BY_NAME = _configs._BY_NAME  # the torch-free name -> config table itself (one dict, read here too)
+# Built-in methods: name -> the module whose @register_method registers the transform.
+_BUILTIN_MODULES = {
+    "aqlm": "lit_cb.quant.aqlm",
+    "bnb4": "lit_cb.quant.bnb",
+    "codebook": "lit_cb.quant.codebook",
+    "gptq": "lit_cb.quant.gptq",
+    "rtn": "lit_cb.quant.rtn",
+}
 
 
 def register_method(config_cls: type, name: str) -> Callable[[QuantizeFn], QuantizeFn]:
@@ -29,44 +47,46 @@ def register_method(config_cls: type, name: str) -> Callable[[QuantizeFn], Quant
 
     def wrap(fn: QuantizeFn) -> QuantizeFn:
         _REGISTRY[config_cls] = fn
-        _BY_NAME[name] = config_cls
+        _configs.register_config(config_cls, name)
         return fn
 
     return wrap
 
 
 def method_names() -> list[str]:
+    """Every method name; imports the built-in transform modules (so their compressed module types
+    are registered with :mod:`lit_cb.serialization` too)."""
     _import_builtin_methods()
-    return sorted(_BY_NAME)
+    return _configs.method_names()
 
 
-def config_class(name: str) -> type:
-    """The config dataclass registered under ``name`` (e.g. ``"codebook"``, ``"aqlm"``)."""
-    _import_builtin_methods()
-    if name not in _BY_NAME:
-        raise ValueError(f"unknown compression method {name!r}; known methods: {sorted(_BY_NAME)}")
-    return _BY_NAME[name]
-
-
-def method_name(config: Any) -> str:
-    _import_builtin_methods()
-    for name, cls in _BY_NAME.items():
-        if type(config) is cls:
-            return name
-    raise TypeError(f"{type(config).__name__} is not a registered method config; known: {sorted(_BY_NAME)}")
+def transform(config: Any) -> QuantizeFn:
+    """The transform registered for ``type(config)``, importing a built-in method's module on first use."""
+    fn = _REGISTRY.get(type(config))
+    if fn is None:
+        try:
+            name = _configs.method_name(config)
+        except TypeError:
+            name = None
+        if name in _BUILTIN_MODULES:
+            importlib.import_module(_BUILTIN_MODULES[name])
+            fn = _REGISTRY.get(type(config))
+    if fn is None:
+        raise TypeError(f"no method registered for {type(config).__name__}; known: {_configs.method_names()}")
+    return fn
 
 
 def quantize_linear(layer: nn.Linear, hessian: torch.Tensor, config: Any) -> nn.Module:
     """Compress one ``nn.Linear`` with the method that ``config`` selects."""
-    _import_builtin_methods()
-    fn = _REGISTRY.get(type(config))
-    if fn is None:
-        raise TypeError(f"no method registered for {type(config).__name__}; known: {sorted(_BY_NAME)}")
+    import torch
+
+    fn = transform(config)
     weight = layer.weight.detach().float()
     bias = None if layer.bias is None else layer.bias.detach().float()
     return fn(weight, hessian.to(weight.device, torch.float32), config, bias)
 
 
 def _import_builtin_methods() -> None:
-    # Importing the method modules runs their @register_method decorators.
+    # Importing the method modules runs their @register_method decorators (bnb4 stays lazy: it
+    # needs bitsandbytes).
     from lit_cb.quant import aqlm, codebook, gptq, rtn  # noqa: F401

@@ -1,0 +1,76 @@
+"""Config of the texts a run uses (the LightningDataModule lives in :mod:`lit_cb.data.datamodule`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+SAMPLING_MODES = ("document", "concat")
+
+
+@dataclass
+class DataConfig:
+    """Which texts to use and how to cut them. Sources are shipped names (``c4``,
+    ``wikitext2``) or local file paths."""
+
+    calibration_source: str = "c4"
+    """Calibration documents: a shipped name (c4, wikitext2) or a .jsonl/.json/.txt[.xz] file."""
+    finetune_source: str = "c4"
+    """Recovery fine-tuning documents (same forms as calibration_source)."""
+    eval_source: str = "wikitext2"
+    """Evaluation text, read verbatim (a shipped name or a file)."""
+    num_calibration_samples: int = 128
+    """Calibration windows (>= 1)."""
+    calibration_seqlen: int = 2048
+    """Tokens per calibration window (>= 1)."""
+    calibration_sampling: Literal["document", "concat"] = "document"
+    """document: a random window of a random long-enough document (GPTQ/AQLM); concat: of the joined text."""
+    num_finetune_samples: int = 512
+    """Recovery training windows (>= 1)."""
+    finetune_seqlen: int = 2048
+    """Tokens per recovery window (>= 1)."""
+    num_val_samples: int = 16
+    """Held-out recovery validation windows (>= 0)."""
+    val_fraction_docs: float = 0.1
+    """Fraction of the fine-tuning documents reserved for validation, in (0, 1)."""
+    eval_seqlen: int = 2048
+    """Tokens per evaluation window (>= 1)."""
+    max_eval_windows: int | None = None
+    """Evaluate on the first N windows only (>= 1; null: the whole text)."""
+    batch_size: int = 1
+    """Training and calibration windows per batch (>= 1)."""
+    eval_batch_size: int = 1
+    """Validation windows per batch (>= 1)."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl/.json documents."""
+    seed: int = 0
+    """Seed of the window sampling."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "num_calibration_samples",
+            "calibration_seqlen",
+            "num_finetune_samples",
+            "finetune_seqlen",
+            "eval_seqlen",
+            "batch_size",
+            "eval_batch_size",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"data.{name}={value!r} must be a positive integer")
+        if self.num_val_samples < 0:
+            raise ValueError(f"data.num_val_samples={self.num_val_samples} must be >= 0")
+        if self.calibration_sampling not in SAMPLING_MODES:
+            raise ValueError(
+                f"data.calibration_sampling={self.calibration_sampling!r}; allowed: {list(SAMPLING_MODES)}"
+            )
+        if not 0.0 < self.val_fraction_docs < 1.0:
+            raise ValueError(f"data.val_fraction_docs={self.val_fraction_docs} must lie in (0, 1)")
+        if self.max_eval_windows is not None and self.max_eval_windows < 1:
+            raise ValueError(f"data.max_eval_windows={self.max_eval_windows} must be >= 1 or null (all)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

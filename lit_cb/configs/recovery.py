@@ -1,0 +1,62 @@
+"""Config of recovery fine-tuning (the LightningModule lives in :mod:`lit_cb.recovery`)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from lit_cb.architectures import DEFAULT_LORA_TARGETS
+
+
+@dataclass
+class RecoveryConfig:
+    max_steps: int = 200
+    """Optimizer steps of recovery fine-tuning (>= 0; 0 skips recovery)."""
+    lr: float = 2e-4
+    """Learning rate of the LoRA adapters and norms (> 0)."""
+    codebook_lr: float = 1e-5
+    """Learning rate of codebooks and scales when train_codebooks is on (> 0)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 10
+    """Steps of linear learning-rate warm-up (then cosine decay to 0 at max_steps)."""
+    lora_r: int = 16
+    """LoRA rank (>= 0; 0 disables LoRA)."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (the adapter is scaled by lora_alpha / lora_r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    lora_targets: str = DEFAULT_LORA_TARGETS
+    """Regular expression selecting the linears that get LoRA adapters."""
+    lora_on_compressed: bool = False
+    """Put LoRA on compressed linears too (merged into their low-rank slot afterwards)."""
+    train_codebooks: bool = False
+    """Train the codebooks and scales of compressed linears (codes stay frozen)."""
+    train_norms: bool = False
+    """Train the norm weights."""
+    distill_alpha: float = 0.0
+    """Weight of KL distillation from the float model in the loss, in [0, 1] (0: cross-entropy only)."""
+    distill_temperature: float = 1.0
+    """Softmax temperature of the distillation (> 0)."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping (0: off)."""
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 0:
+            raise ValueError(f"recovery.max_steps={self.max_steps} must be >= 0")
+        for name in ("lr", "codebook_lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"recovery.{name}={getattr(self, name)} must be > 0")
+        if self.lora_r < 0:
+            raise ValueError(f"recovery.lora_r={self.lora_r} must be >= 0 (0 disables LoRA)")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise ValueError(f"recovery.distill_alpha={self.distill_alpha} must lie in [0, 1]")
+        if self.distill_temperature <= 0:
+            raise ValueError(f"recovery.distill_temperature={self.distill_temperature} must be > 0")
+        try:
+            re.compile(self.lora_targets)
+        except re.error as err:
+            raise ValueError(f"recovery.lora_targets={self.lora_targets!r} is not a valid regex: {err}") from err
+
+    def to_dict(self) -> dict:
+        return asdict(self)
