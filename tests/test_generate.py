@@ -234,6 +234,8 @@ def test_bench_generate_smoke_runs_and_writes_its_json(tmp_path):
         assert [r["batch"] for r in row["results"]] == [1, 2]
         for r in row["results"]:
             assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["new_tokens"] == 6
+            # the default decode path, the graph loop, run eagerly on a CPU
+            assert (r["compile"], r["compile_backend"], r["warnings"]) == ("graph", "graph-eager", [])
 
 
 def _lively(tokenizer):
