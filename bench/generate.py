@@ -31,10 +31,12 @@ Each row runs batch 1 and 16 (``--batches``) with a ``--prompt-tokens`` prompt (
 random ids for the 7B shape) and exactly ``--new-tokens`` new tokens (end of sequence ignored): one
 untimed generation (which also compiles, or captures), then a timed one. Prefill tok/s = batch * prompt
 tokens / time to the first new token; decode tok/s = batch * (new tokens - 1) / the rest (the graph capture
-between the two is not timed, as torch.compile's compilation is not). ``cudagraphs`` compiles in seconds;
-``inductor`` also fuses elementwise ops but takes about a minute a compile (a dozen compiles here). The JSON
-is rewritten after every
-row, so an interrupted run keeps what it measured.
+between the two is not timed, as torch.compile's compilation is not). Under ``graph`` each result also
+compares the first 32 greedy tokens with the same loop run eagerly (``graph_vs_eager_same_tokens``: the
+share equal; ``graph_vs_eager_same_prefix``: the shortest equal prefix over the batch rows).
+``cudagraphs`` compiles in seconds; ``inductor`` also fuses elementwise ops but takes about a minute a
+compile (a dozen compiles here). The JSON is rewritten after every row, so an interrupted run keeps what
+it measured.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+CHECK_TOKENS = 32  # greedy tokens compared between the replayed graph and the eager loop
 SMOLLM2_ROWS = ("smollm2_fp16", "smollm2_nf4", "smollm2_codebook", "smollm2_aqlm")
 LLAMA7B_ROWS = {"llama7b_fp16": None, "llama7b_nf4": "nf4", "llama7b_2x8_g8": "2x8_g8", "llama7b_1x8_g4": "1x8_g4"}
 QUICK = {
@@ -112,8 +115,18 @@ def measure(model, tokenizer, prompt_ids: torch.Tensor, batch: int, new_tokens: 
     first = time.perf_counter() - t
     # a failed torch.compile falls back to eager generate; the graph loop falls back inside each call
     used = None if warnings and backend != "graph" else backend
-    _, stats = generate(model, tokenizer, ids, max_new_tokens=new_tokens, compile_backend=used, warn=warnings.append)
+    new, stats = generate(model, tokenizer, ids, max_new_tokens=new_tokens, compile_backend=used, warn=warnings.append)
     torch._dynamo.reset()
+    check = {}
+    if stats.compile_backend == "graph":
+        # the replayed graph against the same loop run eagerly: the first CHECK_TOKENS greedy tokens per row
+        n = min(new_tokens, CHECK_TOKENS)
+        eager, _ = generate(model, tokenizer, ids, max_new_tokens=n, compile_backend="graph", capture=False)
+        same = (new[:, :n] == eager).float()
+        check = {
+            "graph_vs_eager_same_tokens": round(same.mean().item(), 3),
+            "graph_vs_eager_same_prefix": int(same.cumprod(1).sum(1).min().item()),
+        }
     return {
         "batch": batch,
         "prompt_tokens": prompt_ids.shape[1],
@@ -126,6 +139,7 @@ def measure(model, tokenizer, prompt_ids: torch.Tensor, batch: int, new_tokens: 
         "compile_backend": stats.compile_backend,
         "first_run_s": round(first, 1),
         "warnings": warnings,
+        **check,
     }
 
 
