@@ -1,5 +1,7 @@
-"""Prefill and decode tokens/s of ``lit_cb generate``'s code path (transformers' generate, static KV cache,
-fullgraph torch.compile of the decode step) for compressed and baseline models.
+"""Prefill and decode tokens/s of ``lit_cb generate``'s code path for compressed and baseline models:
+``--compile graph`` (the default, as ``lit_cb generate`` on a GPU: lit_cb's static-cache loop replaying one
+captured CUDA graph per token), or ``cudagraphs`` / ``inductor`` (transformers' generate, static KV cache,
+fullgraph torch.compile of the decode step of that backend), or ``off`` (transformers' generate, eager).
 
     source bench/device_setup.sh && python bench/generate.py --out $OUT/generate_h100.json
     python bench/generate.py --smoke --out /tmp/generate_smoke.json      # CPU, tiny shapes, a few minutes
@@ -18,18 +20,23 @@ Rows (``--rows``, default all but the optional AQLM export):
   layers with random codes (``bench/decode_7b.py``'s factory; no calibration) or for decode_7b's NF4
   layers, embedding and lm_head fp16.
 
-transformers does not compile models it quantized with bitsandbytes or aqlm (``is_compileable`` is False
-for them), so ``smollm2_nf4`` and ``smollm2_aqlm_export`` decode eagerly (launch-bound at batch 1; each
-row records the ``compile_backend`` it actually ran with); ``llama7b_nf4`` holds its NF4 layers itself,
-so it goes through the same compile as the other 7B rows.
+Each result records the ``compile`` asked for and the ``compile_backend`` it actually ran with: ``graph``
+(replayed CUDA graph), ``graph-eager`` (the same loop run eagerly: a CPU, or a capture that failed, with
+the warning kept), a torch.compile backend, or None (eager). transformers does not torch.compile models it
+quantized with bitsandbytes or aqlm (``is_compileable`` is False for them), so under ``cudagraphs`` /
+``inductor`` ``smollm2_nf4`` and ``smollm2_aqlm_export`` decode eagerly; ``llama7b_nf4`` holds its NF4
+layers itself, so it goes through the same compile as the other 7B rows.
 
 Each row runs batch 1 and 16 (``--batches``) with a ``--prompt-tokens`` prompt (real text for SmolLM2,
 random ids for the 7B shape) and exactly ``--new-tokens`` new tokens (end of sequence ignored): one
-untimed generation (which also compiles), then a timed one. Prefill tok/s = batch * prompt tokens / time
-to the first new token; decode tok/s = batch * (new tokens - 1) / the rest. ``--compile-backend
-cudagraphs`` (the default, as ``lit_cb generate`` on a GPU) compiles in seconds; ``inductor`` also fuses
-elementwise ops but takes about a minute a compile (a dozen compiles here). The JSON is rewritten after every
-row, so an interrupted run keeps what it measured.
+untimed generation (which also compiles, or captures), then a timed one. Prefill tok/s = batch * prompt
+tokens / time to the first new token; decode tok/s = batch * (new tokens - 1) / the rest (the graph capture
+between the two is not timed, as torch.compile's compilation is not). Under ``graph`` each result also
+compares the first 32 greedy tokens with the same loop run eagerly (``graph_vs_eager_same_tokens``: the
+share equal; ``graph_vs_eager_same_prefix``: the shortest equal prefix over the batch rows).
+``cudagraphs`` compiles in seconds; ``inductor`` also fuses elementwise ops but takes about a minute a
+compile (a dozen compiles here). The JSON is rewritten after every row, so an interrupted run keeps what
+it measured.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+CHECK_TOKENS = 32  # greedy tokens compared between the replayed graph and the eager loop
 SMOLLM2_ROWS = ("smollm2_fp16", "smollm2_nf4", "smollm2_codebook", "smollm2_aqlm")
 LLAMA7B_ROWS = {"llama7b_fp16": None, "llama7b_nf4": "nf4", "llama7b_2x8_g8": "2x8_g8", "llama7b_1x8_g4": "1x8_g4"}
 QUICK = {
@@ -105,9 +113,20 @@ def measure(model, tokenizer, prompt_ids: torch.Tensor, batch: int, new_tokens: 
     t = time.perf_counter()
     generate(model, tokenizer, ids, max_new_tokens=new_tokens, compile_backend=backend, warn=warnings.append)
     first = time.perf_counter() - t
-    used = None if warnings else backend
-    _, stats = generate(model, tokenizer, ids, max_new_tokens=new_tokens, compile_backend=used, warn=warnings.append)
+    # a failed torch.compile falls back to eager generate; the graph loop falls back inside each call
+    used = None if warnings and backend != "graph" else backend
+    new, stats = generate(model, tokenizer, ids, max_new_tokens=new_tokens, compile_backend=used, warn=warnings.append)
     torch._dynamo.reset()
+    check = {}
+    if stats.compile_backend == "graph":
+        # the replayed graph against the same loop run eagerly: the first CHECK_TOKENS greedy tokens per row
+        n = min(new_tokens, CHECK_TOKENS)
+        eager, _ = generate(model, tokenizer, ids, max_new_tokens=n, compile_backend="graph", capture=False)
+        same = (new[:, :n] == eager).float()
+        check = {
+            "graph_vs_eager_same_tokens": round(same.mean().item(), 3),
+            "graph_vs_eager_same_prefix": int(same.cumprod(1).sum(1).min().item()),
+        }
     return {
         "batch": batch,
         "prompt_tokens": prompt_ids.shape[1],
@@ -116,9 +135,11 @@ def measure(model, tokenizer, prompt_ids: torch.Tensor, batch: int, new_tokens: 
         "decode_tok_s": round(stats.decode_tok_s, 1),
         "prefill_s": round(stats.prefill_seconds, 4),
         "decode_s": round(stats.decode_seconds, 4),
+        "compile": backend or "off",
         "compile_backend": stats.compile_backend,
         "first_run_s": round(first, 1),
         "warnings": warnings,
+        **check,
     }
 
 
@@ -229,10 +250,12 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument(
+        "--compile",
         "--compile-backend",
-        choices=("cudagraphs", "inductor", "off"),
-        default=None,
-        help="default: cudagraphs on a GPU (as lit_cb generate), off with --smoke",
+        dest="compile",
+        choices=("graph", "cudagraphs", "inductor", "off"),
+        default="graph",
+        help="decode path (default graph, as lit_cb generate on a GPU; on a CPU, --smoke, the graph loop runs eagerly)",
     )
     p.add_argument(
         "--codebook-dir", default=None, help="lit_cb folder of a codebook g4 B8 SmolLM2 (else compressed here)"
@@ -255,7 +278,7 @@ def main() -> None:
             p.error(f"--{flag.replace('_', '-')} {folder}: no config.json there")
     if args.smoke:
         device, batches, new_tokens, prompt_tokens = torch.device("cpu"), [1, 2], 6, 16
-        backend = None if args.compile_backend in (None, "off") else args.compile_backend
+        backend = None if args.compile == "off" else args.compile
         rows = [r for r in rows if r not in ("smollm2_nf4", "llama7b_nf4", "smollm2_aqlm_export")]  # GPU only
         torch.set_num_threads(1)
     else:
@@ -263,7 +286,7 @@ def main() -> None:
             p.error("no GPU visible; use --smoke for a CPU check")
         device, batches = torch.device("cuda"), [int(b) for b in args.batches.split(",")]
         new_tokens, prompt_tokens = args.new_tokens, args.prompt_tokens
-        backend = None if args.compile_backend == "off" else (args.compile_backend or "cudagraphs")
+        backend = None if args.compile == "off" else args.compile
 
     import transformers
     import triton

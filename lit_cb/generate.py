@@ -5,13 +5,18 @@
 
 The prompt goes through the tokenizer's chat template when it has one (``--no-chat-template`` turns that
 off), the reply streams to stdout, and prefill and decode tokens/s go to stderr at the end. Greedy by
-default; ``--temperature > 0`` samples (with ``--top-p`` and ``--seed``). On a GPU the decode steps run
-on a static KV cache under a fullgraph ``torch.compile`` (``--compile cudagraphs``, the default there:
-CUDA graphs of the eager kernels; ``inductor`` also fuses elementwise ops but compiles for about a
-minute). The Triton kernels are torch custom ops with fake implementations, so the compressed layers
-trace without graph breaks. A short warm-up keeps compilation out of the timing; if compilation
-fails the command says so and runs eagerly. On a CPU the model runs eagerly, compressed layers
-through their PyTorch reference.
+default; ``--temperature > 0`` samples (with ``--top-p`` and ``--seed``).
+
+On a GPU the default (``--compile graph``) is lit_cb's own decode loop: a transformers ``StaticCache``,
+one eager forward for the prompt, then one decode step (write the mask bit, forward one token per row,
+advance the position) captured once in a ``torch.cuda.CUDAGraph`` and replayed per token; only the
+token choice (argmax or seeded top-p sampling) and the end-of-sequence check run outside the graph.
+That removes the per-token Python and launch overhead which bounds transformers' ``generate`` at small
+batches. If the capture fails the command says why and runs the same loop eagerly. Batch rows must be
+prompts of equal length (no left padding): every prompt token is attended to. ``cudagraphs`` and
+``inductor`` keep the older path: transformers' ``generate`` with a static cache under a fullgraph
+``torch.compile`` of that backend. On a CPU the model runs eagerly (transformers' ``generate``),
+compressed layers through their PyTorch reference.
 
 Only :func:`main` is the command; :func:`load`, :func:`encode_prompt` and :func:`generate` are the
 pieces it is made of, for scripts (``bench/generate.py``) and tests.
@@ -30,7 +35,9 @@ if TYPE_CHECKING:  # torch and transformers load after argument parsing, so --he
     import torch
 
 WARMUP_TOKENS = 3
-COMPILE_BACKENDS = ("inductor", "cudagraphs")
+GRAPH_WARMUP_STEPS = 2  # eager decode steps (on a side stream) before the capture: Triton/cuBLAS set-up
+COMPILE_BACKENDS = ("graph", "inductor", "cudagraphs")
+TORCH_COMPILE_BACKENDS = ("inductor", "cudagraphs")  # the ones that go through transformers' generate
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -54,7 +61,12 @@ class GenerationStats:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else float("nan")
 
     def summary(self) -> str:
-        mode = f"static cache + torch.compile ({self.compile_backend})" if self.compile_backend else "eager"
+        modes = {
+            None: "eager",
+            "graph": "static cache, one CUDA graph replay per token",
+            "graph-eager": "static cache loop, eager",
+        }
+        mode = modes.get(self.compile_backend, f"static cache + torch.compile ({self.compile_backend})")
         return (
             f"prefill: {self.prompt_tokens} tokens in {self.prefill_seconds:.3f} s ({self.prefill_tok_s:.1f} tok/s); "
             f"decode: {self.decode_tokens} tokens in {self.decode_seconds:.3f} s ({self.decode_tok_s:.1f} tok/s) "
@@ -102,9 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile",
         choices=("auto", "off", *COMPILE_BACKENDS),
         default="auto",
-        help="static KV cache + fullgraph torch.compile of the decode step: cudagraphs (CUDA graphs of the eager "
-        "kernels, compiles in seconds) or inductor (also fuses elementwise ops, about a minute to compile); "
-        "auto = cudagraphs on a GPU, off on a CPU",
+        help="graph: lit_cb's static-cache loop replaying one captured CUDA graph per token (GPU); cudagraphs / "
+        "inductor: transformers' generate with a static cache under a fullgraph torch.compile of that backend "
+        "(inductor compiles for about a minute); auto = graph on a GPU, off on a CPU",
     )
     p.add_argument("--no-chat-template", action="store_true", help="tokenize the prompt as raw text")
     p.add_argument("--no-stream", action="store_true", help="print the reply at the end instead of streaming it")
@@ -248,8 +260,8 @@ def generation_config(
     if compile_backend is not None:
         from transformers.generation.configuration_utils import CompileConfig
 
-        if compile_backend not in COMPILE_BACKENDS:
-            raise ValueError(f"compile backend {compile_backend!r}; allowed: {COMPILE_BACKENDS}")
+        if compile_backend not in TORCH_COMPILE_BACKENDS:
+            raise ValueError(f"compile backend {compile_backend!r}; allowed: {TORCH_COMPILE_BACKENDS}")
         cfg.cache_implementation = "static"
         # fullgraph: a graph break is an error (caught by generate's warm-up), not a silent slowdown.
         # "reduce-overhead" is inductor's CUDA-graph mode; the cudagraphs backend takes no mode.
@@ -263,6 +275,222 @@ def generation_config(
     return cfg
 
 
+def _static_cache(model, batch: int, max_cache_len: int):
+    """A transformers ``StaticCache`` of ``max_cache_len`` positions. transformers 5.x takes the config and
+    the length and allocates lazily on the first update (the prefill); older releases wanted the batch,
+    device and dtype up front."""
+    from transformers import StaticCache
+
+    try:
+        return StaticCache(config=model.config, max_cache_len=max_cache_len)
+    except TypeError:
+        return StaticCache(
+            config=model.config,
+            max_batch_size=batch,
+            max_cache_len=max_cache_len,
+            device=model.device,
+            dtype=model.dtype,
+        )
+
+
+def _cache_keyword(model) -> str:
+    """The forward argument that takes the cache: ``cache`` from transformers 5.2x, ``past_key_values`` before
+    (5.2x still accepts the old name, with a deprecation warning)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+class _DecodeStep:
+    """One decode step on static tensors: mark position ``pos`` as attended, run the model on the ``[B, 1]``
+    tokens in ``ids`` at that position (the static cache writes its key/value there), advance ``pos`` and
+    return the last logits. Every input is a tensor updated in place, so the same call can be captured in
+    a CUDA graph and replayed; nothing in it reads a value back to the CPU."""
+
+    def __init__(self, model, cache, cache_kw: str, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor):
+        self.model, self.cache, self.cache_kw = model, cache, cache_kw
+        self.ids, self.pos, self.mask = ids, pos, mask
+
+    def __call__(self) -> torch.Tensor:
+        self.mask.index_fill_(1, self.pos, 1)
+        out = self.model(
+            input_ids=self.ids,
+            attention_mask=self.mask,
+            position_ids=self.pos.view(1, 1).expand(self.ids.shape[0], 1),
+            use_cache=True,
+            logits_to_keep=1,
+            **{self.cache_kw: self.cache},
+        )
+        self.pos.add_(1)
+        return out.logits[:, -1, :]
+
+
+def _snapshot(objects) -> list:
+    """The small state of ``objects`` (position counters, the mask; not the big key/value tensors), so the
+    warm-up steps before a capture can be undone."""
+    import torch
+
+    saved = []
+    for obj in objects:
+        for name, value in vars(obj).items():
+            if name in ("keys", "values"):
+                continue
+            if isinstance(value, torch.Tensor):
+                saved.append((obj, name, value, value.clone()))
+            elif isinstance(value, (bool, int, float)):
+                saved.append((obj, name, None, value))
+    return saved
+
+
+def _restore(saved: list) -> None:
+    for obj, name, tensor, value in saved:
+        if tensor is not None:
+            tensor.copy_(value)
+        else:
+            setattr(obj, name, value)
+
+
+def _capture(step: _DecodeStep, device: torch.device):
+    """``(graph, logits)``: ``step`` captured in a CUDA graph whose replay refills ``logits``. A few eager
+    steps on a side stream first compile/autotune the Triton kernels and set up cuBLAS outside the capture
+    (as bench/decode_7b.py does); their effect on the cache counters, position and mask is then undone
+    (the keys/values they wrote sit at positions the real steps overwrite before attending to them)."""
+    import torch
+
+    saved = _snapshot([step, step.cache, *getattr(step.cache, "layers", [])])
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(GRAPH_WARMUP_STEPS):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        _restore(saved)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                logits = step()
+        finally:
+            _restore(saved)  # capturing runs no kernels, but Python-side state may have moved
+        torch.cuda.synchronize()
+    return graph, logits
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    """``[B]`` next tokens: argmax when ``temperature`` is 0, else a draw from the temperature-scaled
+    distribution cut to the smallest top set of mass >= ``top_p`` (transformers' top-p rule)."""
+    import torch
+
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # the mass before a token already reaches top_p
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(drop, 0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _graph_generate(
+    model,
+    tokenizer,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    stream: bool,
+    capture: bool,
+    warn,
+) -> tuple[torch.Tensor, GenerationStats]:
+    """lit_cb's decode loop (see the module docstring); ``capture=False`` (or a CPU) runs the very same
+    steps eagerly. Rows of ``input_ids`` are equal-length prompts, all tokens attended to."""
+    import torch
+
+    device = input_ids.device
+    batch, prompt_len = input_ids.shape
+    gen_cfg = getattr(model, "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None)
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    pad = getattr(gen_cfg, "pad_token_id", None)
+    if pad is None and tokenizer is not None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad if pad is not None else (eos_ids[0] if eos_ids else 0)
+    eos_t = torch.tensor(eos_ids, device=device, dtype=torch.long)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    printer = _streamer(tokenizer, _Clock(), True) if stream else None
+    capture = capture and device.type == "cuda"
+
+    # room for the warm-up steps, whose key/value writes land past the last real position
+    cache_len = prompt_len + max_new_tokens + GRAPH_WARMUP_STEPS
+    with torch.inference_mode():
+        cache = _static_cache(model, batch, cache_len)
+        cache_kw = _cache_keyword(model)
+        mask = torch.zeros(batch, cache_len, dtype=torch.long, device=device)
+        mask[:, :prompt_len] = 1
+        if printer is not None:
+            printer.put(input_ids.cpu())
+        start = time.perf_counter()
+        out = model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=torch.arange(prompt_len, device=device).unsqueeze(0).expand(batch, -1),
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_kw: cache},
+        )
+        token = _pick(out.logits[:, -1, :], temperature, top_p, generator)
+        del out
+        unfinished = ~torch.isin(token, eos_t)
+        tokens = [token]
+        first = token.cpu()  # waits for the prefill
+        prefill_seconds = time.perf_counter() - start
+        if printer is not None:
+            printer.put(first)
+
+        ids = token.unsqueeze(1).clone()
+        pos = torch.tensor([prompt_len], dtype=torch.long, device=device)
+        step = _DecodeStep(model, cache, cache_kw, ids, pos, mask)
+        graph, logits = None, None
+        backend = "graph-eager"
+        if capture and max_new_tokens > 1 and bool(unfinished.any()):
+            try:
+                graph, logits = _capture(step, device)
+                backend = "graph"
+            except Exception as err:  # noqa: BLE001  any capture failure: say it and run the loop eagerly
+                warn(f"CUDA graph capture of the decode step failed, decoding eagerly: {type(err).__name__}: {err}")
+                graph = None
+        start = time.perf_counter()
+        for _ in range(max_new_tokens - 1):
+            if eos_ids and not bool(unfinished.any()):
+                break
+            if graph is not None:
+                graph.replay()
+            else:
+                logits = step()
+            token = _pick(logits, temperature, top_p, generator)
+            if eos_ids:
+                token = torch.where(unfinished, token, torch.full_like(token, pad))
+                unfinished &= ~torch.isin(token, eos_t)
+            tokens.append(token)
+            ids.copy_(token.unsqueeze(1))
+            if printer is not None:
+                printer.put(token.cpu())
+        new = torch.stack(tokens, dim=1).cpu()  # waits for the last step
+        decode_seconds = time.perf_counter() - start
+        del graph, logits, cache
+    if printer is not None:
+        printer.end()
+    stats = GenerationStats(
+        prompt_tokens=input_ids.numel(),
+        decode_tokens=(new.shape[1] - 1) * batch,
+        prefill_seconds=prefill_seconds,
+        decode_seconds=decode_seconds if new.shape[1] > 1 else 0.0,
+        compile_backend=backend,
+    )
+    return new.to(device), stats
+
+
 def generate(
     model,
     tokenizer,
@@ -274,13 +502,20 @@ def generate(
     compile_backend: str | None = None,
     stream: bool = False,
     warn=print,
+    capture: bool = True,
 ) -> tuple[torch.Tensor, GenerationStats]:
-    """New token ids ``[B, N]`` and timings. With a ``compile_backend`` a warm-up generation compiles the
-    decode step first; if that fails, ``warn`` is told why and generation runs eagerly."""
+    """New token ids ``[B, N]`` and timings. ``compile_backend="graph"``: lit_cb's static-cache loop, one CUDA
+    graph replay per token (``capture=False``, or a CPU, runs the same loop eagerly: what the tests check);
+    ``"cudagraphs"``/``"inductor"``: a warm-up generation compiles transformers' decode step first; if that
+    fails, ``warn`` is told why and generation runs eagerly. ``input_ids`` rows are equal-length prompts."""
     import torch
 
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
+    if compile_backend == "graph":
+        return _graph_generate(
+            model, tokenizer, input_ids, max_new_tokens, temperature, top_p, seed, stream, capture, warn
+        )
     attention_mask = torch.ones_like(input_ids)
     quantizer = getattr(model, "hf_quantizer", None)
     if compile_backend is not None and quantizer is not None and not quantizer.is_compileable:
@@ -344,9 +579,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if args.compile == "auto":
-        compile_backend = "cudagraphs" if device.type == "cuda" else None
+        compile_backend = "graph" if device.type == "cuda" else None
     else:
         compile_backend = None if args.compile == "off" else args.compile
+    if compile_backend == "graph" and device.type != "cuda":
+        warn("CUDA graphs need a GPU; running the same static-cache decode loop eagerly")
     new, stats = generate(
         model,
         tokenizer,

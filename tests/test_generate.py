@@ -234,3 +234,104 @@ def test_bench_generate_smoke_runs_and_writes_its_json(tmp_path):
         assert [r["batch"] for r in row["results"]] == [1, 2]
         for r in row["results"]:
             assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["new_tokens"] == 6
+            # the default decode path, the graph loop, run eagerly on a CPU
+            assert (r["compile"], r["compile_backend"], r["warnings"]) == ("graph", "graph-eager", [])
+
+
+def _lively(tokenizer):
+    """The tiny model with its matrices scaled up: random small models otherwise repeat one token, which
+    would hide a wrong cache position or mask."""
+    model = _tiny(tokenizer)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.mul_(20)
+    return model
+
+
+@pytest.fixture(scope="module")
+def lively_dirs(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
+    """Folders of the lively model: float, and codebook-compressed (loaded back through the quantizer)."""
+    root = tmp_path_factory.mktemp("lively")
+    _lively(tiny_tokenizer).save_pretrained(root / "float")
+    tiny_tokenizer.save_pretrained(root / "float")
+    model = _lively(tiny_tokenizer)
+    windows = torch.randint(0, len(tiny_tokenizer), (6, 12), generator=torch.Generator().manual_seed(0))
+    cfg = CompressionConfig(method="codebook", method_config={"in_group_size": 4, "nbits": 4, "kmeans_iters": 2})
+    compress_model(model, windows, cfg, device="cpu", progress=False)
+    return {"float": root / "float", "compressed": save_compressed(model, root / "compressed", tiny_tokenizer)}
+
+
+def _graph_loop_vs_generate(folder: Path, prompts: list[str], max_new_tokens: int):
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer(prompts, return_tensors="pt").input_ids  # equal-length prompts: no padding
+    ours, stats = generate(model, tokenizer, ids, max_new_tokens=max_new_tokens, compile_backend="graph", capture=False)
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
+    return ours, ref[:, ids.shape[1] :], stats, model, tokenizer, ids
+
+
+@pytest.mark.parametrize("which", ["compressed", "float"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_graph_loop_greedy_equals_transformers_generate(which, batch, lively_dirs, tiny_tokenizer):
+    """lit_cb's static-cache decode loop (what --compile graph captures and replays on a GPU), run eagerly on
+    a CPU: the same greedy tokens as transformers' generate, row by row."""
+    prompts = [PROMPT, "of the school and the state of"][:batch]
+    assert len({len(tiny_tokenizer(p).input_ids) for p in prompts}) == 1
+    ours, ref, stats, *_ = _graph_loop_vs_generate(lively_dirs[which], prompts, 12)
+    assert ours.shape == (batch, 12) and torch.equal(ours, ref)
+    assert all(len(set(row.tolist())) >= 6 for row in ref)  # real continuations, not one repeated token
+    assert stats.compile_backend == "graph-eager" and "[static cache loop, eager]" in stats.summary()
+    assert (stats.prompt_tokens, stats.decode_tokens) == (7 * batch, 11 * batch)
+
+
+def test_graph_loop_stops_at_end_of_sequence_like_generate(lively_dirs):
+    """With an end-of-sequence id that the greedy continuation hits, the loop stops (and pads finished rows)
+    exactly where transformers' generate does."""
+    model = AutoModelForCausalLM.from_pretrained(lively_dirs["compressed"], dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(lively_dirs["compressed"])
+    ids = tokenizer([PROMPT, "of the school and the state of"], return_tensors="pt").input_ids
+    free = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+    eos = int(free[0, ids.shape[1] + 3])  # row 0's 4th new token ends row 0
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+    ours, _ = generate(model, tokenizer, ids, max_new_tokens=12, compile_backend="graph", capture=False)
+    assert ref.shape[1] - ids.shape[1] < 12 or (ref[:, ids.shape[1] :] == tokenizer.pad_token_id).any()
+    assert torch.equal(ours, ref[:, ids.shape[1] :])
+
+
+def test_graph_loop_sampling_is_seeded(lively_dirs):
+    model = AutoModelForCausalLM.from_pretrained(lively_dirs["compressed"], dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(lively_dirs["compressed"])
+    ids = tokenizer([PROMPT, PROMPT], return_tensors="pt").input_ids
+    runs = [
+        generate(model, tokenizer, ids, 10, temperature=1.3, top_p=0.9, seed=s, compile_backend="graph", capture=False)[
+            0
+        ]
+        for s in (5, 5, 6)
+    ]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    assert not torch.equal(runs[0][0], runs[0][1])  # the two rows draw independently
+    greedy, _ = generate(model, tokenizer, ids, 10, compile_backend="graph", capture=False)
+    assert not torch.equal(runs[0], greedy)
+
+
+def test_graph_top_p_keeps_the_smallest_top_set():
+    """_pick's nucleus: probabilities 0.5, 0.3, 0.15, 0.05 with top_p 0.7 keep exactly the first two."""
+    from lit_cb.generate import _pick
+
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().expand(4000, -1)
+    drawn = _pick(logits, 1.0, 0.7, torch.Generator().manual_seed(0))
+    counts = torch.bincount(drawn, minlength=4).float() / 4000
+    assert counts[2:].sum() == 0
+    assert counts[0] == pytest.approx(0.5 / 0.8, abs=0.03)
+    assert torch.equal(_pick(logits[:1], 0.0, 1.0, None), torch.tensor([0]))
+
+
+def test_compile_graph_on_cpu_warns_and_runs_the_loop_eagerly(compressed_dir, capsys):
+    rc = main([str(compressed_dir), "--prompt", PROMPT, "--max-new-tokens", "12", "--compile", "graph"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "CUDA graphs need a GPU" in out.err and "[static cache loop, eager]" in out.err
+    assert out.out == _reference(compressed_dir, PROMPT, 12) + "\n"  # streamed, same text as generate's
