@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lit_cb import distributed as D
-from lit_cb.architectures import check_attention_uniform, spec_for
+from lit_cb.architectures import DEFAULT_TARGETS, check_attention_uniform, spec_for  # noqa: F401 (DEFAULT_TARGETS re-exported)
 from lit_cb.configs.compression import CompressionConfig  # noqa: F401 (re-exported: the config lives torch-free)
 from lit_cb.fingerprint import check_same, flatten
 from lit_cb.hessian import HESSIAN_DTYPES, attach_hessian_hooks, remove_hooks
