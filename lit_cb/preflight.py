@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lit_cb.architectures import spec_for
 from lit_cb.data.texts import EMBEDDED, resolve_text
 from lit_cb.models import decoder_layers
 
@@ -73,13 +74,15 @@ def check_text_sources(data_config) -> None:
 
 def target_linears(model: nn.Module, pattern: str) -> dict[str, nn.Linear]:
     """Full names of the linears of the decoder blocks that ``pattern`` selects (the driver
-    matches it against names inside a block, e.g. ``self_attn.q_proj``)."""
-    regex = re.compile(pattern)
+    matches it against names inside a block, e.g. ``self_attn.q_proj``; the default pattern means
+    the model family's own linears, as in the driver)."""
+    arch = spec_for(model)
+    regex = re.compile(arch.compression_targets(pattern))
     found = {}
-    for i, block in enumerate(decoder_layers(model)):
+    for i, block in enumerate(arch.decoder_layers(model)):
         for name, m in block.named_modules():
             if isinstance(m, nn.Linear) and regex.search(name):
-                found[f"model.layers.{i}.{name}"] = m
+                found[f"{arch.block_prefix(i)}{name}"] = m
     return found
 
 

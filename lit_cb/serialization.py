@@ -134,6 +134,18 @@ def load_compressed(directory: str | Path, device: str | torch.device = "cpu"):
 
     src = Path(directory)
     qc = read_quantization_config(src)
+    info = json.loads((src / RUN_INFO).read_text()) if (src / RUN_INFO).is_file() else {}
+    # What the folder is comes first (a clear "wrong kind of folder"), then whether its files are intact.
+    if qc is None and "modules" not in info:
+        raise ValueError(
+            f"{src} holds a float model (config.json has no quantization_config), not a lit_cb model; "
+            "load it with lit_cb.models.load_model or transformers"
+        )
+    if qc is not None and qc.get("quant_method") != QUANT_METHOD:
+        raise ValueError(
+            f"{src} is quantized with quant_method={qc.get('quant_method')!r}; lit_cb loads {QUANT_METHOD!r} "
+            "folders only (load others with transformers and their own package)"
+        )
     if (src / MANIFEST).is_file():
         verify_model_dir(src)  # sizes and sha256 of every file and tensor against manifest.json
     else:
@@ -142,19 +154,8 @@ def load_compressed(directory: str | Path, device: str | torch.device = "cpu"):
             "cannot be checked against checksums; lit_cb.serialization.save_compressed writes one",
             stacklevel=2,
         )
-    info = json.loads((src / RUN_INFO).read_text()) if (src / RUN_INFO).is_file() else {}
-    if qc is None and "modules" in info:
+    if qc is None:
         model, meta = _load_legacy(src, info), info
-    elif qc is None:
-        raise ValueError(
-            f"{src} holds a float model (config.json has no quantization_config), not a lit_cb model; "
-            "load it with lit_cb.models.load_model or transformers"
-        )
-    elif qc.get("quant_method") != QUANT_METHOD:
-        raise ValueError(
-            f"{src} is quantized with quant_method={qc.get('quant_method')!r}; lit_cb loads {QUANT_METHOD!r} "
-            "folders only (load others with transformers and their own package)"
-        )
     else:
         register()
         model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")

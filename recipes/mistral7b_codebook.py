@@ -6,12 +6,13 @@ lightning run recipes/mistral7b_codebook.py model.name=/path/to/Mistral-7B-v0.1 
 from pathlib import Path
 
 from lit_cb.config import RunConfig
-from lit_cb.pipeline import run
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mistral7b_codebook.yaml"
 
 
 def main(cfg: RunConfig) -> dict:
+    from lit_cb.pipeline import run  # imported here: loading a recipe (for --help) stays torch-free
+
     return run(cfg)
 
 

@@ -6,12 +6,13 @@ lightning run recipes/opt_6_7b_codebook.py model.name=/path/to/opt-6.7b [key=val
 from pathlib import Path
 
 from lit_cb.config import RunConfig
-from lit_cb.pipeline import run
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "opt_6_7b_codebook.yaml"
 
 
 def main(cfg: RunConfig) -> dict:
+    from lit_cb.pipeline import run  # imported here: loading a recipe (for --help) stays torch-free
+
     return run(cfg)
 
 

@@ -6,12 +6,13 @@ lightning run recipes/pythia_6_9b_codebook.py model.name=/path/to/pythia-6.9b [k
 from pathlib import Path
 
 from lit_cb.config import RunConfig
-from lit_cb.pipeline import run
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pythia_6_9b_codebook.yaml"
 
 
 def main(cfg: RunConfig) -> dict:
+    from lit_cb.pipeline import run  # imported here: loading a recipe (for --help) stays torch-free
+
     return run(cfg)
 
 

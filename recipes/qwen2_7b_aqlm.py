@@ -6,12 +6,13 @@ lightning run recipes/qwen2_7b_aqlm.py model.name=/path/to/Qwen2-7B [key=value .
 from pathlib import Path
 
 from lit_cb.config import RunConfig
-from lit_cb.pipeline import run
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "qwen2_7b_aqlm.yaml"
 
 
 def main(cfg: RunConfig) -> dict:
+    from lit_cb.pipeline import run  # imported here: loading a recipe (for --help) stays torch-free
+
     return run(cfg)
 
 

@@ -232,9 +232,9 @@ def test_resume_false_refuses_an_existing_run_and_overwrite_moves_it_aside(finis
 
 BAD_CONFIG = [
     ({"trainer.accumulate_grad_batches": 0}, ["trainer.accumulate_grad_batches=0", ">= 1"]),
-    ({"trainer.accumulate_grad_batches": "two"}, ["trainer.accumulate_grad_batches='two'", "integer"]),
+    ({"trainer.accumulate_grad_batches": "two"}, ["trainer.accumulate_grad_batches='two'", "must be an int"]),
     ({"data.batch_size": 0}, ["data.batch_size=0", "positive integer"]),
-    ({"data.batch_size": "'4'"}, ["data.batch_size='4'", "positive integer"]),
+    ({"data.batch_size": "'4'"}, ["data.batch_size='4'", "must be an int"]),
     ({"eval.batch_size": 0}, ["eval.batch_size=0", ">= 1"]),
     ({"trainer.log_every_n_steps": 0}, ["trainer.log_every_n_steps=0", ">= 1"]),
     ({"compression.forward_batch_size": 0}, ["compression.forward_batch_size=0", ">= 1"]),
