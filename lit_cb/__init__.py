@@ -18,6 +18,11 @@ _QUANTIZER_REGISTRY = "transformers.quantizers.auto"
 
 
 def _register_quantizer() -> None:
+    module = sys.modules.get("lit_cb.hf_quantizer")
+    if module is not None and not hasattr(module, "register"):
+        # lit_cb.hf_quantizer is being imported right now (its own import of transformers' quantizers
+        # triggered this); it registers itself when it has finished.
+        return
     from lit_cb.hf_quantizer import register
 
     register()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import re
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -213,3 +214,8 @@ def attached(model: nn.Module) -> Iterator[LitCbHfQuantizer]:
             model.config.__dict__.pop("quantization_config", None)
         else:
             model.config.quantization_config = saved_config
+
+
+# Imported directly (before the registry hook of lit_cb/__init__.py could run register()): register now.
+if "transformers.quantizers.auto" in sys.modules:
+    register()

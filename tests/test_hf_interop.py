@@ -330,3 +330,25 @@ def test_import_lit_cb_is_cheap_and_registers_when_transformers_loads_quantizers
     proc = _fresh_python(code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["LitCbHfQuantizer", "LitCbConfig"]
+
+
+def test_registration_waits_while_hf_quantizer_is_mid_import():
+    """transformers 5.17 loads its quantizer registry while lit_cb.hf_quantizer is importing
+    transformers (seen on the GPU machine: `lit_cb export` failed with a circular import); the hook
+    must leave the registration to the module, which registers itself at its end."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, types
+import lit_cb
+sys.modules["lit_cb.hf_quantizer"] = types.ModuleType("lit_cb.hf_quantizer")  # as during its import
+lit_cb._register_quantizer()  # must not raise ImportError
+del sys.modules["lit_cb.hf_quantizer"]
+import lit_cb.hf_quantizer as hq
+import transformers.quantizers.auto as auto
+assert hq.QUANT_METHOD in auto.AUTO_QUANTIZER_MAPPING
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
