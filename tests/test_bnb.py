@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import copy
 
+import bitsandbytes as bnb  # noqa: E402
 import pytest
 import torch
+import transformers  # noqa: E402
 from torch import nn
-
-bnb = pytest.importorskip("bitsandbytes")
-transformers = pytest.importorskip("transformers")
 
 from lit_cb.quant.bnb import BnbConfig, bnb_bits_per_weight, make_linear4bit, swap_linears_bnb4  # noqa: E402
 

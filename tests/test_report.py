@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import bitsandbytes  # noqa: E402, F401  (the NF4/FP4 rows need it; missing is a failure, not a skip)
 import pytest
 
 from lit_cb.cli import load_recipe
@@ -16,7 +17,6 @@ from lit_cb.report import METHODS, ReportConfig, pareto_front, run_report
 
 from .conftest import tiny_llama
 
-pytest.importorskip("bitsandbytes")
 ROOT = Path(__file__).resolve().parents[1]
 HIDDEN, INTERMEDIATE = 64, 128
 GROUP = 32
