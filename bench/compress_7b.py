@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from smollm2_h100 import provenance  # noqa: E402
+
+from lit_cb.run_summary import peak_rss_gb  # noqa: E402
 
 LLAMA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "vocab_size": 32000}
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "vocab_size": 512}
@@ -83,10 +84,6 @@ def compression_config(method: str, smoke: bool, finetune_epochs: int | None):
     if finetune_epochs is not None and section.get("block_finetune"):
         section["block_finetune"] = {**section["block_finetune"], "epochs": finetune_epochs}
     return CompressionConfig(**section)
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def run_method(method: str, args, device: torch.device, shape: dict, dtype: torch.dtype) -> dict:
