@@ -1,0 +1,179 @@
+"""Quality of a committed SmolLM2-135M config over several seeds, run side by side on one GPU (issue 14).
+
+    source bench/device_setup.sh
+    python bench/quality_smollm2.py --recipe smollm2_codebook_best --seeds 0,1,2 --budget-s 540 --out $OUT
+
+Each seed is an ordinary recipe run (``python -m lit_cb.cli run recipes/<recipe>.py seed=S ...``),
+started as its own process, all at once: a 135M model leaves most of an H100 idle, so three runs
+side by side take far less than three times one. Run folders live under ``--runs-dir`` (outside
+``$OUT``), so that when ``--budget-s`` runs out the runs are stopped with SIGINT (Lightning's
+graceful shutdown: the crash checkpoint is written; compression resumes from its finished
+blocks) and the same command, run again on the same machine, resumes them where they stopped.
+
+When every run has finished, ``--out/<name>.json`` gets the per-seed values, their mean and
+spread (sample standard deviation, min, max), each run's held-out curve and timings, with the
+device, versions, date and the command. Each run's ``metrics.json``, curve and plot are copied to
+``--out/<name>_runs/``. ``--collect`` only collects finished runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "triton", "transformers", "lightning", "peft"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception as err:  # noqa: BLE001 (recorded, not fatal)
+            out[name] = f"unavailable ({err})"
+    return out
+
+
+def _device() -> str:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def run_seeds(args, overrides: list[str]) -> dict[int, int | None]:
+    """Start one run per seed, wait up to the budget, SIGINT what is still running."""
+    procs: dict[int, subprocess.Popen] = {}
+    logs = Path(args.out) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:
+        name = f"{args.name}_s{seed}"
+        if (Path(args.runs_dir) / name / "metrics.json").is_file():
+            print(f"{name}: finished earlier", flush=True)
+            continue
+        cmd = [
+            sys.executable,
+            "-m",
+            "lit_cb.cli",
+            "run",
+            str(ROOT / "recipes" / f"{args.recipe}.py"),
+            f"seed={seed}",
+            f"data.seed={seed}",
+            f"run_name={name}",
+            f"output_dir={args.runs_dir}",
+            *overrides,
+        ]
+        print("start:", shlex.join(cmd), flush=True)
+        log = open(logs / f"{name}.log", "a")  # noqa: SIM115 (kept open for the child's lifetime)
+        procs[seed] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    deadline = time.monotonic() + args.budget_s
+    while procs and time.monotonic() < deadline and any(p.poll() is None for p in procs.values()):
+        time.sleep(2)
+    for seed, p in procs.items():
+        if p.poll() is None:
+            print(f"seed {seed}: budget spent, stopping it (SIGINT) for a later resume", flush=True)
+            p.send_signal(signal.SIGINT)
+    for p in procs.values():
+        try:
+            p.wait(timeout=args.grace_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    return {seed: p.returncode for seed, p in procs.items()}
+
+
+def _spread(values: list[float]) -> dict:
+    if not values:
+        return {}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
+
+
+def collect(args, overrides: list[str]) -> dict:
+    out = Path(args.out)
+    copies = out / f"{args.name}_runs"
+    per_seed: dict[str, dict] = {}
+    for seed in args.seeds:
+        run = Path(args.runs_dir) / f"{args.name}_s{seed}"
+        metrics_file = run / "metrics.json"
+        if not metrics_file.is_file():
+            per_seed[str(seed)] = {"finished": False}
+            continue
+        m = json.loads(metrics_file.read_text())
+        entry = {
+            "finished": True,
+            "wikitext2_ppl": m.get("wikitext2_ppl"),
+            "bits_per_weight": m.get("bits_per_weight"),
+            "bits_per_weight_recovered": m.get("bits_per_weight_recovered"),
+            "stages": {k: v.get("seconds") if isinstance(v, dict) else v for k, v in m.get("stages", {}).items()},
+        }
+        for extra in ("recovery_curve.json", "bit_allocation.json"):
+            if (run / extra).is_file():
+                entry[extra.removesuffix(".json")] = json.loads((run / extra).read_text())
+        per_seed[str(seed)] = entry
+        dest = copies / f"s{seed}"
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in ("metrics.json", "recovery_curve.json", "recovery_curve.png", "recovery.png", "run_config.yaml"):
+            if (run / f).is_file():
+                shutil.copy2(run / f, dest / f)
+    summary: dict = {}
+    for key in ("float", "compressed", "recovered"):
+        vals = [e["wikitext2_ppl"][key] for e in per_seed.values() if e.get("finished") and key in e["wikitext2_ppl"]]
+        summary[key] = _spread(vals)
+    return {
+        "device": _device(),
+        "versions": _versions(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": "python " + shlex.join(sys.argv),
+        "recipe": args.recipe,
+        "overrides": overrides,
+        "seeds": args.seeds,
+        "wikitext2_ppl": summary,
+        "per_seed": per_seed,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", required=True, help="a recipe name under recipes/, e.g. smollm2_codebook_best")
+    ap.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--name", help="result name (default: quality_<recipe>)")
+    ap.add_argument("--budget-s", type=float, default=540.0, help="stop runs still going after this many seconds")
+    ap.add_argument("--grace-s", type=float, default=45.0, help="time for a stopped run to write its checkpoint")
+    ap.add_argument("--runs-dir", default="/tmp/lit_cb_quality")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--collect", action="store_true", help="only collect finished runs")
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides for every seed")
+    args = ap.parse_args()
+    if not (ROOT / "recipes" / f"{args.recipe}.py").is_file():
+        ap.error(f"--recipe {args.recipe!r}: no recipes/{args.recipe}.py")
+    args.name = args.name or f"quality_{args.recipe}"
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    if not args.collect:
+        codes = run_seeds(args, args.overrides)
+        print("exit codes:", codes, flush=True)
+    result = collect(args, args.overrides)
+    (Path(args.out) / f"{args.name}.json").write_text(json.dumps(result, indent=1, default=str))
+    print(json.dumps(result["wikitext2_ppl"], indent=1), flush=True)
+
+
+if __name__ == "__main__":
+    main()
