@@ -91,6 +91,7 @@ def run_seeds(args, overrides: list[str]) -> dict[int, int | None]:
             p.wait(timeout=args.grace_s)
         except subprocess.TimeoutExpired:
             p.kill()
+            p.wait()
     return {seed: p.returncode for seed, p in procs.items()}
 
 
