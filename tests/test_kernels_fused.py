@@ -242,3 +242,26 @@ def test_generation_with_fused_projections_matches_unfused(tiny_tokenizer):
     assert unfuse_codebook_projections(model) == 4
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_sweep_script_smoke_runs_and_writes_its_json(tmp_path):
+    """bench/kernels_sweep_gpu.py --smoke (the H100 script at tiny CPU shapes), as its own process."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = tmp_path / "sweep.json"
+    cmd = [sys.executable, "bench/kernels_sweep_gpu.py", "--smoke", "--phases", "layers,fused,decode,aqlm"]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=root, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert {"device", "versions", "date", "command", "summary"} <= set(doc)
+    assert "phase_errors" not in doc and doc["aqlm_skipped"]
+    assert doc["layers"] and all("us" in r for r in doc["layers"]), [r for r in doc["layers"] if "us" not in r]
+    assert {r["group"] for r in doc["fused"]} == {"qkv", "gate_up"} and all("speedup" in r for r in doc["fused"])
+    variants = {r["variant"] for r in doc["decode_7b"] if "tok_s" in r}
+    assert variants == {"fp16", "2x8_g8", "2x8_g8+fused", "1x8_g4", "1x8_g4+fused"}
