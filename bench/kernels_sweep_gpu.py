@@ -387,7 +387,7 @@ def summarize(doc: dict) -> dict:
     """Best variant per (shape, batch, format) and its speed against fp16 (and AQLM where measured)."""
     best: dict = {}
     for r in doc.get("layers", []):
-        if "us" not in r or r["variant"] == "dequant_only":
+        if "us" not in r or r["variant"] == "dequant_only" or r["variant"].startswith("floor"):
             continue
         key = f"{r['shape']} b{r['batch']} {r['format']}"
         prev = [v for v in doc["layers"] if v.get("variant", "").endswith("(prev)") and "us" in v]
