@@ -301,6 +301,8 @@ def decode_phase(rec: Recorder, batches, smoke: bool, device: str) -> None:
         D.HIDDEN, D.MLP, D.LAYERS, D.HEADS, D.VOCAB = 64, 128, 2, 4, 100
     for batch in batches:
         runs = [("fp16", D.fp16_linear, False)]  # unfused and fused builds draw the same weights (seed 0)
+        # what bounds the step: everything but the 7 projections (attention, norms, embedding, fp16 lm_head)
+        runs.append(("floor_no_projections", ZeroLinear, False))
         for fname in FORMATS:
             runs.append((fname, D.codebook_linear_factory(*FORMATS[fname], device=device), False))
             runs.append((fname + "+fused", D.codebook_linear_factory(*FORMATS[fname], device=device), True))
@@ -316,12 +318,23 @@ def decode_phase(rec: Recorder, batches, smoke: bool, device: str) -> None:
                 row["tok_s"] = round(tok_s, 1)
                 if name == "fp16":
                     fp16 = tok_s
-                elif fp16:
+                elif fp16 and not name.startswith("floor"):
                     row["x_fp16"] = round(tok_s / fp16, 3)
             except Exception as e:  # noqa: BLE001
                 row["error"] = repr(e)[:400]
                 traceback.print_exc()
             rec.add("decode_7b", row)
+
+
+class ZeroLinear(torch.nn.Module):
+    """A projection that costs one memset: the decode step's time without its linear layers."""
+
+    def __init__(self, i: int, o: int) -> None:
+        super().__init__()
+        self.out_features = o
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
 
 
 def _smoke_decode(D, make, batch: int, fuse: bool) -> float:

@@ -264,4 +264,4 @@ def test_sweep_script_smoke_runs_and_writes_its_json(tmp_path):
     assert doc["layers"] and all("us" in r for r in doc["layers"]), [r for r in doc["layers"] if "us" not in r]
     assert {r["group"] for r in doc["fused"]} == {"qkv", "gate_up"} and all("speedup" in r for r in doc["fused"])
     variants = {r["variant"] for r in doc["decode_7b"] if "tok_s" in r}
-    assert variants == {"fp16", "2x8_g8", "2x8_g8+fused", "1x8_g4", "1x8_g4+fused"}
+    assert variants == {"fp16", "floor_no_projections", "2x8_g8", "2x8_g8+fused", "1x8_g4", "1x8_g4+fused"}
