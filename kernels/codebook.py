@@ -25,6 +25,7 @@ unwrapped in-kernel with ``& (2**B - 1)``. When the ``M`` codes of a group fit i
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -590,8 +591,14 @@ LUT_MIN_NBITS = 4  # tl.dot needs >= 16 table rows
 
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 4  # the CPU interpreter: a few row splits, so the split logic is exercised
+
+
+@functools.cache
+def _cuda_sms(index: int) -> int:
+    """SM count per device, cached: the split-K heuristics ask on every eager call."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def codebook_lut_gemv(
