@@ -155,6 +155,8 @@ def variants(batch: int, m: int, b: int, g: int, n: int, k: int, smoke: bool) ->
         for bn, bk, w, split in [(32, 256, 4, 2), (32, 256, 4, 4), (32, 256, 4, 8), (64, 128, 4, 4), (16, 512, 4, 4)]:
             v[f"mm_m16_n{bn}_k{bk}_w{w}_split{split}"] = mm(16, bn, bk, w, 1, split)
         v["mm_m16_n64_k128_w4_s2"] = mm(16, 64, 128, 4, 2, 1)
+        cfg2d = K.MMConfig(block_m=16, block_n=32, block_g=max(1, 256 // g), num_stages=1, decode_2d=True, split_k=4)
+        v["mm2d_m16_n32_k256_w4_split4"] = lambda x, c, cb, sc: K.codebook_mm(x, c, cb, sc, None, b, cfg2d)
         v["dense"] = lambda x, c, cb, sc: ops.run_algo(x, c, cb, sc, None, b, "dense")
         if batch <= 16:
             v["gemv(prev)"] = gemv(8, 1024, 8, 2)
