@@ -3,7 +3,7 @@ issue's layer shapes at batch 1 / 16 / 2048 for fp16, the previous kernels and e
 q/k/v and gate/up against separate layers, the LLaMA-7B-shaped decode step with and without fusion, and
 AQLM's CUDA 2x8 kernel (JIT-built in a background thread while the rest runs).
 
-    python bench/kernels_sweep_gpu.py --out $OUT/kernels_sweep_h100.json            # about 6-7 minutes
+    python bench/kernels_sweep_gpu.py --out $OUT/kernels_sweep_h100.json            # at most about 7 minutes
     TRITON_INTERPRET=1 python bench/kernels_sweep_gpu.py --smoke --out /tmp/s.json  # CPU, tiny shapes
 
 Timing as in bench/kernels.py: one CUDA graph of calls over enough weight copies to defeat the 50 MB L2,
@@ -429,9 +429,9 @@ def main() -> None:
     # the decode step first (the headline), the long layer sweep last but AQLM (whose build runs meanwhile)
     p.add_argument("--phases", default="check,decode,fused,layers,aqlm")
     p.add_argument(
-        "--budget-s", type=float, default=330.0, help="skip phases (and layer shapes) that would start after this"
+        "--budget-s", type=float, default=300.0, help="skip phases (and layer shapes) that would start after this"
     )
-    p.add_argument("--aqlm-wait-s", type=float, default=60.0, help="how long the AQLM phase waits for its build")
+    p.add_argument("--aqlm-wait-s", type=float, default=45.0, help="how long the AQLM phase waits for its build")
     args = p.parse_args()
     t_start = time.time()
     device = "cpu" if args.smoke else "cuda"
