@@ -25,6 +25,7 @@ unwrapped in-kernel with ``& (2**B - 1)``. When the ``M`` codes of a group fit i
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,7 @@ class MMConfig:
     num_stages: int = 3
     group_m: int = 8
     decode_2d: bool = False
+    split_k: int = 1
 
 
 @dataclass(frozen=True)
@@ -90,19 +92,41 @@ def _load_codes(
     """Codes of codebook ``m`` for rows ``offs_n`` x groups ``offs_g`` as int32 indices in [0, 2**NBITS)."""
     if PACKED:
         # one word per group holds all NUM_CODEBOOKS codes, little-endian: codebook m in bits [m*W, (m+1)*W)
-        word = tl.load(codes_ptr + offs_n[:, None] * stride_cn + offs_g[None, :], mask=mask, other=0)
+        word = tl.load(
+            codes_ptr + offs_n[:, None] * stride_cn + offs_g[None, :], mask=mask, other=0, eviction_policy="evict_first"
+        )
         word = word.to(tl.int32)
         c = (word >> (m * WORD_BITS)) & ((1 << NBITS) - 1)
     else:
-        c = tl.load(codes_ptr + offs_n[:, None] * stride_cn + offs_g[None, :] * NUM_CODEBOOKS + m, mask=mask, other=0)
+        c = tl.load(
+            codes_ptr + offs_n[:, None] * stride_cn + offs_g[None, :] * NUM_CODEBOOKS + m,
+            mask=mask,
+            other=0,
+            eviction_policy="evict_first",
+        )
         c = c.to(tl.int32) & ((1 << NBITS) - 1)
     return c
+
+
+@triton.jit
+def _part_offset(offs_n, P1, P2, P3, NUM_PARTS: tl.constexpr, PART_STRIDE: tl.constexpr):
+    """Element offset of each row's codebooks in a fused layer's stacked ``[P, M, 2**B, 1, G]`` codebooks:
+    rows ``[0, P1)`` use part 0, ``[P1, P2)`` part 1, ... (a single part: all zeros, folded away)."""
+    part = tl.zeros_like(offs_n)
+    if NUM_PARTS > 1:
+        part += (offs_n >= P1).to(offs_n.dtype)
+    if NUM_PARTS > 2:
+        part += (offs_n >= P2).to(offs_n.dtype)
+    if NUM_PARTS > 3:
+        part += (offs_n >= P3).to(offs_n.dtype)
+    return part * PART_STRIDE
 
 
 @triton.jit
 def _decode_tile(
     codes_ptr,
     cb_ptr,
+    cb_off,
     offs_n,
     offs_g,
     offs_j,
@@ -121,7 +145,7 @@ def _decode_tile(
     for m in tl.static_range(NUM_CODEBOOKS):
         c = _load_codes(codes_ptr, offs_n, offs_g, mask, stride_cn, m, NUM_CODEBOOKS, NBITS, PACKED, WORD_BITS)
         # codebooks: [M, 2**NBITS, 1, G]; a codeword is G contiguous halves (vector gather)
-        cw_ptr = cb_ptr + (m * (1 << NBITS) * G) + c[:, :, None] * G + offs_j[None, None, :]
+        cw_ptr = cb_ptr + cb_off[:, None, None] + (m * (1 << NBITS) * G) + c[:, :, None] * G + offs_j[None, None, :]
         w += tl.load(cw_ptr).to(tl.float32)
     return w
 
@@ -139,12 +163,17 @@ def _cb_gemv_kernel(
     stride_xt,
     stride_ot,
     stride_cn,
+    P1,
+    P2,
+    P3,
     NUM_CODEBOOKS: tl.constexpr,
     NBITS: tl.constexpr,
     G: tl.constexpr,
     PACKED: tl.constexpr,
     WORD_BITS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    NUM_PARTS: tl.constexpr,
+    PART_STRIDE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
@@ -152,6 +181,7 @@ def _cb_gemv_kernel(
     pid_n = tl.program_id(0)
     t = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cb_off = _part_offset(offs_n, P1, P2, P3, NUM_PARTS, PART_STRIDE)
     n_mask = offs_n < N
     offs_j = tl.arange(0, G)
     x_row = x_ptr + t.to(tl.int64) * stride_xt
@@ -165,6 +195,7 @@ def _cb_gemv_kernel(
         w = _decode_tile(
             codes_ptr,
             cb_ptr,
+            cb_off,
             offs_n,
             offs_g,
             offs_j,
@@ -194,12 +225,19 @@ def _cb_mm_kernel(
     scales_ptr,
     bias_ptr,
     out_ptr,
+    part_ptr,
     T,
     N,
     K_GROUPS,
+    GROUPS_PER_SPLIT,
     stride_xt,
     stride_ot,
     stride_cn,
+    stride_pt,
+    stride_ps,
+    P1,
+    P2,
+    P3,
     NUM_CODEBOOKS: tl.constexpr,
     NBITS: tl.constexpr,
     G: tl.constexpr,
@@ -207,15 +245,22 @@ def _cb_mm_kernel(
     WORD_BITS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     IEEE: tl.constexpr,
+    NUM_PARTS: tl.constexpr,
+    PART_STRIDE: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
     GROUP_M: tl.constexpr,
     DECODE_2D: tl.constexpr,
 ):
-    """out = (x @ W'^T) * scales + bias with W' tiles decoded in registers and fed to ``tl.dot``."""
+    """out = (x @ W'^T) * scales + bias with W' tiles decoded in registers and fed to ``tl.dot``; grid
+    (token tiles x row tiles, SPLIT_K). With SPLIT_K > 1 each program takes ``GROUPS_PER_SPLIT`` input
+    groups (a multiple of BLOCK_G) and writes its unscaled fp32 partial sums to ``part[t, split, n]``, which
+    :func:`_splitk_reduce_kernel` sums, scales and biases: more programs for narrow outputs at few tokens."""
     BLOCK_K: tl.constexpr = BLOCK_G * G
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(T, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     # grouped order: GROUP_M token tiles share each W tile while it is hot in L2
@@ -228,13 +273,16 @@ def _cb_mm_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cb_off = _part_offset(offs_n, P1, P2, P3, NUM_PARTS, PART_STRIDE)
     m_mask = offs_m < T
     n_mask = offs_n < N
     offs_j = tl.arange(0, G)
     offs_kk = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xt
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for kg in range(0, K_GROUPS, BLOCK_G):
+    k_begin = pid_k * GROUPS_PER_SPLIT
+    k_end = tl.minimum(k_begin + GROUPS_PER_SPLIT, K_GROUPS)
+    for kg in range(k_begin, k_end, BLOCK_G):
         offs_g = kg + tl.arange(0, BLOCK_G)
         g_mask = offs_g < K_GROUPS
         offs_k = kg * G + offs_kk
@@ -248,12 +296,14 @@ def _cb_mm_kernel(
             w = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
             for m in tl.static_range(NUM_CODEBOOKS):
                 c = _load_codes(codes_ptr, offs_n, grp, mask2, stride_cn, m, NUM_CODEBOOKS, NBITS, PACKED, WORD_BITS)
-                w += tl.load(cb_ptr + (m * (1 << NBITS) * G) + c * G + (offs_kk % G)[None, :]).to(tl.float32)
+                cw = cb_ptr + cb_off[:, None] + (m * (1 << NBITS) * G) + c * G + (offs_kk % G)[None, :]
+                w += tl.load(cw).to(tl.float32)
             w = w.to(xt.dtype)
         else:
             w = _decode_tile(
                 codes_ptr,
                 cb_ptr,
+                cb_off,
                 offs_n,
                 offs_g,
                 offs_j,
@@ -272,11 +322,15 @@ def _cb_mm_kernel(
             acc = tl.dot(xt, tl.trans(w), acc, input_precision="ieee")
         else:
             acc = tl.dot(xt, tl.trans(w), acc)
-    acc = acc * tl.load(scales_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_ot + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    if SPLIT_K > 1:
+        part_ptrs = part_ptr + offs_m.to(tl.int64)[:, None] * stride_pt + pid_k * stride_ps + offs_n[None, :]
+        tl.store(part_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
+    else:
+        acc = acc * tl.load(scales_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_ot + offs_n[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
@@ -289,16 +343,22 @@ def _cb_dequant_kernel(
     K_GROUPS,
     stride_cn,
     stride_wn,
+    P1,
+    P2,
+    P3,
     NUM_CODEBOOKS: tl.constexpr,
     NBITS: tl.constexpr,
     G: tl.constexpr,
     PACKED: tl.constexpr,
     WORD_BITS: tl.constexpr,
+    NUM_PARTS: tl.constexpr,
+    PART_STRIDE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
     """Dense scaled W ``[N, K_GROUPS * G]`` in w_ptr's dtype."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cb_off = _part_offset(offs_n, P1, P2, P3, NUM_PARTS, PART_STRIDE)
     offs_g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
     offs_j = tl.arange(0, G)
     n_mask = offs_n < N
@@ -306,6 +366,7 @@ def _cb_dequant_kernel(
     w = _decode_tile(
         codes_ptr,
         cb_ptr,
+        cb_off,
         offs_n,
         offs_g,
         offs_j,
@@ -436,13 +497,41 @@ def _codes_view(codes: torch.Tensor, nbits: int) -> tuple[torch.Tensor, bool, in
     return codes, False, elem_bits, num_groups * num_cb
 
 
+MAX_PARTS = 4
+
+
+def _parts(codebooks: torch.Tensor, part_sizes, num_out: int) -> tuple[dict, int]:
+    """Kernel arguments for a fused layer's row parts: ``(P1, P2, P3, NUM_PARTS, PART_STRIDE)`` as a dict,
+    and the codeword width. ``codebooks`` is ``[M, 2**B, 1, G]`` (one part) or ``[P, M, 2**B, 1, G]`` with
+    ``part_sizes`` (rows per part, summing to the output rows)."""
+    if codebooks.dim() == 4:
+        if part_sizes is not None and len(part_sizes) != 1:
+            raise ValueError(f"part_sizes={list(part_sizes)} given for un-stacked [M, 2**B, 1, G] codebooks")
+        return {"P1": 0, "P2": 0, "P3": 0, "NUM_PARTS": 1, "PART_STRIDE": 0}, codebooks.shape[3]
+    if codebooks.dim() != 5:
+        raise ValueError(f"codebooks must be [M, 2**B, 1, G] or [P, M, 2**B, 1, G], got {tuple(codebooks.shape)}")
+    sizes = [int(v) for v in (part_sizes or [])]
+    num_parts = codebooks.shape[0]
+    if len(sizes) != num_parts or sum(sizes) != num_out or min(sizes) < 1:
+        raise ValueError(
+            f"part_sizes={sizes} must give {num_parts} positive row counts summing to {num_out} output rows"
+        )
+    if num_parts > MAX_PARTS:
+        raise ValueError(f"{num_parts} fused parts; the kernels take at most {MAX_PARTS}")
+    bounds = [sum(sizes[: i + 1]) for i in range(num_parts - 1)] + [num_out] * (MAX_PARTS - num_parts)
+    stride = codebooks[0].numel()
+    return {"P1": bounds[0], "P2": bounds[1], "P3": bounds[2], "NUM_PARTS": num_parts, "PART_STRIDE": stride}, (
+        codebooks.shape[4]
+    )
+
+
 def _check(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, nbits: int) -> None:
-    if codebooks.shape[2] != 1:
+    if codebooks.shape[-2] != 1:
         raise ValueError("the Triton kernels need out_group_size == 1")
     if codes.dtype not in (torch.uint8, torch.int16):
         raise ValueError(f"codes must be uint8 or int16, got {codes.dtype}")
-    if codes.shape[1] * codebooks.shape[3] != x.shape[-1]:
-        raise ValueError(f"x has {x.shape[-1]} features, codes expect {codes.shape[1] * codebooks.shape[3]}")
+    if codes.shape[1] * codebooks.shape[-1] != x.shape[-1]:
+        raise ValueError(f"x has {x.shape[-1]} features, codes expect {codes.shape[1] * codebooks.shape[-1]}")
     if codes.numel() >= 2**31:
         raise ValueError("codes with >= 2**31 elements need 64-bit offsets, which these kernels do not use")
 
@@ -455,13 +544,15 @@ def codebook_gemv(
     bias: torch.Tensor | None,
     nbits: int,
     config: GemvConfig | None = None,
+    part_sizes: list[int] | None = None,
 ) -> torch.Tensor:
-    """``x [T, K] -> [T, N]`` with one matvec per token (FMA path; W decoded once per token)."""
+    """``x [T, K] -> [T, N]`` with one matvec per token (FMA path; W decoded once per token). Stacked
+    ``[P, M, 2**B, 1, G]`` codebooks with ``part_sizes`` run a fused layer (rows of part p use codebooks[p])."""
     _check(x, codes, codebooks, nbits)
     cfg = config or GemvConfig()
     x = x.contiguous()
     num_out, num_groups, num_cb = codes.shape
-    g = codebooks.shape[3]
+    parts, g = _parts(codebooks, part_sizes, num_out)
     codes_l, packed, word_bits, stride_cn = _codes_view(codes, nbits)
     out = torch.empty(x.shape[0], num_out, dtype=x.dtype, device=x.device)
     if x.shape[0] == 0:
@@ -479,6 +570,7 @@ def codebook_gemv(
         x.stride(0),
         out.stride(0),
         stride_cn,
+        **parts,
         NUM_CODEBOOKS=num_cb,
         NBITS=nbits,
         G=g,
@@ -499,8 +591,14 @@ LUT_MIN_NBITS = 4  # tl.dot needs >= 16 table rows
 
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 4  # the CPU interpreter: a few row splits, so the split logic is exercised
+
+
+@functools.cache
+def _cuda_sms(index: int) -> int:
+    """SM count per device, cached: the split-K heuristics ask on every eager call."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def codebook_lut_gemv(
@@ -585,21 +683,33 @@ def codebook_mm(
     bias: torch.Tensor | None,
     nbits: int,
     config: MMConfig | None = None,
+    part_sizes: list[int] | None = None,
 ) -> torch.Tensor:
-    """``x [T, K] -> [T, N]`` decoding W tiles into ``tl.dot`` (tensor cores; W decoded once per token tile)."""
+    """``x [T, K] -> [T, N]`` decoding W tiles into ``tl.dot`` (tensor cores; W decoded once per token tile).
+
+    ``config.split_k > 1`` splits the input dimension over that many programs per output tile (fp32
+    partial sums, then one reduce kernel): enough programs to fill the GPU when the output is narrow."""
     _check(x, codes, codebooks, nbits)
     cfg = config or MMConfig()
     x = x.contiguous()
     num_out, num_groups, num_cb = codes.shape
-    g = codebooks.shape[3]
+    parts, g = _parts(codebooks, part_sizes, num_out)
     if cfg.block_g * g < 16:
         raise ValueError("tl.dot needs BLOCK_K = block_g * in_group_size >= 16")
+    if cfg.split_k < 1:
+        raise ValueError(f"split_k={cfg.split_k} must be >= 1")
     codes_l, packed, word_bits, stride_cn = _codes_view(codes, nbits)
     tokens = x.shape[0]
     out = torch.empty(tokens, num_out, dtype=x.dtype, device=x.device)
     if tokens == 0:
         return out
-    grid = (triton.cdiv(tokens, cfg.block_m) * triton.cdiv(num_out, cfg.block_n),)
+    # whole BLOCK_G tiles per split, so no tile straddles two splits
+    k_tiles = triton.cdiv(num_groups, cfg.block_g)
+    split_k = min(cfg.split_k, k_tiles)
+    groups_per_split = triton.cdiv(k_tiles, split_k) * cfg.block_g
+    split_k = triton.cdiv(num_groups, groups_per_split)
+    part = torch.empty(tokens, split_k, num_out, dtype=torch.float32, device=x.device) if split_k > 1 else out
+    grid = (triton.cdiv(tokens, cfg.block_m) * triton.cdiv(num_out, cfg.block_n), split_k)
     _cb_mm_kernel[grid](
         x,
         codes_l,
@@ -607,12 +717,17 @@ def codebook_mm(
         scales.reshape(-1).contiguous(),
         bias if bias is not None else scales,
         out,
+        part,
         tokens,
         num_out,
         num_groups,
+        groups_per_split,
         x.stride(0),
         out.stride(0),
         stride_cn,
+        part.stride(0),
+        part.stride(1) if split_k > 1 else 0,
+        **parts,
         NUM_CODEBOOKS=num_cb,
         NBITS=nbits,
         G=g,
@@ -620,6 +735,7 @@ def codebook_mm(
         WORD_BITS=word_bits,
         HAS_BIAS=bias is not None,
         IEEE=x.dtype == torch.float32,
+        SPLIT_K=split_k,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_G=cfg.block_g,
@@ -628,7 +744,30 @@ def codebook_mm(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
+    if split_k > 1:
+        _reduce_parts(part, scales, bias, out)
     return out
+
+
+def _reduce_parts(part: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """``out[t, n] = scales[n] * sum_s part[t, s, n] + bias[n]`` (the split-K epilogue)."""
+    tokens, splits, num_out = part.shape
+    block_n = 256
+    _splitk_reduce_kernel[(triton.cdiv(num_out, block_n), tokens)](
+        part,
+        scales.reshape(-1).contiguous(),
+        bias if bias is not None else scales,
+        out,
+        num_out,
+        splits,
+        part.stride(0),
+        part.stride(1),
+        out.stride(0),
+        HAS_BIAS=bias is not None,
+        BLOCK_N=block_n,
+        BLOCK_S=min(64, triton.next_power_of_2(splits)),
+        num_warps=4,
+    )
 
 
 def codebook_dequant(
@@ -638,13 +777,14 @@ def codebook_dequant(
     nbits: int,
     dtype: torch.dtype,
     config: DequantConfig | None = None,
+    part_sizes: list[int] | None = None,
 ) -> torch.Tensor:
     """Dense scaled ``W [N, K]`` in ``dtype`` (a transient copy for cuBLAS)."""
-    if codebooks.shape[2] != 1:
+    if codebooks.shape[-2] != 1:
         raise ValueError("the Triton kernels need out_group_size == 1")
     cfg = config or DequantConfig()
     num_out, num_groups, num_cb = codes.shape
-    g = codebooks.shape[3]
+    parts, g = _parts(codebooks, part_sizes, num_out)
     codes_l, packed, word_bits, stride_cn = _codes_view(codes, nbits)
     w = torch.empty(num_out, num_groups * g, dtype=dtype, device=codes.device)
     grid = (triton.cdiv(num_out, cfg.block_n), triton.cdiv(num_groups, cfg.block_g))
@@ -657,6 +797,7 @@ def codebook_dequant(
         num_groups,
         stride_cn,
         w.stride(0),
+        **parts,
         NUM_CODEBOOKS=num_cb,
         NBITS=nbits,
         G=g,
@@ -677,8 +818,41 @@ def codebook_dense(
     bias: torch.Tensor | None,
     nbits: int,
     config: DequantConfig | None = None,
+    part_sizes: list[int] | None = None,
 ) -> torch.Tensor:
     """Transient dense W (Triton dequant) + cuBLAS: the prefill path where it beats ``codebook_mm``."""
     _check(x, codes, codebooks, nbits)
-    w = codebook_dequant(codes, codebooks, scales, nbits, x.dtype, config)
+    w = codebook_dequant(codes, codebooks, scales, nbits, x.dtype, config, part_sizes)
     return torch.nn.functional.linear(x, w, bias.to(x.dtype) if bias is not None else None)
+
+
+def codebook_dense_chunked(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    nbits: int,
+    config: DequantConfig | None = None,
+    chunk_rows: int = 2048,
+) -> torch.Tensor:
+    """Prefill through cuBLAS on an L2-sized dense W: ``chunk_rows`` rows at a time are dequantized into one
+    reused workspace that cuBLAS reads back while it is still in L2 (a 2048 x 4096 fp16 chunk is 16 MB of the
+    H100's 50 MB), and the product lands in that chunk's output columns (a strided cuBLAS output, no copy).
+    The unchunked :func:`codebook_dense` writes the whole dense W to HBM and reads it back."""
+    _check(x, codes, codebooks, nbits)
+    if codebooks.dim() != 4:
+        raise ValueError("the chunked dense path takes one part's [M, 2**B, 1, G] codebooks")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows={chunk_rows} must be >= 1")
+    x = x.contiguous()
+    num_out = codes.shape[0]
+    out = torch.empty(x.shape[0], num_out, dtype=x.dtype, device=x.device)
+    scales = scales.reshape(-1)
+    for start in range(0, num_out, chunk_rows):
+        stop = min(start + chunk_rows, num_out)
+        w = codebook_dequant(codes[start:stop], codebooks, scales[start:stop], nbits, x.dtype, config)
+        torch.mm(x, w.t(), out=out[:, start:stop])
+    if bias is not None:
+        out += bias.to(x.dtype)
+    return out

@@ -3,6 +3,9 @@ shape-inferable op (``register_fake``) and autograd reaches the input through it
 
 * ``lit_cb::codebook_linear(x, codes, codebooks, scales, bias, nbits, algo)`` -> ``[..., out_features]``
 * ``lit_cb::codebook_linear_grad_input(grad_out, codes, codebooks, scales, nbits)`` -> ``[..., in_features]``
+* ``lit_cb::codebook_linear_fused(x, codes, codebooks, scales, bias, nbits, algo, part_sizes)`` -> the
+  concatenated outputs of several layers on one input (q/k/v, gate/up) in one launch; inference only
+  (:class:`lit_cb.fused.FusedCodebookLinear`), so it registers no autograd.
 
 Gradients flow to ``x`` and ``bias`` only. Codebooks and scales get none here: when they require grad the
 layer-facing :func:`codebook_linear` takes the differentiable PyTorch reference instead.
@@ -10,12 +13,15 @@ layer-facing :func:`codebook_linear` takes the differentiable PyTorch reference 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
 from . import codebook as K
 
-ALGOS = ("gemv", "lut", "mm", "dense")
+ALGOS = ("gemv", "lut", "mm", "dense", "dense_chunked")
+FUSED_ALGOS = ("gemv", "mm", "dense")  # the families that take stacked per-part codebooks
 
 
 def algos_for(nbits: int) -> tuple[str, ...]:
@@ -23,17 +29,36 @@ def algos_for(nbits: int) -> tuple[str, ...]:
     return tuple(a for a in ALGOS if a != "lut" or K.LUT_MIN_NBITS <= nbits <= K.LUT_MAX_NBITS)
 
 
-def _mm_config(tokens: int, num_out: int, group_size: int) -> K.MMConfig:
-    """Tiles for the decode-into-dot kernel by token count.
+def _num_sms(device: torch.device) -> int:
+    return K._num_sms(device)
+
+
+def _split_k(programs: int, k_tiles: int, num_sms: int) -> int:
+    """Input splits so that about two programs run per SM: a 4096-row output at 16 tokens has only 128
+    row tiles of 32 for 132 SMs, each walking the whole input alone."""
+    if programs >= 2 * num_sms:
+        return 1
+    return max(1, min(8, k_tiles // 4, -(-2 * num_sms // programs)))
+
+
+def _mm_config(tokens: int, num_out: int, group_size: int, num_groups: int = 0, num_sms: int = 0) -> K.MMConfig:
+    """Tiles for the decode-into-dot kernel by token count, split-K where the output is narrow.
 
     num_stages=1 for decode sizes: with software pipelining Triton turns the codeword gathers into
     cp.async copies to shared memory read back one half at a time (seen in the PTX), several times slower.
     """
     if tokens <= 16:
-        return K.MMConfig(block_m=16, block_n=32, block_g=max(1, 256 // group_size), num_warps=4, num_stages=1)
-    if tokens <= 64:
-        return K.MMConfig(block_m=64, block_n=64, block_g=max(1, 128 // group_size), num_warps=4, num_stages=1)
-    return K.MMConfig(block_m=128, block_n=128, block_g=max(2, 32 // group_size), num_warps=4, num_stages=4)
+        cfg = K.MMConfig(block_m=16, block_n=32, block_g=max(1, 256 // group_size), num_warps=4, num_stages=1)
+    elif tokens <= 64:
+        cfg = K.MMConfig(block_m=64, block_n=64, block_g=max(1, 128 // group_size), num_warps=4, num_stages=1)
+    else:
+        return K.MMConfig(block_m=128, block_n=128, block_g=max(2, 32 // group_size), num_warps=4, num_stages=4)
+    if num_sms and num_groups:
+        programs = -(-tokens // cfg.block_m) * -(-num_out // cfg.block_n)
+        split = _split_k(programs, -(-num_groups // cfg.block_g), num_sms)
+        if split > 1:
+            cfg = dataclasses.replace(cfg, split_k=split)
+    return cfg
 
 
 def _gemv_config(tokens: int, num_out: int, group_size: int) -> K.GemvConfig:
@@ -63,17 +88,26 @@ def run_algo(
     bias: torch.Tensor | None,
     nbits: int,
     algo: str,
+    part_sizes: list[int] | None = None,
 ) -> torch.Tensor:
-    """One kernel family on a 2-D input, with the tile heuristics above."""
-    tokens, g, num_out = x2d.shape[0], codebooks.shape[3], codes.shape[0]
+    """One kernel family on a 2-D input, with the tile heuristics above. ``part_sizes`` (with stacked
+    ``[P, M, 2**B, 1, G]`` codebooks) runs a fused layer; ``lut`` and ``dense_chunked`` take one part, so a
+    fused call asking for them runs ``gemv`` / ``dense`` instead."""
+    tokens, g, num_out = x2d.shape[0], codebooks.shape[-1], codes.shape[0]
+    if part_sizes is not None:
+        algo = {"lut": "gemv", "dense_chunked": "dense"}.get(algo, algo)
     if algo == "gemv":
-        return K.codebook_gemv(x2d, codes, codebooks, scales, bias, nbits, _gemv_config(tokens, num_out, g))
+        cfg = _gemv_config(tokens, num_out, g)
+        return K.codebook_gemv(x2d, codes, codebooks, scales, bias, nbits, cfg, part_sizes)
     if algo == "lut":
         return K.codebook_lut_gemv(x2d, codes, codebooks, scales, bias, nbits, _lut_config(tokens, codes.shape[2]))
     if algo == "mm":
-        return K.codebook_mm(x2d, codes, codebooks, scales, bias, nbits, _mm_config(tokens, num_out, g))
+        cfg = _mm_config(tokens, num_out, g, codes.shape[1], _num_sms(x2d.device))
+        return K.codebook_mm(x2d, codes, codebooks, scales, bias, nbits, cfg, part_sizes)
     if algo == "dense":
-        return K.codebook_dense(x2d, codes, codebooks, scales, bias, nbits, _dequant_config(g))
+        return K.codebook_dense(x2d, codes, codebooks, scales, bias, nbits, _dequant_config(g), part_sizes)
+    if algo == "dense_chunked":
+        return K.codebook_dense_chunked(x2d, codes, codebooks, scales, bias, nbits, _dequant_config(g))
     raise ValueError(f"unknown algo {algo!r}; expected one of {ALGOS}")
 
 
@@ -111,6 +145,27 @@ def codebook_linear_grad_input_op(
         codes, codebooks, scales, nbits, grad_out.dtype, _dequant_config(codebooks.shape[3])
     )  # [out_features, in_features]
     return (g2d @ w).reshape(*grad_out.shape[:-1], w.shape[1])
+
+
+@torch.library.custom_op("lit_cb::codebook_linear_fused", mutates_args=())
+def codebook_linear_fused_op(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    nbits: int,
+    algo: str,
+    part_sizes: list[int],
+) -> torch.Tensor:
+    x2d = x.reshape(-1, x.shape[-1])
+    out = run_algo(x2d, codes, codebooks, scales, bias, nbits, algo, list(part_sizes))
+    return out.reshape(*x.shape[:-1], codes.shape[0])
+
+
+@codebook_linear_fused_op.register_fake
+def _(x, codes, codebooks, scales, bias, nbits, algo, part_sizes):
+    return x.new_empty(*x.shape[:-1], codes.shape[0])
 
 
 @codebook_linear_grad_input_op.register_fake

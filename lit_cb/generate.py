@@ -118,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
         "inductor: transformers' generate with a static cache under a fullgraph torch.compile of that backend "
         "(inductor compiles for about a minute); auto = graph on a GPU, off on a CPU",
     )
+    p.add_argument(
+        "--fuse",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="run q/k/v and gate/up CodebookLinears as one fused layer each (one kernel launch); auto = on a GPU "
+        "unless --compile is inductor/cudagraphs",
+    )
     p.add_argument("--no-chat-template", action="store_true", help="tokenize the prompt as raw text")
     p.add_argument("--no-stream", action="store_true", help="print the reply at the end instead of streaming it")
     return p
@@ -582,6 +589,16 @@ def main(argv: list[str] | None = None) -> int:
         compile_backend = "graph" if device.type == "cuda" else None
     else:
         compile_backend = None if args.compile == "off" else args.compile
+    # fused slices share one output through a per-input cache, which a torch.compile trace cannot keep
+    # (each slice would run the fused layer): fuse for the graph loop and eager decoding only
+    if args.fuse == "on" or (args.fuse == "auto" and device.type == "cuda"):
+        if compile_backend in TORCH_COMPILE_BACKENDS:
+            if args.fuse == "on":
+                warn(f"--fuse on is not used with --compile {compile_backend}; use --compile graph")
+        else:
+            from lit_cb.fused import fuse_codebook_projections
+
+            fuse_codebook_projections(model)  # inference only: this model is not saved from here
     if compile_backend == "graph" and device.type != "cuda":
         warn("CUDA graphs need a GPU; running the same static-cache decode loop eagerly")
     new, stats = generate(

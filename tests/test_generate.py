@@ -79,6 +79,20 @@ def test_greedy_output_equals_transformers_generate(which, compressed_dir, float
     assert "prefill: 7 tokens" in out.err and "decode: 11 tokens" in out.err and "[eager]" in out.err
 
 
+def test_fused_projections_give_the_same_greedy_output(compressed_dir, capsys, monkeypatch):
+    """--fuse on: q/k/v and gate/up run as fused layers (lit_cb.fused), same tokens as transformers."""
+    import lit_cb.fused
+
+    fused_groups = []
+    real = lit_cb.fused.fuse_codebook_projections
+    monkeypatch.setattr(lit_cb.fused, "fuse_codebook_projections", lambda m: fused_groups.append(real(m)))
+    rc = main([str(compressed_dir), "--prompt", PROMPT, "--max-new-tokens", "12", "--fuse", "on"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert fused_groups == [4]  # q/k/v and gate/up in each of the 2 blocks
+    assert out.out == _reference(compressed_dir, PROMPT, 12) + "\n"
+
+
 def test_sampling_is_seeded_and_matches_transformers(compressed_dir, capsys):
     args = [str(compressed_dir), "--prompt", PROMPT, "--max-new-tokens", "10", "--temperature", "1.3", "--top-p", "0.9"]
     texts = []
