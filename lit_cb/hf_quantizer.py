@@ -35,9 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from lit_cb.bitpack import needs_packing, pack_bits, packed_nbytes, unpack_bits
-from transformers.utils.quantization_config import QuantizationConfigMixin
 
 QUANT_METHOD = "lit_cb"
 FORMAT_VERSION = 2  # 1: codes one per uint8/int16 element; 2: codes of modules with "codes_packed" bit-packed

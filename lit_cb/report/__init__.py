@@ -9,15 +9,17 @@ method), the same evaluation windows and the same evaluation dtype. Rows of fini
 Outputs, in ``output_dir/run_name``:
 
 * ``report.json``: ``{"model", "protocol", "device", "versions", "date", "command", "config",
-  "rows": [{"method", "bits_per_weight", "bits_per_weight_whole_model", "wikitext2_ppl",
+  "rows": [{"method", "bits_per_weight", "bits_per_weight_on_disk", "bits_per_weight_whole_model",
+  "wikitext2_ppl",
   "seconds", ...}]}``;
 * ``report.md``: the same rows as a markdown table;
 * ``pareto.png``: perplexity (log scale) against bits per weight, each point labelled.
 
-``bits_per_weight`` is counted over the quantized linears only (codes + scales + zeros +
-codebooks, as the layers store them; LoRA adapters that stay unmerged at 16 bits), so methods are
-compared on what they actually change; the whole-model figure (every other parameter at 16 bits)
-sits next to it.
+``bits_per_weight`` (nominal) is counted over the quantized linears only (codes at their bits +
+fp16 scales, zeros and codebooks; LoRA adapters at 16 bits), so methods are compared on what they
+actually change; the whole-model figure (every other parameter at 16 bits) sits next to it.
+``bits_per_weight_on_disk`` is measured: the bytes of the tensors the quantized linears write to a
+saved lit_cb folder (codes bit-packed, :mod:`lit_cb.bitpack`), for the rows lit_cb saves.
 
 The package: :mod:`~lit_cb.report.comparison` (the report: shared model and windows, outputs),
 :mod:`~lit_cb.report.baselines` (fp16, bitsandbytes, QLoRA, RTN/GPTQ rows),

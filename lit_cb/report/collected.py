@@ -30,10 +30,17 @@ class CollectedRows:
         name = name or metrics.get("method") or path.parent.name
         ppl = metrics.get("wikitext2_ppl") or {}
         bpw = metrics.get("bits_per_weight") or {}
+        # Measured on the saved model/, i.e. after recovery; it is the compressed model's too when recovery
+        # merged nothing into the compressed linears (the same nominal count before and after).
+        on_disk = (metrics.get("bits_per_weight_on_disk") or {}).get("compressed_linears")
+        merged = (metrics.get("bits_per_weight_recovered") or bpw).get("compressed_linears") != bpw.get(
+            "compressed_linears"
+        )
         mismatch = self._protocol_mismatch(path.parent / "run_config.yaml")
         base = {
             "bits_per_weight": bpw.get("compressed_linears"),
             "bits_per_weight_whole_model": bpw.get("whole_model"),
+            "bits_per_weight_on_disk": None if merged else on_disk,
             "source": str(path),
             "settings": {"run_name": metrics.get("run_name"), "method": metrics.get("method")},
         }
@@ -55,6 +62,7 @@ class CollectedRows:
                     **base,
                     "bits_per_weight": recovered_bpw.get("compressed_linears"),
                     "bits_per_weight_whole_model": recovered_bpw.get("whole_model"),
+                    "bits_per_weight_on_disk": on_disk,
                     "method": f"{name}_recovered",
                     "wikitext2_ppl": ppl["recovered"],
                     "seconds": sum((stages.get(k) or {}).get("seconds") or 0.0 for k in ("compress", "recover")),

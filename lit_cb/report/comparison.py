@@ -105,8 +105,10 @@ class ComparisonReport(BaselineRows, CollectedRows):
             "calibration_seqlen": d.calibration_seqlen,
             "calibration_sampling": d.calibration_sampling,
             "seed": self.config.seed,
-            "bits_per_weight": "over the quantized linears: codes + scales + zeros + codebooks as stored, "
-            "LoRA adapters (when unmerged) at 16 bits; embeddings, head and norms excluded",
+            "bits_per_weight": "nominal, over the quantized linears: codes at their bits + fp16 scales, zeros "
+            "and codebooks, LoRA adapters (unmerged or merged) at 16 bits; embeddings, head and norms excluded",
+            "bits_per_weight_on_disk": "measured: bytes x 8 of the tensors the quantized linears write to a saved "
+            "lit_cb folder (codes bit-packed), over their weights; None for rows lit_cb does not save",
         }
 
     def run(self) -> dict:

@@ -33,19 +33,22 @@ def render_markdown(result: dict) -> str:
         f"- calibration (GPTQ/RTN Hessians, shared by all rows): {p['calibration_samples']} x "
         f"{p['calibration_seqlen']} tokens of {p['calibration_source']} ({p['calibration_sampling']} sampling), "
         f"seed {p['seed']}",
-        "- **bits/weight** is counted over the quantized linears only (codes + scales + zeros + codebooks as "
-        "they are stored; unmerged LoRA adapters at 16 bits); the whole-model column adds every other "
-        "parameter (embeddings, head, norms) at 16 bits, tied weights once.",
+        "- **bits/weight, nominal** is counted over the quantized linears only (codes at their bits + fp16 "
+        "scales, zeros and codebooks; LoRA adapters at 16 bits); the whole-model column adds every other "
+        "parameter (embeddings, head, norms) at 16 bits, tied weights once. **on disk** is measured: the bytes "
+        "x 8 of the tensors the quantized linears write to a saved lit_cb folder (codes bit-packed), over "
+        "their weights (– where lit_cb does not save the row's model).",
         "",
-        "| method | bits/weight (quantized linears) | bits/weight (whole model) | WikiText-2 ppl | vs fp16 "
-        "| seconds | notes |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| method | bits/weight, nominal (quantized linears) | bits/weight on disk (quantized linears) "
+        "| bits/weight, nominal (whole model) | WikiText-2 ppl | vs fp16 | seconds | notes |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in result["rows"]:
         ppl = r.get("wikitext2_ppl")
         rel = f"x{ppl / fp16:.2f}" if fp16 and ppl is not None and r["method"] != "fp16" else ""
         lines.append(
-            f"| {r['method']} | {_fmt(r.get('bits_per_weight'))} | {_fmt(r.get('bits_per_weight_whole_model'))} "
+            f"| {r['method']} | {_fmt(r.get('bits_per_weight'))} | {_fmt(r.get('bits_per_weight_on_disk'))} "
+            f"| {_fmt(r.get('bits_per_weight_whole_model'))} "
             f"| {_fmt(ppl, 2)} | {rel} | {_fmt(r.get('seconds'), 1)} | {r.get('notes', '')} |"
         )
     return "\n".join(lines) + "\n"

@@ -51,7 +51,7 @@ def plot_pareto(rows: list[dict], path: Path, title: str = "") -> None:
     unique = dict(zip(labels, handles, strict=True))
     ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper right")
     ax.set_yscale("log")
-    ax.set_xlabel("bits per weight (quantized linears)")
+    ax.set_xlabel("bits per weight (quantized linears, nominal)")
     ax.set_ylabel("WikiText-2 perplexity (log scale)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
