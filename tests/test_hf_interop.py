@@ -18,7 +18,7 @@ import lit_cb  # noqa: F401  registers quant_method lit_cb
 from lit_cb.bitpack import unpack_bits
 from lit_cb.compress import CompressionConfig, compress_model
 from lit_cb.layers import CodebookLinear, unpack_codes
-from lit_cb.serialization import load_compressed, save_compressed
+from lit_cb.serialization import bits_per_weight_on_disk, load_compressed, save_compressed
 
 from .conftest import tiny_llama
 
@@ -237,6 +237,11 @@ def test_pipeline_output_folder_loads_with_from_pretrained(tmp_path, tiny_tokeni
     assert perplexity(model, dm.test_windows(), progress=False) == pytest.approx(
         metrics["wikitext2_ppl"]["recovered"], rel=1e-5
     )
+    # metrics.json: the nominal count and the one measured from model/'s tensors; 4-bit codes pack without
+    # padding and codebooks, scales and the merged low-rank slot are fp16, so the two agree.
+    on_disk = json.loads((cfg.run_dir / "metrics.json").read_text())["bits_per_weight_on_disk"]
+    assert on_disk == bits_per_weight_on_disk(folder) == metrics["bits_per_weight_on_disk"]
+    assert on_disk["compressed_linears"] == pytest.approx(metrics["bits_per_weight_recovered"]["compressed_linears"])
 
 
 def AutoTokenizerFrom(folder: Path):  # noqa: N802  (reads like the transformers call it wraps)
