@@ -171,9 +171,10 @@ def test_b7_codes_saved_exported_and_loaded_with_from_pretrained(tmp_path, tiny_
     # What `model.save_pretrained` writes after attach (the transformers-loadable export) packs the same way.
     attach(model)
     model.save_pretrained(tmp_path / "again")
-    with safe_open(str(tmp_path / "again" / "model.safetensors"), "pt") as a, safe_open(
-        str(folder / "model.safetensors"), "pt"
-    ) as b:
+    with (
+        safe_open(str(tmp_path / "again" / "model.safetensors"), "pt") as a,
+        safe_open(str(folder / "model.safetensors"), "pt") as b,
+    ):
         assert set(a.keys()) == set(b.keys())
         for key in a.keys():  # noqa: SIM118
             assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
