@@ -543,8 +543,11 @@ def compress_model(
 
 
 def bits_per_weight(model: nn.Module) -> dict[str, float]:
-    """Bits per weight over the compressed linears, and over the whole model (every other
-    parameter counted at 16 bits, tied weights once)."""
+    """Nominal bits per weight over the compressed linears (each layer's ``bits_per_weight``: codes at
+    their B bits, fp16 codebooks, scales and zeros, the low-rank slot), and over the whole model (every
+    other parameter counted at 16 bits, tied weights once). What a saved folder really holds is
+    measured by :func:`lit_cb.serialization.bits_per_weight_on_disk`; with the codes bit-packed the
+    two agree up to the padding of each code stream to a whole byte."""
     compressed_bits = 0.0
     compressed_params = 0
     compressed_names: set[str] = set()

@@ -1,7 +1,7 @@
 """lit_cb's format as a transformers quantization method: ``quant_method: "lit_cb"``.
 
 A lit_cb model folder is a standard Hugging Face folder: ``config.json`` whose
-``quantization_config`` is ``{"quant_method": "lit_cb", "format_version": 1, "modules": {name: spec}}``
+``quantization_config`` is ``{"quant_method": "lit_cb", "format_version": 2, "modules": {name: spec}}``
 (one spec per compressed module, from :func:`lit_cb.serialization.module_spec`), ``model.safetensors``
 with each compressed module's own tensors (``codes``, ``codebooks``, ``scales``, ...), the tokenizer and
 the generation config. After ``import lit_cb`` (which registers :class:`LitCbConfig` and
@@ -15,6 +15,12 @@ quantization type ... we will skip the quantization"), then fills every missing 
 random values. So each compressed module also stores ``<module>.weight`` as a 6-byte uint8 marker
 (the bytes of ``lit_cb``): stock transformers sees a size mismatch against the ``[out, in]`` weight it
 expects and raises, while this quantizer drops the marker on load.
+
+Format version 2 stores codes bit-packed: a module whose spec says ``"codes_packed": true`` has its
+``codes`` saved as the 1-D uint8 stream of :mod:`lit_cb.bitpack` (B bits per code) instead of one
+uint8/int16 element per code; that is every codebook width but 8 and 16 and RTN/GPTQ codes of 2-4 bits,
+so a file holds the bits/weight its format counts. Loading unpacks them into the in-memory layout the
+kernels read. Version-1 folders (codes unpacked, no such key) load as before.
 """
 
 from __future__ import annotations
@@ -31,8 +37,12 @@ from torch import nn
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from lit_cb.bitpack import needs_packing, pack_bits, packed_nbytes, unpack_bits
+
 QUANT_METHOD = "lit_cb"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: codes one per uint8/int16 element; 2: codes of modules with "codes_packed" bit-packed
+CODES_PACKED = "codes_packed"  # spec key: this module's codes are stored as a lit_cb.bitpack stream
+_PACKED_LAYOUT = "_lit_cb_packed_codes"  # module attribute between the two loading hooks: (shape, dtype, bits)
 MARKER = tuple(QUANT_METHOD.encode())  # uint8 values stored as each compressed module's ``weight``
 
 
@@ -76,6 +86,11 @@ class LitCbConfig(QuantizationConfigMixin):
         for name, spec in self.modules.items():
             if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
                 raise ValueError(f"quantization_config.modules[{name!r}] is not a spec with a 'type': {spec!r}")
+            if spec.get(CODES_PACKED) and self.format_version < 2:
+                raise ValueError(
+                    f"quantization_config.modules[{name!r}] says {CODES_PACKED} but format_version="
+                    f"{self.format_version}; packed codes exist from format version 2"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return {"quant_method": QUANT_METHOD, "format_version": self.format_version, "modules": self.modules}
@@ -87,6 +102,46 @@ def _marker() -> torch.Tensor:
 
 def _features(module: nn.Module) -> tuple[int | None, int | None]:
     return getattr(module, "in_features", None), getattr(module, "out_features", None)
+
+
+def code_bits(module: nn.Module) -> int | None:
+    """Bits per code of a compressed module (codebook width B, or RTN/GPTQ ``bits``); None if it has no codes."""
+    if not isinstance(getattr(module, "codes", None), torch.Tensor):
+        return None
+    fmt = getattr(module, "fmt", None)
+    bits = fmt.nbits_per_codebook if fmt is not None else getattr(module, "bits", None)
+    return bits if isinstance(bits, int) else None
+
+
+def _stores_packed(module: nn.Module) -> bool:
+    bits = code_bits(module)
+    return bits is not None and needs_packing(bits)
+
+
+def expect_packed_codes(module: nn.Module, name: str) -> None:
+    """Give an empty module a ``codes`` buffer shaped like the packed stream, so the checkpoint's tensor
+    loads into it by name; :func:`unpack_loaded_codes` restores the in-memory layout afterwards."""
+    if not _stores_packed(module):
+        raise ValueError(
+            f"quantization_config.modules[{name!r}] says {CODES_PACKED}, but its module stores "
+            f"{code_bits(module)}-bit codes, which are never packed"
+        )
+    codes, bits = module.codes, code_bits(module)
+    setattr(module, _PACKED_LAYOUT, (tuple(codes.shape), codes.dtype, bits))
+    module.codes = torch.empty(packed_nbytes(codes.numel(), bits), dtype=torch.uint8, device=codes.device)
+
+
+def unpack_loaded_codes(model: nn.Module) -> None:
+    """Unpack the codes of every module :func:`expect_packed_codes` prepared (on the device they loaded to)."""
+    for module in model.modules():
+        layout = module.__dict__.pop(_PACKED_LAYOUT, None)
+        if layout is None:
+            continue
+        shape, dtype, bits = layout
+        count = 1
+        for size in shape:
+            count *= size
+        module.codes = unpack_bits(module.codes, bits, count).to(dtype).reshape(shape)
 
 
 def swap_in_compressed_modules(model: nn.Module, modules: dict[str, dict]) -> None:
@@ -129,29 +184,40 @@ class LitCbHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, **kwargs) -> None:
         swap_in_compressed_modules(model, self.quantization_config.modules)
+        for name, spec in self.quantization_config.modules.items():
+            if spec.get(CODES_PACKED):
+                expect_packed_codes(model.get_submodule(name), name)
         # The per-module markers are for loaders that do not know lit_cb; here they are expected and dropped.
         patterns = {rf"^{re.escape(name)}\.weight$" for name in self.quantization_config.modules}
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | patterns
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        unpack_loaded_codes(model)
         return model
 
     def get_state_dict_and_metadata(self, model):
-        """The state dict with a marker per compressed module, and the current specs in the config.
+        """The state dict with a marker per compressed module and bit-packed codes, and the current specs
+        in the config.
 
         Specs are refreshed here (``save_pretrained`` writes config.json afterwards) because a merged LoRA
-        changes the low-rank slot of compressed modules after loading.
+        changes the low-rank slot of compressed modules after loading; the format version becomes the
+        current one, since what is written is in the current format.
         """
         from lit_cb.serialization import compressed_specs
 
         specs = compressed_specs(model)
-        self.quantization_config.modules = specs
         state = model.state_dict()
         for name in specs:
             key = f"{name}.weight"
             if key in state:
                 raise ValueError(f"{name} is compressed but also has a 'weight' tensor in its state dict")
             state[key] = _marker()
+            module = model.get_submodule(name)
+            if _stores_packed(module):
+                state[f"{name}.codes"] = pack_bits(module.codes, code_bits(module))
+                specs[name] = {**specs[name], CODES_PACKED: True}
+        self.quantization_config.modules = specs
+        self.quantization_config.format_version = FORMAT_VERSION
         return state, {"lit_cb_format_version": str(FORMAT_VERSION)}
 
     def is_serializable(self, safe_serialization=None) -> bool:

@@ -10,6 +10,8 @@ all methods:
 
 Weight row-group ``o``, column-group ``i`` is ``scales[o] * sum_m codebooks[m, codes[o, i, m]]``.
 int16 codes above 2**15 are stored wrapped (two's complement) and unwrapped with a bit mask.
+That is the in-memory layout the kernels read; saved files hold codes of widths other than 8 and 16
+bit-packed at B bits each (:mod:`lit_cb.bitpack`, via :mod:`lit_cb.hf_quantizer`).
 """
 
 from __future__ import annotations

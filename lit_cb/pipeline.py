@@ -28,7 +28,7 @@ from lit_cb.preflight import check_model, check_text_sources
 from lit_cb.progress import StepProgressBar
 from lit_cb.recovery import RecoveryModule
 from lit_cb.run_summary import format_summary, peak_rss_gb, plot_recovery, stage, timed_eval
-from lit_cb.serialization import save_compressed
+from lit_cb.serialization import bits_per_weight_on_disk, save_compressed
 from lit_cb.slurm import SlurmRequeue, check_trainer_matches_slurm, in_slurm_step, latest_checkpoint
 
 FINGERPRINT_FILE = "fingerprint.json"
@@ -298,6 +298,8 @@ def _run(cfg: RunConfig, requeue: SlurmRequeue | None) -> dict:
         )
         if "csv" in cfg.trainer.loggers and cfg.recovery.max_steps > 0:
             plot_recovery(run_dir)
+    # Measured from the tensors model/ holds (the recovered model's), next to the nominal counts above.
+    metrics["bits_per_weight_on_disk"] = bits_per_weight_on_disk(run_dir / "model")
     metrics["peak_rss_gb"] = peak_rss_gb()
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
     print(format_summary(metrics, run_dir), flush=True)

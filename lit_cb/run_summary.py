@@ -133,12 +133,18 @@ def format_summary(metrics: dict, run_dir: Path | None = None) -> str:
             lines.append(f"  WikiText-2 perplexity, {key:>10}: {ppl[key]:.3f}")
     if bpw:
         lines.append(
-            f"  bits/weight: {bpw['compressed_linears']:.3f} over compressed linears, "
+            f"  bits/weight (nominal): {bpw['compressed_linears']:.3f} over compressed linears, "
             f"{bpw['whole_model']:.3f} over the whole model"
         )
     rec = metrics.get("bits_per_weight_recovered")
     if rec and "recovered" in ppl:
         lines.append(f"  bits/weight after recovery (merged adapters): {rec['compressed_linears']:.3f}")
+    disk = metrics.get("bits_per_weight_on_disk")
+    if disk:
+        lines.append(
+            f"  bits/weight on disk (measured from model/'s tensors): {disk['compressed_linears']:.3f} over "
+            f"compressed linears, {disk['whole_model']:.3f} over the whole model"
+        )
     stages = metrics.get("stages", {})
     if stages:
         lines.append(f"  {'stage':<16}{'seconds':>9}{'peak GPU GB':>13}{'peak RSS GB':>13}")

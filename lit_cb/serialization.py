@@ -5,12 +5,14 @@ A model folder is a standard Hugging Face folder whose ``config.json`` carries
 module, so the structure can be rebuilt before the tensors are loaded; :mod:`lit_cb.hf_quantizer`),
 plus ``model.safetensors``, the tokenizer files and ``compression.json`` (how the model was made).
 Compressed module classes register a builder here (``type`` name -> callable from spec), so the
-loader needs no knowledge of methods.
+loader needs no knowledge of methods. Codes are written bit-packed (:mod:`lit_cb.bitpack`, format
+version 2), and :func:`bits_per_weight_on_disk` measures what a folder's tensors take.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -185,3 +187,89 @@ def _load_legacy(src: Path, meta: dict) -> nn.Module:
     if unexpected or missing:
         raise ValueError(f"{src}: state does not match the rebuilt model (missing {missing}, unexpected {unexpected})")
     return model
+
+
+# -- what a folder holds on disk ----------------------------------------------------------------------
+def _safetensors_files(src: Path) -> list[Path]:
+    single, index = src / "model.safetensors", src / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        return [src / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    raise FileNotFoundError(f"{src} has neither model.safetensors nor model.safetensors.index.json")
+
+
+def safetensors_tensor_sizes(src: str | Path) -> dict[str, tuple[int, int]]:
+    """``{tensor name: (bytes, elements)}`` of a folder's safetensors files, read from their headers
+    (the byte spans the file really holds, whatever dtype or packing wrote them)."""
+    sizes: dict[str, tuple[int, int]] = {}
+    for path in _safetensors_files(Path(src)):
+        with open(path, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            elements = 1
+            for size in info["shape"]:
+                elements *= size
+            sizes[name] = (end - start, elements)
+    return sizes
+
+
+def _spec_features(spec: dict) -> tuple[int, int]:
+    shape = spec.get("format", spec)  # CodebookLinear nests its shape in "format", GroupQuantLinear does not
+    return int(shape["in_features"]), int(shape["out_features"])
+
+
+def bits_per_weight_on_disk(directory: str | Path) -> dict[str, float | int]:
+    """Bits per weight that a saved lit_cb folder's tensors take on disk (the measured counterpart of
+    :func:`lit_cb.compress.bits_per_weight`, the nominal count).
+
+    ``compressed_linears``: bytes of every tensor a compressed module wrote (codes, codebooks, scales,
+    zeros, g_idx, low-rank slot; not its bias nor its 6-byte marker, as the nominal count) x 8 over its
+    in x out weights. ``whole_model``: bytes of every tensor in the files but the markers (embeddings,
+    head, norms in whatever dtype they were saved; tied weights are written once) over the weights of
+    the compressed linears plus the elements of every other tensor. Packed codes make the first equal
+    the nominal figure up to each code stream's padding to a whole byte.
+    """
+    src = Path(directory)
+    qc = read_quantization_config(src)
+    if qc is None or not isinstance(qc.get("modules"), dict):
+        raise ValueError(f"{src} holds no lit_cb quantization_config: there are no compressed linears to measure")
+    sizes = safetensors_tensor_sizes(src)
+    compressed_bytes = compressed_params = other_bytes = other_elements = 0
+    owned: set[str] = set()
+    for name, spec in qc["modules"].items():
+        in_f, out_f = _spec_features(spec)
+        compressed_params += in_f * out_f
+        for key, (nbytes, _) in sizes.items():
+            if key.startswith(f"{name}."):
+                owned.add(key)
+                if key[len(name) + 1 :] not in ("weight", "bias"):
+                    compressed_bytes += nbytes
+                elif key.endswith(".bias"):
+                    other_bytes, other_elements = other_bytes + nbytes, other_elements + sizes[key][1]
+    for key, (nbytes, elements) in sizes.items():
+        if key not in owned:
+            other_bytes, other_elements = other_bytes + nbytes, other_elements + elements
+    if not compressed_params:
+        raise ValueError(f"{src}: quantization_config lists no compressed module")
+    return {
+        "compressed_linears": 8 * compressed_bytes / compressed_params,
+        "whole_model": 8 * (compressed_bytes + other_bytes) / (compressed_params + other_elements),
+        "compressed_bytes": compressed_bytes,
+        "compressed_params": compressed_params,
+        "total_bytes": compressed_bytes + other_bytes,
+        "total_params": compressed_params + other_elements,
+    }
+
+
+def measure_bits_on_disk(model: nn.Module) -> dict[str, float | int]:
+    """:func:`bits_per_weight_on_disk` of ``model`` saved as it stands (``save_pretrained`` in the lit_cb
+    format) to a temporary folder, for models that are measured but not kept (the comparison report)."""
+    from lit_cb.hf_quantizer import attached
+
+    with tempfile.TemporaryDirectory(prefix="lit_cb_bits_") as tmp, attached(model):
+        model.save_pretrained(tmp)
+        return bits_per_weight_on_disk(tmp)

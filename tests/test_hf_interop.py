@@ -4,6 +4,7 @@ peft on the loaded model, the pipeline's output, and loud failures (also in a fr
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,10 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import lit_cb  # noqa: F401  registers quant_method lit_cb
+from lit_cb.bitpack import unpack_bits
 from lit_cb.compress import CompressionConfig, compress_model
 from lit_cb.layers import CodebookLinear, unpack_codes
-from lit_cb.serialization import load_compressed, save_compressed
+from lit_cb.serialization import bits_per_weight_on_disk, load_compressed, save_compressed
 
 from .conftest import tiny_llama
 
@@ -102,17 +104,22 @@ def test_saved_tensors_follow_the_documented_format(saved, method):
     model, folder = saved[method]
     config = json.loads((folder / "config.json").read_text())
     qc = config["quantization_config"]
-    assert qc["quant_method"] == "lit_cb" and qc["format_version"] == 1
+    assert qc["quant_method"] == "lit_cb" and qc["format_version"] == 2
     loaded = AutoModelForCausalLM.from_pretrained(folder)
     name = "model.layers.1.mlp.down_proj"
     spec = qc["modules"][name]
     assert spec["type"] == "CodebookLinear" and spec["format"]["in_features"] == 128
     expected_m = METHODS[method].get("num_codebooks", 1)
     assert spec["format"]["num_codebooks"] == expected_m
+    fmt = spec["format"]
+    assert spec["codes_packed"] is True  # 4-bit codes: a lit_cb.bitpack stream of 4 bits per code
+    codes_shape = (fmt["out_features"] // fmt["out_group_size"], 128 // fmt["in_group_size"], expected_m)
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         assert bytes(f.get_tensor(f"{name}.weight").tolist()) == b"lit_cb"
+        packed = f.get_tensor(f"{name}.codes")
+        assert packed.dtype == torch.uint8 and packed.numel() * 2 == math.prod(codes_shape)
         w64 = _dequant_f64(
-            f.get_tensor(f"{name}.codes"),
+            unpack_bits(packed, 4, math.prod(codes_shape)).reshape(codes_shape),
             f.get_tensor(f"{name}.codebooks"),
             f.get_tensor(f"{name}.scales"),
             spec["format"]["nbits_per_codebook"],
@@ -230,6 +237,11 @@ def test_pipeline_output_folder_loads_with_from_pretrained(tmp_path, tiny_tokeni
     assert perplexity(model, dm.test_windows(), progress=False) == pytest.approx(
         metrics["wikitext2_ppl"]["recovered"], rel=1e-5
     )
+    # metrics.json: the nominal count and the one measured from model/'s tensors; 4-bit codes pack without
+    # padding and codebooks, scales and the merged low-rank slot are fp16, so the two agree.
+    on_disk = json.loads((cfg.run_dir / "metrics.json").read_text())["bits_per_weight_on_disk"]
+    assert on_disk == bits_per_weight_on_disk(folder) == metrics["bits_per_weight_on_disk"]
+    assert on_disk["compressed_linears"] == pytest.approx(metrics["bits_per_weight_recovered"]["compressed_linears"])
 
 
 def AutoTokenizerFrom(folder: Path):  # noqa: N802  (reads like the transformers call it wraps)

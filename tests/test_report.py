@@ -69,6 +69,11 @@ def test_report_rows_files_and_reference_values(tiny_model_dir, tmp_path):
     assert rows["bnb_nf4"]["bits_per_weight"] == pytest.approx(4 + 32 / 64)
     assert rows["fp16"]["bits_per_weight"] == 16.0
     assert rows["rtn_4bit"]["bits_per_weight_whole_model"] > rows["rtn_4bit"]["bits_per_weight"]
+    # On disk (measured from the saved tensors, codes packed at 4 bits): the same; bitsandbytes rows are not
+    # saved by lit_cb, a float16 checkpoint is 16 bits.
+    assert rows["rtn_4bit"]["bits_per_weight_on_disk"] == pytest.approx(4 + 32 / GROUP)
+    assert rows["gptq_4bit"]["bits_per_weight_on_disk"] == pytest.approx(4 + 32 / GROUP)
+    assert rows["bnb_nf4"]["bits_per_weight_on_disk"] is None and rows["fp16"]["bits_per_weight_on_disk"] == 16.0
 
     # fp16 row (eval dtype float32 on CPU) == perplexity() of an independently loaded model on
     # independently built windows.
@@ -86,6 +91,8 @@ def test_report_rows_files_and_reference_values(tiny_model_dir, tmp_path):
     for name in rows:
         assert f"| {name} |" in md
     assert "over the quantized linears" in md
+    assert "bits/weight, nominal (quantized linears) | bits/weight on disk (quantized linears)" in md
+    assert f"| rtn_4bit | {4 + 32 / GROUP:.3f} | {4 + 32 / GROUP:.3f} |" in md
     png = (out / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
@@ -95,6 +102,8 @@ def test_gptq_beats_rtn_at_3_bits(tiny_model_dir, tmp_path):
     rows = {r["method"]: r for r in run_report(cfg, command="pytest")["rows"]}
     rtn, gptq = rows["rtn_3bit"], rows["gptq_3bit"]
     assert rtn["bits_per_weight"] == pytest.approx(gptq["bits_per_weight"])
+    # 3-bit codes packed at 3 bits on disk (they used to take a byte each): nominal == measured.
+    assert rtn["bits_per_weight_on_disk"] == pytest.approx(3 + 32 / GROUP) == gptq["bits_per_weight_on_disk"]
     # GPTQ minimises exactly the Hessian-weighted layer error that the driver measures.
     assert gptq["mean_relative_layer_error"] < 0.9 * rtn["mean_relative_layer_error"]
 

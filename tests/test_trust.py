@@ -388,11 +388,20 @@ def test_swapped_tensors_of_the_same_shape_are_refused_naming_them(model_copy):
 
 
 def test_codes_out_of_range_are_refused_naming_the_layer(model_copy):
-    """Another tool wrote codes >= 2**B (with a consistent manifest): the value check refuses."""
+    """Another tool wrote codes >= 2**B (with a consistent manifest): the value check refuses. Packed codes
+    (format version 2) hold exactly B bits each, so the folder is rewritten in version 1, one code per uint8."""
     from lit_cb.integrity import IntegrityError, write_manifest
 
+    model, _, _ = load_compressed(model_copy)
+    config = json.loads((model_copy / "config.json").read_text())
+    qc = config["quantization_config"]
+    qc["format_version"] = 1
     path = model_copy / "model.safetensors"
     tensors = load_file(str(path))
+    for module, spec in qc["modules"].items():
+        spec.pop("codes_packed", None)
+        tensors[f"{module}.codes"] = model.get_submodule(module).codes.clone()
+    (model_copy / "config.json").write_text(json.dumps(config))
     name = "model.layers.1.mlp.down_proj.codes"
     tensors[name][0, 0, 0] = 16  # nbits=4: allowed codes are 0..15
     save_file(tensors, str(path))

@@ -92,8 +92,8 @@ def rtn_quantize_weight(
 class GroupQuantLinear(nn.Module):
     """A linear layer stored as ``bits``-bit integer codes with per-group float16 scales and zeros.
 
-    * ``codes``  ``[out, in]`` uint8 (one code per byte in memory; counted packed, see
-      :meth:`storage_bits`)
+    * ``codes``  ``[out, in]`` uint8 (one code per byte in memory; saved bit-packed at ``bits`` per
+      code for 2-4 bits, :mod:`lit_cb.bitpack`, so files hold what :meth:`storage_bits` counts)
     * ``scales``, ``zeros``  ``[out, n_groups]`` float16
     * ``g_idx``  ``[in]`` int32 or None: the group of each input column. None means contiguous
       groups of ``group_size`` columns; GPTQ with act-order (non-static groups) forms its groups in
@@ -171,7 +171,7 @@ class GroupQuantLinear(nn.Module):
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 
     def storage_bits(self) -> dict[str, int]:
-        """Bits of what a packed serialisation holds: codes at ``bits`` each, scales and zeros at 16
+        """Bits of what the (packed) saved file holds: codes at ``bits`` each, scales and zeros at 16
         each (stored float16 although zeros are integers), g_idx at 32 per column when present.
         The bias is not counted, as for :class:`lit_cb.layers.CodebookLinear`."""
         n = self.out_features * self.in_features
