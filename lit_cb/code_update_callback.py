@@ -151,16 +151,22 @@ class CodeUpdateCallback(L.Callback):
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         hooks = list(self._hooks.items())
-        if not hooks or not hooks[0][1].active:
+        if not hooks:
             return
         total = CodeUpdateStats()
+        updating = hooks[0][1].active
         for name, h in hooks:
-            h.active = False
-            total = total + self._update_layer(name, h)
-            h.reset()
-        self.last_stats = total
+            if h.active:
+                h.active = False
+                total = total + self._update_layer(name, h)
+                h.reset()
+        # Logged on every step (0 between updates): a value logged only on some steps would be
+        # repeated by Lightning on the steps after it until the epoch ends.
         pl_module.log("code_update_changed", float(total.codes_changed), rank_zero_only=True)
         pl_module.log("code_update_groups", float(total.groups), rank_zero_only=True)
+        if not updating:
+            return
+        self.last_stats = total
         if trainer.is_global_zero:
             rank_zero_info(
                 f"step {trainer.global_step + 1}: code update changed {total.codes_changed} codes in "
