@@ -445,3 +445,61 @@ def test_recovery_with_code_updates_resumed_after_a_crash_equals_an_uninterrupte
     assert codes
     worst = max((reference[k].float() - resumed[k].float()).abs().max().item() for k in reference)
     assert worst == 0.0, f"resumed run differs from the uninterrupted one by up to {worst}"
+
+
+# -- DDP -----------------------------------------------------------------------------------------
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        layer, grads, sqs = _ddp_problem()
+        callback = CodeUpdateCallback(every=1, fraction=0.2, step=0.8, sweeps=2)
+        hooks = _LayerHooks(layer)
+        hooks.grad, hooks.sq_sum, hooks.tokens = grads[rank].clone(), sqs[rank].clone(), 10
+        stats = callback._update_layer("layer", hooks)
+        torch.save(
+            {"codes": layer.codes.clone(), "changed": stats.codes_changed, "state": callback.state_dict()},
+            f"{out}/rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_problem():
+    """One int16 (B=9) two-codebook layer, and each rank's share of G and of the x² sums."""
+    fmt = CodebookFormat(in_features=32, out_features=16, in_group_size=4, num_codebooks=2, nbits_per_codebook=9)
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 2**9, (16, 8, 2), generator=gen)
+    layer = CodebookLinear.from_tensors(fmt, codes, torch.randn(2, 2**9, 1, 4, generator=gen), torch.rand(16) + 0.5)
+    grads = [torch.randn(16, 32, generator=gen) for _ in range(2)]
+    sqs = [torch.rand(32, generator=gen, dtype=torch.float64) * 10 for _ in range(2)]
+    return layer, grads, sqs
+
+
+def test_ddp_ranks_sum_statistics_and_end_with_the_same_codes_as_one_process(tmp_path):
+    """Two gloo ranks, each with half of the statistics: both end with the codes that one process
+    gets from the summed G and x² sums (int16 codes travel as bytes), and the same checkpoint state."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    layer, grads, sqs = _ddp_problem()
+    callback = CodeUpdateCallback(every=1, fraction=0.2, step=0.8, sweeps=2)
+    hooks = _LayerHooks(layer)
+    hooks.grad, hooks.sq_sum, hooks.tokens = grads[0] + grads[1], sqs[0] + sqs[1], 20
+    stats = callback._update_layer("layer", hooks)
+    assert stats.codes_changed > 0
+    for r in ranks:
+        assert torch.equal(r["codes"], layer.codes)
+        assert r["changed"] == stats.codes_changed
+        assert r["state"]["tokens"] == {"layer": 20}
+        torch.testing.assert_close(r["state"]["sq_sums"]["layer"], sqs[0] + sqs[1], rtol=1e-12, atol=0)
