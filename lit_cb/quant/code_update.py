@@ -123,6 +123,8 @@ def assign_codes(
     before = obj.clone()
     if n == 0:
         return codes, before, obj
+    if num_codebooks == 1:
+        sweeps = 1  # the first sweep is already the exact argmin; more would repeat it
     chunk = max(1, max_chunk_elements // num_codewords)
     flat_books = books.reshape(num_codebooks, num_codewords, og * g)
     sq_books = flat_books.square()
