@@ -24,6 +24,7 @@ from torch import nn
 from torchmetrics.text import Perplexity
 
 from lit_cb.architectures import DEFAULT_LORA_TARGETS, spec_for  # noqa: F401 (re-exported)
+from lit_cb.code_update_callback import CodeUpdateCallback
 from lit_cb.configs.recovery import RecoveryConfig  # noqa: F401 (re-exported: the config lives torch-free)
 from lit_cb.evaluate import causal_lm_perplexity_update
 from lit_cb.layers import CodebookLinear
@@ -167,8 +168,6 @@ class RecoveryModule(L.LightningModule):
     def configure_callbacks(self) -> list[L.Callback]:
         """Discrete code updates (PV-tuning's V-step) when ``code_update_every > 0``."""
         if self.config.code_update_every > 0 and self.config.max_steps > 0:
-            from lit_cb.code_update_callback import CodeUpdateCallback
-
             return [CodeUpdateCallback.from_config(self.config)]
         return []
 
