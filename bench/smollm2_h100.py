@@ -54,6 +54,21 @@ RUNS: dict[str, tuple[str, str, list[str]]] = {
             "eval.float_model=false",
         ],
     ),
+    # The same recovery plus discrete code updates (PV-tuning's linearized V-step, issue 14): compare
+    # with codebook_recovered_no_lora run in the same session (GPU compression is not bit-reproducible).
+    "codebook_recovered_no_lora_pv": (
+        "smollm2_codebook",
+        "smollm2_codebook_full",
+        [
+            "run_name=smollm2_codebook_no_lora_pv",
+            "recovery.lora_r=0",
+            "recovery.codebook_lr=5.0e-5",
+            "recovery.code_update_every=10",
+            "recovery.code_update_fraction=0.01",
+            "recovery.code_update_step=0.5",
+            "eval.float_model=false",
+        ],
+    ),
     "aqlm_2x8_recovered": (
         # AQLM's end-to-end fine-tuning: codebooks, scales and norms trained by KL distillation from
         # the float model, codes frozen, no LoRA, so the bits stay at 2.153.

@@ -1,6 +1,8 @@
 """Recovery fine-tuning: a LightningModule that trains what compression left trainable.
 
-Codes stay frozen. What trains is chosen by :class:`RecoveryConfig`: LoRA adapters (peft) on the
+Codes stay frozen unless ``code_update_every > 0`` (then :class:`lit_cb.code_update_callback.
+CodeUpdateCallback` re-assigns them every that many steps). What trains is chosen by
+:class:`RecoveryConfig`: LoRA adapters (peft) on the
 dense linears that remain, optionally LoRA on compressed linears too (through a small peft
 dispatcher, :class:`CodebookLoraLinear`), and optionally the codebooks, scales and norms
 themselves (AQLM's end-to-end tuning). The loss is causal-LM cross-entropy, optionally mixed
@@ -22,6 +24,7 @@ from torch import nn
 from torchmetrics.text import Perplexity
 
 from lit_cb.architectures import DEFAULT_LORA_TARGETS, spec_for  # noqa: F401 (re-exported)
+from lit_cb.code_update_callback import CodeUpdateCallback
 from lit_cb.configs.recovery import RecoveryConfig  # noqa: F401 (re-exported: the config lives torch-free)
 from lit_cb.evaluate import causal_lm_perplexity_update
 from lit_cb.layers import CodebookLinear
@@ -162,12 +165,19 @@ class RecoveryModule(L.LightningModule):
         self._ignore_codes_in_ddp()
         self.model.train()
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Discrete code updates (PV-tuning's V-step) when ``code_update_every > 0``."""
+        if self.config.code_update_every > 0 and self.config.max_steps > 0:
+            return [CodeUpdateCallback.from_config(self.config)]
+        return []
+
     def _ignore_codes_in_ddp(self) -> None:
         """Keep CodebookLinear codes out of DDP's buffer sync.
 
         DDP broadcasts every buffer from rank 0 when it wraps the module and again before every
-        forward. Codes are frozen and identical on all ranks by construction (compression
-        broadcasts them, a checkpoint restores them alike), so that traffic is pure waste: the
+        forward. Codes are identical on all ranks by construction (compression broadcasts them, a
+        checkpoint restores them alike, code updates broadcast rank 0's new codes: see
+        :mod:`lit_cb.code_update_callback`), so that traffic is pure waste: the
         codes of a 7B model are about 1.6 GB per forward. gloo cannot even carry int16 (the codes
         of 9..16-bit codebooks), so without this a CPU DDP run with them fails at wrap time.
         (FSDP does not shard buffers, so codes stay whole there too; Lightning's FSDPStrategy

@@ -31,7 +31,7 @@ class RecoveryConfig:
     lora_on_compressed: bool = False
     """Put LoRA on compressed linears too (merged into their low-rank slot afterwards)."""
     train_codebooks: bool = False
-    """Train the codebooks and scales of compressed linears (codes stay frozen)."""
+    """Train the codebooks and scales of compressed linears (codes stay frozen unless code_update_every > 0)."""
     train_norms: bool = False
     """Train the norm weights."""
     distill_alpha: float = 0.0
@@ -40,6 +40,14 @@ class RecoveryConfig:
     """Softmax temperature of the distillation (> 0)."""
     grad_clip: float = 1.0
     """Gradient-norm clipping (0: off)."""
+    code_update_every: int = 0
+    """Re-assign codes (PV-tuning's linearized V-step) every this many optimizer steps (>= 0; 0: off)."""
+    code_update_fraction: float = 0.01
+    """Share of each compressed linear's groups re-assigned per code update (most moved first), in (0, 1]."""
+    code_update_step: float = 0.5
+    """Code-update step: the selected groups' targets move by this times the weight's RMS (> 0, scale-free)."""
+    code_update_sweeps: int = 2
+    """Coordinate-descent sweeps over the codebooks per code update (>= 1; one is exact for one codebook)."""
 
     def __post_init__(self) -> None:
         if self.max_steps < 0:
@@ -53,6 +61,14 @@ class RecoveryConfig:
             raise ValueError(f"recovery.distill_alpha={self.distill_alpha} must lie in [0, 1]")
         if self.distill_temperature <= 0:
             raise ValueError(f"recovery.distill_temperature={self.distill_temperature} must be > 0")
+        if self.code_update_every < 0:
+            raise ValueError(f"recovery.code_update_every={self.code_update_every} must be an integer >= 0 (0: off)")
+        if not 0.0 < self.code_update_fraction <= 1.0:
+            raise ValueError(f"recovery.code_update_fraction={self.code_update_fraction} must lie in (0, 1]")
+        if not self.code_update_step > 0 or self.code_update_step == float("inf"):
+            raise ValueError(f"recovery.code_update_step={self.code_update_step} must be a finite number > 0")
+        if self.code_update_sweeps < 1:
+            raise ValueError(f"recovery.code_update_sweeps={self.code_update_sweeps} must be an integer >= 1")
         try:
             re.compile(self.lora_targets)
         except re.error as err:

@@ -1,0 +1,220 @@
+"""Discrete code updates during recovery (PV-tuning's linearized V-step), as a Lightning callback.
+
+:class:`RecoveryModule` adds :class:`CodeUpdateCallback` through ``configure_callbacks`` when
+``recovery.code_update_every > 0``, so it runs in any Trainer that fits the module. Every
+``code_update_every`` optimizer steps, on that step only:
+
+1. hooks on every :class:`~lit_cb.layers.CodebookLinear` (the base layer inside peft's
+   ``CodebookLoraLinear`` too) record ``G = grad_outᵀ x`` (the gradient of the loss with respect
+   to the layer's dequantized weight) and ``sum x²`` per input column over the step's tokens
+   (every micro-batch of a gradient accumulation). Hooks see the layer's input and output, so
+   this is the same whether the forward runs the Triton kernel or the dequantize path. A layer
+   whose input needs no gradient (nothing trainable upstream) gets a detached copy that does,
+   so its output gradient is computed on this step;
+2. in ``on_before_optimizer_step`` (after the step's last backward, before the optimizer and
+   before the step's checkpoint) the running mean ``d`` of x² is updated and
+   :func:`lit_cb.quant.code_update.linearized_v_step` re-assigns the selected groups' codes.
+
+On other steps the hooks return at once: no cost. ``d`` is a running mean over the tokens of
+every code-update step so far (a diagonal estimate needs few tokens; collecting it only on those
+steps keeps the other steps free and leaves no half-collected state at a checkpoint).
+
+**Resume.** Codes are buffers, so every checkpoint carries the updated codes; the callback's
+state (the running sums of x² and token counts) is checkpointed too, and the schedule follows
+``trainer.global_step``, which Lightning restores. No randomness is used. A resumed run therefore
+repeats the uninterrupted one exactly (bit-identical on CPU, tested).
+
+**DDP.** G, the x² sums and the token counts are all-reduced (summed) before the assignment, so
+every rank computes the update from the same global statistics and gets the same result; as a
+guard against ranks whose kernels round differently, rank 0's selected groups and their new codes
+are then broadcast and written on every rank, so the codes (kept out of DDP's buffer sync, see
+``RecoveryModule._ignore_codes_in_ddp``) stay bit-identical across ranks.
+
+Cost per call: one ``[out, in]`` fp32 gradient per layer held from the step's backward until its
+optimizer step (the dense model's size in fp32: 0.4 GB for SmolLM2-135M, 26 GB for a 7B model,
+which would need a smaller scope), one ``[tokens, out] x [tokens, in]`` matmul per layer (as much
+as the backward's weight gradient), and the assignment of ``fraction`` of the groups.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lit_cb import distributed as dist_utils
+from lit_cb.layers import CodebookLinear, pack_codes, unpack_codes
+from lit_cb.quant.code_update import CodeUpdateStats, linearized_v_step
+
+
+class _LayerHooks:
+    """Forward hooks on one CodebookLinear that, while ``active``, accumulate ``G`` and ``sum x²``."""
+
+    def __init__(self, layer: CodebookLinear) -> None:
+        self.layer = layer
+        self.active = False
+        self.grad: torch.Tensor | None = None  # [out, in] float32
+        self.sq_sum: torch.Tensor | None = None  # [in] float64
+        self.tokens = 0
+        self._handles = [
+            layer.register_forward_pre_hook(self._pre_hook),
+            layer.register_forward_hook(self._post_hook),
+        ]
+
+    def _pre_hook(self, module: nn.Module, args: tuple):
+        if not self.active or not torch.is_grad_enabled():
+            return None
+        x = args[0]
+        flat = x.detach().reshape(-1, x.shape[-1])
+        sq = flat.float().square().sum(0).double()
+        self.sq_sum = sq if self.sq_sum is None else self.sq_sum + sq
+        self.tokens += flat.shape[0]
+        if not x.requires_grad:
+            # Nothing upstream trains: give the layer an input that needs a gradient, so that
+            # autograd computes this layer's output gradient (the graph still ends here).
+            return (x.detach().requires_grad_(True), *args[1:])
+        return None
+
+    def _post_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if not self.active or not torch.is_grad_enabled() or not output.requires_grad:
+            return
+        x = args[0]
+
+        def on_grad(grad_out: torch.Tensor) -> None:
+            g = grad_out.reshape(-1, grad_out.shape[-1]).float().T @ x.detach().reshape(-1, x.shape[-1]).float()
+            self.grad = g if self.grad is None else self.grad.add_(g)
+
+        output.register_hook(on_grad)
+
+    def reset(self) -> None:
+        self.grad, self.sq_sum, self.tokens = None, None, 0
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class CodeUpdateCallback(L.Callback):
+    """Re-assign the codes of every CodebookLinear of ``pl_module.model`` every ``every`` steps.
+
+    Args:
+        every: optimizer steps between code updates (>= 1).
+        fraction: share of each layer's groups re-assigned per update, in (0, 1].
+        step: scale-free step size (see :func:`lit_cb.quant.code_update.linearized_target`).
+        sweeps: coordinate-descent sweeps over the codebooks.
+    """
+
+    def __init__(self, every: int, fraction: float, step: float, sweeps: int = 2) -> None:
+        super().__init__()
+        if every < 1:
+            raise ValueError(f"every={every} must be >= 1")
+        self.every, self.fraction, self.step, self.sweeps = every, fraction, step, sweeps
+        self._hooks: dict[str, _LayerHooks] = {}
+        # Running sums over all code-update steps so far (checkpointed): name -> [in] float64, tokens.
+        self.sq_sums: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+        self.last_stats = CodeUpdateStats()
+
+    @classmethod
+    def from_config(cls, config) -> CodeUpdateCallback:
+        c = config
+        return cls(c.code_update_every, c.code_update_fraction, c.code_update_step, c.code_update_sweeps)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        layers = {name: m for name, m in pl_module.model.named_modules() if isinstance(m, CodebookLinear)}
+        if not layers:
+            raise ValueError(
+                f"recovery.code_update_every={self.every} updates the codes of compressed linears, but the model has "
+                "none (compression kept every target dense). Set recovery.code_update_every=0"
+            )
+        self._hooks = {name: _LayerHooks(m) for name, m in layers.items()}
+
+    def _remove_hooks(self) -> None:
+        for h in self._hooks.values():
+            h.remove()
+        self._hooks = {}
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._remove_hooks()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._remove_hooks()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        # global_step counts finished optimizer steps: constant over a step's micro-batches.
+        active = (trainer.global_step + 1) % self.every == 0
+        for h in self._hooks.values():
+            h.active = active
+
+    @torch.no_grad()
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        hooks = list(self._hooks.items())
+        if not hooks:
+            return
+        total = CodeUpdateStats()
+        updating = hooks[0][1].active
+        for name, h in hooks:
+            if h.active:
+                h.active = False
+                total = total + self._update_layer(name, h)
+                h.reset()
+        # Logged on every step (0 between updates): a value logged only on some steps would be
+        # repeated by Lightning on the steps after it until the epoch ends.
+        pl_module.log("code_update_changed", float(total.codes_changed), rank_zero_only=True)
+        pl_module.log("code_update_groups", float(total.groups), rank_zero_only=True)
+        if not updating:
+            return
+        self.last_stats = total
+        if trainer.is_global_zero:
+            rank_zero_info(
+                f"step {trainer.global_step + 1}: code update changed {total.codes_changed} codes in "
+                f"{total.groups_changed}/{total.groups} selected groups (objective "
+                f"{total.objective_before:.4g} -> {total.objective_after:.4g})"
+            )
+
+    def _update_layer(self, name: str, h: _LayerHooks) -> CodeUpdateStats:
+        layer = h.layer
+        device = layer.codebooks.device
+        fmt = layer.fmt
+        grad = h.grad if h.grad is not None else torch.zeros(fmt.out_features, fmt.in_features, device=device)
+        sq = h.sq_sum if h.sq_sum is not None else torch.zeros(fmt.in_features, dtype=torch.float64, device=device)
+        count = torch.tensor([float(h.tokens)], dtype=torch.float64, device=device)
+        # Every rank must call the same collectives in the same order: one per layer, always.
+        dist_utils.all_reduce_sum_([sq, count])
+        dist_utils.all_reduce_sum_([grad])
+        prev = self.sq_sums.get(name)
+        self.sq_sums[name] = sq.cpu() if prev is None else prev + sq.cpu()
+        self.tokens[name] = self.tokens.get(name, 0) + int(count.item())
+        sq_mean = (self.sq_sums[name] / max(1, self.tokens[name])).to(device)
+        nbits = fmt.nbits_per_codebook
+        codes = unpack_codes(layer.codes, nbits)
+        new, selected, stats = linearized_v_step(
+            codes, layer.codebooks.detach(), layer.scales.detach(), grad, sq_mean, self.fraction, self.step, self.sweeps
+        )
+        flat_new = new.reshape(-1, fmt.num_codebooks)
+        if dist_utils.is_distributed():
+            k = torch.tensor([selected.numel()], dtype=torch.int64, device=device)
+            dist_utils.broadcast_tensor(k, src=0)
+            if int(k.item()) != selected.numel():
+                selected = torch.zeros(int(k.item()), dtype=torch.int64, device=device)
+            rows = flat_new[selected].contiguous()
+            dist_utils.broadcast_tensor(selected, src=0)
+            dist_utils.broadcast_tensor(rows, src=0)
+        else:
+            rows = flat_new[selected]
+        if selected.numel():
+            layer.codes.view(-1, fmt.num_codebooks)[selected] = pack_codes(rows, nbits)
+        return stats
+
+    def state_dict(self) -> dict:
+        return {
+            "sq_sums": {k: v.clone() for k, v in self.sq_sums.items()},
+            "tokens": dict(self.tokens),
+            "every": self.every,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.sq_sums = {k: v.clone() for k, v in state_dict.get("sq_sums", {}).items()}
+        self.tokens = {k: int(v) for k, v in state_dict.get("tokens", {}).items()}
