@@ -67,14 +67,28 @@ def sample_sequences(
     """``[len(first_tokens), seqlen]`` token ids: each row starts with its first token and continues
     with ``seqlen - 1`` tokens sampled from ``model`` (no stop at EOS). ``model`` is not changed:
     generation runs on a copy on ``device`` in ``dtype`` (default: the model's)."""
+    device = torch.device(device)
+    worker = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+    if getattr(worker, "generation_config", None) is not None:
+        # Sample through end-of-text: the decode loop would pad the rest of a row after its first EOS.
+        worker.generation_config.eos_token_id = None
+    # Deterministic-kernel mode (trainer.deterministic) may pick kernels that sync and so break the
+    # CUDA graph capture of the decode step; the sequences are cached, so bit-reproducibility across
+    # GPU runs is not needed here. Restored afterwards.
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        return _sample(worker, first_tokens, seqlen, temperature, top_p, batch_size, seed, device, progress)
+    finally:
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        del worker
+
+
+def _sample(worker, first_tokens, seqlen, temperature, top_p, batch_size, seed, device, progress) -> torch.Tensor:
     from tqdm.auto import tqdm
 
     from lit_cb.generate import generate
 
-    device = torch.device(device)
-    worker = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
-    # Sample through end-of-text: the decode loop would pad the rest of a row after its first EOS.
-    worker.generation_config.eos_token_id = None
     rows: list[torch.Tensor] = []
     n = first_tokens.shape[0]
     bar = tqdm(total=n * seqlen, desc="teacher text", unit="tok", unit_scale=True, disable=not progress)
@@ -97,7 +111,6 @@ def sample_sequences(
             rows.append(prompt.cpu())
         bar.update(prompt.shape[0] * seqlen)
     bar.close()
-    del worker
     return torch.cat(rows).to(torch.long)
 
 
