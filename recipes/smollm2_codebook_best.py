@@ -1,6 +1,6 @@
 """LLM-Codebook g4 B8 on SmolLM2-135M, recovered by long pure-KL distillation on C4 + teacher text.
 
-lightning run recipes/smollm2_codebook.py [--config configs/smollm2_codebook_best.yaml] [key=value ...]
+lightning run recipes/smollm2_codebook_best.py [--config configs/smollm2_codebook_best.yaml] [key=value ...]
 """
 
 from pathlib import Path
