@@ -51,7 +51,9 @@ def kl_to_teacher(
 
 
 @torch.no_grad()
-def next_token_cross_entropy(logits: torch.Tensor, ids: torch.Tensor, chunk: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+def next_token_cross_entropy(
+    logits: torch.Tensor, ids: torch.Tensor, chunk: int = DEFAULT_CHUNK_TOKENS
+) -> torch.Tensor:
     """Causal-LM cross-entropy without a graph, chunked (for logging when the loss is pure KL)."""
     s = logits[:, :-1].reshape(-1, logits.shape[-1])
     target = ids[:, 1:].reshape(-1)

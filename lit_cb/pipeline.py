@@ -220,12 +220,16 @@ def _run(cfg: RunConfig, requeue: SlurmRequeue | None) -> dict:
     if cfg.data.num_teacher_samples > 0 and cfg.recovery.max_steps > 0:
         # Sampled from the float model before compression touches it; cached in the run folder.
         with stage(stages, "teacher_text", device):
-            dtype = getattr(torch, cfg.eval.autocast_dtype) if cfg.eval.autocast_dtype and device.type == "cuda" else None
+            dtype = (
+                getattr(torch, cfg.eval.autocast_dtype) if cfg.eval.autocast_dtype and device.type == "cuda" else None
+            )
             windows = teacher_windows(
                 model, dm, fingerprint["model"], device, run_dir, dtype, write=rank_zero_only.rank == 0
             )
         dm.add_finetune_windows(windows)
-        rank_zero_info(f"teacher text: {windows.shape[0]} windows added to the {dm._train.shape[0] - windows.shape[0]} C4 ones")
+        rank_zero_info(
+            f"teacher text: {windows.shape[0]} windows added to the {dm._train.shape[0] - windows.shape[0]} C4 ones"
+        )
 
     teacher = copy.deepcopy(model) if cfg.recovery.distill_alpha > 0 else None
     compression = CompressionCallback(

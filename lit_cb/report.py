@@ -256,7 +256,9 @@ class ComparisonReport:
         model, bcfg = self._bnb_model("nf4")
         dm = self.datamodule
         # Distillation (recovery.distill_alpha > 0) learns from the float model in eval.dtype on the device.
-        teacher = self.fresh_model().to(device=self.device, dtype=self.eval_dtype) if cfg.recovery.distill_alpha else None
+        teacher = (
+            self.fresh_model().to(device=self.device, dtype=self.eval_dtype) if cfg.recovery.distill_alpha else None
+        )
         module = RecoveryModule(model, cfg.recovery, teacher=teacher)
         trainer = L.Trainer(
             accelerator="gpu" if self.device.type == "cuda" else "cpu",

@@ -118,7 +118,9 @@ def _read_meta(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except ValueError as err:
-        raise ValueError(f"{path} is corrupt ({err}); move {path.parent} away to generate the teacher text again") from err
+        raise ValueError(
+            f"{path} is corrupt ({err}); move {path.parent} away to generate the teacher text again"
+        ) from err
 
 
 def cached_teacher_text(cache_root: Path | str | None, fingerprint: dict, make, write: bool = True) -> torch.Tensor:
