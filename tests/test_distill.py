@@ -317,3 +317,8 @@ def test_interrupted_early_stopping_run_resumes_to_the_same_result(stopped, mode
 def test_bad_values_name_the_value_and_what_is_allowed(override, match):
     with pytest.raises(ValueError, match=match):
         load_config(None, [override])
+
+
+def test_held_out_evaluation_without_held_out_windows_is_refused():
+    with pytest.raises(ValueError, match=r"recovery.val_every_n_steps=5 .* data.num_val_samples=0 holds out no window"):
+        load_config(None, ["recovery.val_every_n_steps=5", "data.num_val_samples=0"])
