@@ -82,6 +82,8 @@ def sample_sequences(
     finally:
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         del worker
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the KV cache and the fp16 copy: give them back before compression
 
 
 def _sample(worker, first_tokens, seqlen, temperature, top_p, batch_size, seed, device, progress) -> torch.Tensor:
