@@ -195,7 +195,7 @@ def plot_curve(summary: dict, out: Path, title: str = "recovery") -> Path:
 
     points = summary["points"]
     steps = [p["step"] for p in points]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, [p["val_ppl"] for p in points], "o-", color="tab:red", label="held-out C4 ppl")
     probe = [(p["step"], p["wikitext2_ppl_test_probe"]) for p in points if "wikitext2_ppl_test_probe" in p]
     if probe:
@@ -204,13 +204,16 @@ def plot_curve(summary: dict, out: Path, title: str = "recovery") -> Path:
         ax.axvline(summary["best_step"], color="gray", ls=":", label=f"best (step {summary['best_step']})")
     ax.set_xlabel("step")
     ax.set_ylabel("perplexity")
+    handles, labels = ax.get_legend_handles_labels()
     losses = [(p["step"], p["train_loss"]) for p in points if p.get("train_loss") is not None]
     if losses and all(math.isfinite(v) for _, v in losses):
         ax2 = ax.twinx()
         ax2.plot(*zip(*losses, strict=True), "-", color="tab:blue", alpha=0.6, label="train loss")
         ax2.set_ylabel("training loss")
+        more = ax2.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
     ax.set_title(title)
-    fig.legend(loc="upper right")
+    ax.legend(handles, labels, loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
