@@ -20,6 +20,8 @@ from lit_cb.callbacks import CompressionCallback, CrashCheckpoint
 from lit_cb.compress import bits_per_weight
 from lit_cb.config import RunConfig, save_config
 from lit_cb.data import CompressionDataModule
+from lit_cb.data.teacher_text import teacher_windows
+from lit_cb.early_stop import CURVE_JSON, CURVE_PNG, HeldOutEarlyStopping
 from lit_cb.evaluate import perplexity
 from lit_cb.fingerprint import check_same, compression_scope, run_fingerprint
 from lit_cb.integrity import atomic_write_text, check_blocks_readable, load_checkpoint
@@ -215,6 +217,20 @@ def _run(cfg: RunConfig, requeue: SlurmRequeue | None) -> dict:
             model.cpu()
         rank_zero_info(f"float perplexity: {ppl['float']:.3f}")
 
+    if cfg.data.num_teacher_samples > 0 and cfg.recovery.max_steps > 0:
+        # Sampled from the float model before compression touches it; cached in the run folder.
+        with stage(stages, "teacher_text", device):
+            dtype = (
+                getattr(torch, cfg.eval.autocast_dtype) if cfg.eval.autocast_dtype and device.type == "cuda" else None
+            )
+            windows = teacher_windows(
+                model, dm, fingerprint["model"], device, run_dir, dtype, write=rank_zero_only.rank == 0
+            )
+        dm.add_finetune_windows(windows)
+        rank_zero_info(
+            f"teacher text: {windows.shape[0]} windows added to the {dm._train.shape[0] - windows.shape[0]} C4 ones"
+        )
+
     teacher = copy.deepcopy(model) if cfg.recovery.distill_alpha > 0 else None
     compression = CompressionCallback(
         cfg.compression,
@@ -230,6 +246,18 @@ def _run(cfg: RunConfig, requeue: SlurmRequeue | None) -> dict:
     checkpoint = ModelCheckpoint(
         dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=max(1, cfg.recovery.max_steps // 4)
     )
+    held_out = (
+        HeldOutEarlyStopping(
+            cfg.recovery.val_every_n_steps,
+            cfg.recovery.early_stop_patience,
+            cfg.recovery.early_stop_min_delta,
+            run_dir,
+            cfg.data.eval_batch_size,
+            cfg.recovery.test_probe_every_n_steps,
+        )
+        if cfg.recovery.val_every_n_steps > 0 and cfg.recovery.max_steps > 0
+        else None
+    )
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
@@ -243,7 +271,11 @@ def _run(cfg: RunConfig, requeue: SlurmRequeue | None) -> dict:
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
         gradient_clip_val=cfg.recovery.grad_clip or None,
         callbacks=[compression, checkpoint, CrashCheckpoint(ckpt_dir, filename="last"), StepProgressBar("recovery")]
+        + ([held_out] if held_out is not None else [])
         + ([requeue] if requeue is not None else []),
+        # HeldOutEarlyStopping measures the held-out perplexity itself (after the optimizer step, before the
+        # checkpoint of that step); Lightning's validation loop would only repeat it.
+        limit_val_batches=0 if held_out is not None else None,
         default_root_dir=run_dir,  # where Lightning writes (and finds) HPC checkpoints
         deterministic="warn" if cfg.trainer.deterministic else None,
         logger=make_loggers(cfg) or False,
@@ -273,6 +305,11 @@ def _run(cfg: RunConfig, requeue: SlurmRequeue | None) -> dict:
         "peak_gpu_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "peak_rss_gb": peak_rss_gb(),
     }
+    if held_out is not None:
+        metrics["recovery_curve"] = {
+            k: v for k, v in held_out.summary().items() if k in ("best_step", "best_val_ppl", "stopped_early_at")
+        }
+        metrics["recovery_curve"]["files"] = [str(run_dir / CURVE_JSON), str(run_dir / CURVE_PNG)]
     metrics["bits_per_weight"] = compression.metrics.get("bits_per_weight")
     if compression.report is not None:
         metrics["compression_report"] = compression.report.to_dict()

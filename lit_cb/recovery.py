@@ -26,6 +26,7 @@ from torchmetrics.text import Perplexity
 from lit_cb.architectures import DEFAULT_LORA_TARGETS, spec_for  # noqa: F401 (re-exported)
 from lit_cb.code_update_callback import CodeUpdateCallback
 from lit_cb.configs.recovery import RecoveryConfig  # noqa: F401 (re-exported: the config lives torch-free)
+from lit_cb.distillation import kl_to_teacher, next_token_cross_entropy
 from lit_cb.evaluate import causal_lm_perplexity_update
 from lit_cb.layers import CodebookLinear
 
@@ -106,10 +107,9 @@ def apply_lora(model: nn.Module, config: RecoveryConfig) -> nn.Module:
 
 
 def _kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student) at temperature T, scaled by T²."""
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1).flatten(0, -2)
-    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1).flatten(0, -2)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+    """Mean over tokens of KL(teacher || student) at temperature T, scaled by T² (chunked over
+    tokens, see :mod:`lit_cb.distillation`)."""
+    return kl_to_teacher(student_logits, teacher_logits, temperature)
 
 
 def _rng_states() -> dict:
@@ -223,7 +223,10 @@ class RecoveryModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         ids = batch["input_ids"]
         logits = self(ids)
-        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        if self.config.distill_alpha == 1.0:  # pure KL: cross-entropy only for the log, without a graph
+            ce = next_token_cross_entropy(logits, ids)
+        else:
+            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
         loss = ce
         if self.config.distill_alpha > 0:
             with torch.no_grad():

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-STAGE_ORDER = ("load", "eval_float", "compress", "eval_compressed", "recover", "eval_recovered", "save")
+STAGE_ORDER = ("load", "eval_float", "teacher_text", "compress", "eval_compressed", "recover", "eval_recovered", "save")
 
 
 def peak_rss_gb() -> float:
@@ -70,6 +70,9 @@ def output_paths(run_dir: Path) -> dict[str, str]:
         "csv logs": run_dir / "logs",
         "tensorboard": run_dir / "tensorboard",
         "recovery plot": run_dir / "recovery.png",
+        "recovery curve": run_dir / "recovery_curve.json",
+        "recovery curve plot": run_dir / "recovery_curve.png",
+        "teacher text": run_dir / "teacher_text",
         "checkpoint": run_dir / "checkpoints" / "last.ckpt",
         "compressed blocks": run_dir / "blocks",
     }
@@ -135,6 +138,13 @@ def format_summary(metrics: dict, run_dir: Path | None = None) -> str:
         lines.append(
             f"  bits/weight (nominal): {bpw['compressed_linears']:.3f} over compressed linears, "
             f"{bpw['whole_model']:.3f} over the whole model"
+        )
+    curve = metrics.get("recovery_curve")
+    if curve and curve.get("best_step") is not None:
+        stopped = f", stopped early at step {curve['stopped_early_at']}" if curve.get("stopped_early_at") else ""
+        lines.append(
+            f"  best held-out C4 perplexity {curve['best_val_ppl']:.3f} at step {curve['best_step']} "
+            f"(its weights were kept{stopped})"
         )
     rec = metrics.get("bits_per_weight_recovered")
     if rec and "recovered" in ppl:

@@ -47,6 +47,16 @@ class DataConfig:
     """Seed of the window sampling."""
     num_workers: int = 0
     """DataLoader worker processes."""
+    num_teacher_samples: int = 0
+    """Sequences sampled from the float model and added to the recovery training set (>= 0; 0: off)."""
+    teacher_seqlen: int | None = None
+    """Tokens per teacher sequence (null: finetune_seqlen; else a multiple of it, cut into windows)."""
+    teacher_temperature: float = 1.0
+    """Sampling temperature of the teacher text (> 0)."""
+    teacher_top_p: float = 1.0
+    """Nucleus (top-p) cut of the teacher text sampling, in (0, 1] (1: the full distribution)."""
+    teacher_batch_size: int = 64
+    """Sequences generated per batch (>= 1; part of the teacher-text cache's fingerprint)."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -69,8 +79,34 @@ class DataConfig:
             )
         if not 0.0 < self.val_fraction_docs < 1.0:
             raise ValueError(f"data.val_fraction_docs={self.val_fraction_docs} must lie in (0, 1)")
+        self._check_teacher()
         if self.max_eval_windows is not None and self.max_eval_windows < 1:
             raise ValueError(f"data.max_eval_windows={self.max_eval_windows} must be >= 1 or null (all)")
+
+    def _check_teacher(self) -> None:
+        n = self.num_teacher_samples
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"data.num_teacher_samples={n!r} must be an integer >= 0 (0: no teacher text)")
+        b = self.teacher_batch_size
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise ValueError(f"data.teacher_batch_size={b!r} must be a positive integer")
+        if not self.teacher_temperature > 0:
+            raise ValueError(f"data.teacher_temperature={self.teacher_temperature!r} must be > 0")
+        if not 0.0 < self.teacher_top_p <= 1.0:
+            raise ValueError(f"data.teacher_top_p={self.teacher_top_p!r} must lie in (0, 1]")
+        seqlen = self.teacher_seqlen
+        if seqlen is not None and (isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 1):
+            raise ValueError(f"data.teacher_seqlen={seqlen!r} must be a positive integer or null (finetune_seqlen)")
+        if seqlen is not None and seqlen % self.finetune_seqlen:
+            raise ValueError(
+                f"data.teacher_seqlen={seqlen} must be a multiple of data.finetune_seqlen={self.finetune_seqlen} "
+                "(teacher sequences are cut into training windows), or null"
+            )
+
+    @property
+    def teacher_sequence_length(self) -> int:
+        """Tokens per teacher sequence (``teacher_seqlen``, or ``finetune_seqlen`` when null)."""
+        return self.teacher_seqlen or self.finetune_seqlen
 
     def to_dict(self) -> dict:
         return asdict(self)

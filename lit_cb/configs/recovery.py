@@ -48,6 +48,14 @@ class RecoveryConfig:
     """Code-update step: the selected groups' targets move by this times the weight's RMS (> 0, scale-free)."""
     code_update_sweeps: int = 2
     """Coordinate-descent sweeps over the codebooks per code update (>= 1; one is exact for one codebook)."""
+    val_every_n_steps: int = 0
+    """Held-out C4 perplexity every N optimizer steps, into recovery_curve.json/png (>= 0; 0: only at the end)."""
+    early_stop_patience: int = 0
+    """Stop after this many evaluations without improvement, then restore the best weights (>= 0; 0: off)."""
+    early_stop_min_delta: float = 0.0
+    """Improvement of the held-out perplexity that counts as better (>= 0)."""
+    test_probe_every_n_steps: int = 0
+    """Also record WikiText-2 perplexity every N steps, a labelled test-set probe never used to stop (0: off)."""
 
     def __post_init__(self) -> None:
         if self.max_steps < 0:
@@ -69,6 +77,17 @@ class RecoveryConfig:
             raise ValueError(f"recovery.code_update_step={self.code_update_step} must be a finite number > 0")
         if self.code_update_sweeps < 1:
             raise ValueError(f"recovery.code_update_sweeps={self.code_update_sweeps} must be an integer >= 1")
+        for name in ("val_every_n_steps", "early_stop_patience", "test_probe_every_n_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"recovery.{name}={value!r} must be an integer >= 0 (0: off)")
+        if not self.early_stop_min_delta >= 0:
+            raise ValueError(f"recovery.early_stop_min_delta={self.early_stop_min_delta!r} must be >= 0")
+        if self.early_stop_patience and not self.val_every_n_steps:
+            raise ValueError(
+                f"recovery.early_stop_patience={self.early_stop_patience} needs recovery.val_every_n_steps >= 1 "
+                "(the held-out perplexity it watches is measured every val_every_n_steps steps)"
+            )
         try:
             re.compile(self.lora_targets)
         except re.error as err:

@@ -32,7 +32,10 @@ _DRIVER_KEYS = ("targets", "true_sequential", "hessian_dtype", "forward_batch_si
 
 
 def _qlora_recovery_default() -> RecoveryConfig:
-    return RecoveryConfig(max_steps=100, lr=2e-4, warmup_steps=10, lora_r=16, lora_alpha=32)
+    # Pure KL from the float model at a small learning rate: cross-entropy on C4 at 2e-4 pulled the
+    # 4-bit instruct model away from its own distribution (WikiText-2 49.0 vs 27.4 for plain NF4 on
+    # the H100); distillation can only move it towards the float model.
+    return RecoveryConfig(max_steps=100, lr=5e-5, warmup_steps=10, lora_r=16, lora_alpha=32, distill_alpha=1.0)
 
 
 @dataclass

@@ -132,6 +132,14 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self) -> None:
+        if self.recovery.val_every_n_steps and self.data.num_val_samples < 1:
+            raise ValueError(
+                f"recovery.val_every_n_steps={self.recovery.val_every_n_steps} measures held-out perplexity, but "
+                f"data.num_val_samples={self.data.num_val_samples} holds out no window: set it >= 1, or "
+                "val_every_n_steps=0"
+            )
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.run_name

@@ -197,14 +197,34 @@ class CompressionDataModule(L.LightningDataModule):
                 )
         return self._calibration[rank::world_size]
 
-    def _finetune_split(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _finetune_docs(self) -> tuple[list[list[int]], list[list[int]]]:
+        """(training documents, validation documents) of the fine-tuning source, disjoint."""
         cfg = self.config
         docs = self._tokenized_docs(cfg.finetune_source)
         order = list(range(len(docs)))
         random.Random(cfg.seed + 1).shuffle(order)
         n_val = max(1, int(len(docs) * cfg.val_fraction_docs))
-        val_docs = [docs[i] for i in order[:n_val]]
-        train_docs = [docs[i] for i in order[n_val:]]
+        return [docs[i] for i in order[n_val:]], [docs[i] for i in order[:n_val]]
+
+    def document_starts(self, num: int, seed: int) -> torch.Tensor:
+        """``[num]`` first tokens of seeded random fine-tuning documents (never validation ones):
+        the prompts of the teacher text (:mod:`lit_cb.data.teacher_text`)."""
+        starts = [ids[0] for ids in self._finetune_docs()[0] if ids]
+        gen = torch.Generator().manual_seed(seed)
+        return torch.tensor(starts, dtype=torch.long)[torch.randint(0, len(starts), (num,), generator=gen)]
+
+    def add_finetune_windows(self, windows: torch.Tensor) -> None:
+        """Append ``[n, finetune_seqlen]`` windows (teacher text) to the recovery training set; the
+        resumable sampler shuffles them with the C4 windows."""
+        if self._train is None:
+            self.setup("fit")
+        if windows.ndim != 2 or windows.shape[1] != self._train.shape[1]:
+            raise ValueError(f"windows of shape {list(windows.shape)} do not match [n, {self._train.shape[1]}]")
+        self._train = torch.cat([self._train, windows.to(self._train.dtype)])
+
+    def _finetune_split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        train_docs, val_docs = self._finetune_docs()
         eos = self.tokenizer.eos_token_id
         train = sample_concat_windows(train_docs, cfg.num_finetune_samples, cfg.finetune_seqlen, cfg.seed + 2, eos)
         val = sample_concat_windows(val_docs, max(cfg.num_val_samples, 1), cfg.finetune_seqlen, cfg.seed + 3, eos)

@@ -143,7 +143,11 @@ class BaselineRows:
         t = time.perf_counter()
         model, bcfg = self._bnb_model("nf4")
         dm = self.datamodule
-        module = RecoveryModule(model, cfg.recovery)
+        # Distillation (recovery.distill_alpha > 0) learns from the float model in eval.dtype on the device.
+        teacher = (
+            self.fresh_model().to(device=self.device, dtype=self.eval_dtype) if cfg.recovery.distill_alpha else None
+        )
+        module = RecoveryModule(model, cfg.recovery, teacher=teacher)
         trainer = L.Trainer(
             accelerator="gpu" if self.device.type == "cuda" else "cpu",
             devices=1,
