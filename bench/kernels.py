@@ -283,7 +283,9 @@ def main() -> None:
         "versions": versions,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "timing": "CUDA-graph median per call over weight copies rotated past the 50 MB L2",
+        "timing": "wall clock of two interpreted calls (smoke: checks the code path only)"
+        if args.smoke
+        else "CUDA-graph median per call over weight copies rotated past the 50 MB L2",
         "dispatch": "algo from dispatch.choose_algo, tiles from ops.kernel_config (kernels/ops.py tile tables)",
     }
     with dispatch.interpreter_on_cpu(args.smoke):

@@ -150,3 +150,39 @@ def test_run_algo_uses_the_class_tiles_for_fused_layers():
 def test_unknown_algo_is_refused():
     with pytest.raises(ValueError, match="unknown algo 'fast'"):
         OPS.kernel_config("fast", 1, 8, 8, 8)
+
+
+def test_bench_scripts_smoke_run_and_record_the_dispatch(tmp_path):
+    """bench/kernels.py and bench/decode_7b.py --smoke (the H100 scripts at toy CPU sizes), as processes."""
+    import os
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = tmp_path / "kernels.json"
+    cmd = [sys.executable, "bench/kernels.py", "--smoke", "--formats", "1x8_g4", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert {"device", "versions", "date", "command", "rows", "fused", "summary"} <= set(doc)
+    assert doc["check_failures"] == []
+    assert {r["batch"] for r in doc["rows"]} == {1, 16, 80} and {r["algo"] for r in doc["rows"]} == {
+        "gemv",
+        "mm",
+        "dense",
+    }
+    for r in doc["rows"]:  # the recorded tile is the dispatcher's for that shape
+        n, k = map(int, r["shape"].split("x"))
+        assert r["config"] == repr(OPS.kernel_config(r["algo"], r["batch"], n, k, 4, 1, 4)) and r["fp16_us"] > 0
+    assert {r["group"] for r in doc["fused"]} == {"qkv", "gate_up"}
+
+    out = tmp_path / "decode.json"
+    cmd = [sys.executable, "bench/decode_7b.py", "--smoke", "--fuse", "--batches", "1,2", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert {"device", "versions", "date", "command", "results"} <= set(doc)
+    assert all("tok_s" in r for r in doc["results"]), doc["results"]
+    names = {r["variant"] for r in doc["results"]}
+    assert names == {"fp16", "floor_no_projections", "2x8_g8", "2x8_g8+fused", "1x8_g4", "1x8_g4+fused"}
