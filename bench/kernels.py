@@ -167,6 +167,13 @@ def load_aqlm():
     return torch.ops.aqlm
 
 
+def read_all(codes: torch.Tensor) -> torch.Tensor:
+    """Read every code byte once (as int32 words where they tile): the HBM floor of any kernel that must."""
+    flat = codes.reshape(-1).view(torch.uint8)
+    words = flat.view(torch.int32) if flat.numel() % 4 == 0 else flat
+    return words.sum(dtype=torch.int32)
+
+
 def wall_time_us(fns: list, reps: int = 1) -> float:
     """``--smoke`` stand-in for :func:`graph_time_us` on the CPU interpreter: wall clock of a couple of calls."""
     fns[0]()
@@ -339,6 +346,8 @@ def main() -> None:
                     row.update({"shape_class": ops.shape_class(n, k), "config": repr(cfg), "ours_us": round(ours, 2)})
                     row.update({kk: round(v, 2) for kk, v in base.items()})
                     row["x_fp16"] = round(base["fp16_us"] / ours, 3)
+                    if batch == 1:  # the code-read floor: every code read once by a plain HBM-bound reduction
+                        row["code_read_floor_us"] = round(time_us([lambda L=L: read_all(L[1]) for L in layers]), 2)
                     moved = code_bytes + m * 2**b * g * 2 + batch * (k + n) * 2
                     row["ours_GBps"] = round(moved / ours / 1e3, 1)
                     row["ours_TFLOPs"] = round(2 * batch * n * k / ours / 1e6, 1)
@@ -417,7 +426,7 @@ def _aqlm_rows(thread: threading.Thread, state: dict, rows: list[dict], wait_s: 
 
 def summarize(rows: list[dict]) -> dict:
     """``"<shape> b<batch> <format>"`` -> ours, fp16 and AQLM microseconds and the speed-ups."""
-    keep = ("algo", "ours_us", "fp16_us", "x_fp16", "aqlm_us", "x_aqlm")
+    keep = ("algo", "ours_us", "fp16_us", "x_fp16", "aqlm_us", "x_aqlm", "code_read_floor_us")
     return {f"{r['shape']} b{r['batch']} {r['format']}": {kk: r[kk] for kk in keep if kk in r} for r in rows}
 
 

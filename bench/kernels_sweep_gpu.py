@@ -146,7 +146,7 @@ def variants(batch: int, m: int, b: int, g: int, n: int, k: int, smoke: bool) ->
         for bn, bk, w, s in [(4, 1024, 4, 2), (16, 512, 8, 2), (8, 2048, 8, 2), (2, 1024, 4, 3), (32, 256, 8, 2)]:
             v[f"gemv_n{bn}_k{bk}_w{w}_s{s}"] = gemv(bn, bk, w, s)
         # the floor: reading the codes once with a PyTorch reduction (HBM-bound), for "what bounds it"
-        v["floor_read_codes_torch_sum"] = lambda x, c, cb, sc: c.view(torch.int32).sum(dtype=torch.int32)
+        v["floor_read_codes_torch_sum"] = lambda x, c, cb, sc: c.reshape(-1).view(torch.int32).sum(dtype=torch.int32)
         for split in (4, 8, 16):  # tensor cores at one token (QTIP does): W decoded once, 15/16 of the MMA idle
             v[f"mm_m16_n32_k256_split{split}"] = mm(16, 32, 256, 4, 1, split)
     elif batch <= 64:
