@@ -175,6 +175,7 @@ def test_bench_scripts_smoke_run_and_record_the_dispatch(tmp_path):
     for r in doc["rows"]:  # the recorded tile is the dispatcher's for that shape
         n, k = map(int, r["shape"].split("x"))
         assert r["config"] == repr(OPS.kernel_config(r["algo"], r["batch"], n, k, 4, 1, 4)) and r["fp16_us"] > 0
+    assert all(r["code_read_floor_us"] > 0 for r in doc["rows"] if r["batch"] == 1)
     assert {r["group"] for r in doc["fused"]} == {"qkv", "gate_up"}
 
     out = tmp_path / "decode.json"
