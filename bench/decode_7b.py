@@ -1,7 +1,9 @@
 """End-to-end decode speed of a LLaMA-7B-shaped decoder (random weights) with every linear of every block
-compressed, beside fp16 and bitsandbytes NF4.
+compressed, beside fp16, bitsandbytes NF4 and AQLM's CUDA 2x8 kernel in the same run, and the step with
+free projections (the floor).
 
-    python bench/decode_7b.py --batches 1,16 --out bench/results/decode_7b_h100.json
+    python bench/decode_7b.py --batches 1,16 --fuse --out $OUT/decode_7b_h100.json   # about 1 minute, H100
+    python bench/decode_7b.py --smoke --fuse --out /tmp/d.json                       # CPU, a 2-block toy
 
 The model is a minimal LLaMA written here (RMSNorm, rotary attention over a preallocated KV cache through
 SDPA, SwiGLU MLP) with LLaMA-7B's shapes: 32 blocks, hidden 4096, MLP 11008, 32 heads, vocab 32000. Only
@@ -19,8 +21,10 @@ import importlib.util
 import json
 import math
 import pathlib
+import shlex
 import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +119,37 @@ class NF4Linear(nn.Module):
         return bnb.matmul_4bit(x, self.qweight.t(), quant_state=self.state)
 
 
+class AQLMLinear(nn.Module):
+    """AQLM 2x8 (g8) through AQLM's own CUDA kernel, ``aqlm::code2x8_matmat`` (JIT-built by the aqlm package):
+    the kernel lit_cb's 2x8_g8 rows are compared against."""
+
+    def __init__(self, i: int, o: int) -> None:
+        super().__init__()
+        self.out_features = o
+        self.codes = torch.randint(-128, 128, (o, i // 8, 2), device="cuda", dtype=torch.int8)
+        self.codebooks = torch.randn(2, 256, 1, 8, device="cuda", dtype=torch.float16) / math.sqrt(i * 2)
+        self.scales = torch.rand(o, 1, 1, 1, device="cuda", dtype=torch.float16) + 0.5
+        self.zero_bias = torch.zeros(o, device="cuda", dtype=torch.float16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aqlm.code2x8_matmat(
+            x.reshape(-1, x.shape[-1]), self.codes, self.codebooks, self.scales, self.zero_bias
+        )
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class ZeroLinear(nn.Module):
+    """A projection that costs one memset: the decode step's time without its linear layers (the floor that
+    no projection kernel can beat)."""
+
+    def __init__(self, i: int, o: int) -> None:
+        super().__init__()
+        self.out_features = o
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
 def codebook_linear_factory(m: int, b: int, g: int, device: str = "cuda"):
     from lit_cb.layers import CodebookFormat, CodebookLinear
 
@@ -132,18 +167,28 @@ def codebook_linear_factory(m: int, b: int, g: int, device: str = "cuda"):
 FUSE_GROUPS = (("q", "k", "v"), ("gate", "up"))  # this model's names for q/k/v and gate/up
 
 
-def decode_tok_s(make_linear, batch: int, context: int, reps: int = 20, fuse: bool = False) -> float:
+def decode_tok_s(
+    make_linear, batch: int, context: int, reps: int = 20, fuse: bool = False, smoke: bool = False
+) -> float:
     """Tokens/s of one CUDA-graph decode step; ``fuse``: q/k/v and gate/up as one fused layer each
-    (:func:`lit_cb.fused.fuse_codebook_projections`, 4 launches per block instead of 7)."""
+    (:func:`lit_cb.fused.fuse_codebook_projections`, 4 launches per block instead of 7). ``smoke``: the same
+    model at toy sizes on the CPU, eager, one step (checks the code path, times nothing meaningful)."""
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = Llama7BShaped(make_linear, batch, context + 8).half().eval()
+    device = "cpu" if smoke else "cuda"
+    with torch.device(device):
+        model = Llama7BShaped(make_linear, batch, context + 8)
+    model = (model.float() if smoke else model.half()).eval()
     if fuse:
         from lit_cb.fused import fuse_codebook_projections
 
         if fuse_codebook_projections(model, FUSE_GROUPS) != 2 * LAYERS:
             raise RuntimeError("expected q/k/v and gate/up fused in every block")
-    ids = torch.randint(0, VOCAB, (batch, 1), device="cuda")
+    ids = torch.randint(0, VOCAB, (batch, 1), device=device)
+    if smoke:
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            model(ids, context)
+        return batch / (time.perf_counter() - t0)
     with torch.inference_mode():
         for _ in range(3):
             model(ids, context)
@@ -171,51 +216,103 @@ def decode_tok_s(make_linear, batch: int, context: int, reps: int = 20, fuse: bo
     return batch / statistics.median(times)
 
 
+def _variants(formats: list[str], fuse: bool, baselines: bool, device: str) -> list[tuple[str, object, bool]]:
+    """(name, linear factory, fuse?) in timing order: fp16 first (the x_fp16 reference)."""
+    runs = [("fp16", fp16_linear, False), ("floor_no_projections", ZeroLinear, False)]
+    if baselines:
+        runs += [("bnb_nf4", NF4Linear, False), ("aqlm_cuda_2x8_g8", AQLMLinear, False)]
+    for fname in formats:
+        runs.append((fname, codebook_linear_factory(*FORMATS[fname], device=device), False))
+        if fuse:
+            runs.append((fname + "+fused", codebook_linear_factory(*FORMATS[fname], device=device), True))
+    return runs
+
+
 def main() -> None:
+    global HIDDEN, MLP, LAYERS, HEADS, VOCAB
     p = argparse.ArgumentParser()
     p.add_argument("--batches", default="1,16")
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--formats", default=",".join(FORMATS))
     p.add_argument("--fuse", action="store_true", help="also time each format with q/k/v and gate/up fused")
+    p.add_argument("--no-baselines", action="store_true", help="skip bitsandbytes NF4 and AQLM's CUDA kernel")
+    p.add_argument("--smoke", action="store_true", help="a 2-block toy of the same code path on the CPU")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    t_start = time.time()
+    formats = args.formats.split(",")
+    if [f for f in formats if f not in FORMATS]:
+        sys.exit(f"unknown --formats {args.formats!r}; expected some of {list(FORMATS)}")
+    if args.smoke:
+        HIDDEN, MLP, LAYERS, HEADS, VOCAB = 64, 128, 2, 4, 100
+        args.no_baselines = True
+    elif not torch.cuda.is_available():
+        sys.exit("no GPU: use --smoke on a CPU")
     # bench/kernels.py's helper, loaded by path: a top-level "kernels" name would shadow the package dir
     spec = importlib.util.spec_from_file_location("bench_kernels", REPO / "bench" / "kernels.py")
     bench_kernels = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_kernels)
     bench_kernels.ensure_kernels_package()
+    import triton
+
+    versions = {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__}
+    skipped = {}
+    baselines = not args.no_baselines
+    if baselines:
+        try:
+            import bitsandbytes
+
+            versions["bitsandbytes"] = bitsandbytes.__version__
+        except Exception as e:  # noqa: BLE001
+            skipped["bnb_nf4"] = repr(e)[:300]
+        try:
+            t0 = time.time()
+            bench_kernels.load_aqlm()  # JIT build (cached on the machine after bench/kernels.py)
+            import aqlm
+
+            versions["aqlm"] = getattr(aqlm, "__version__", "unknown")
+            print(f"aqlm kernels ready in {time.time() - t0:.0f} s", flush=True)
+        except Exception as e:  # noqa: BLE001
+            skipped["aqlm_cuda_2x8_g8"] = repr(e)[:300]
+    device = "cpu" if args.smoke else "cuda"
     results = []
     for batch in map(int, args.batches.split(",")):
-        row = {"batch": batch, "context": args.context}
-        row["fp16_tok_s"] = round(decode_tok_s(fp16_linear, batch, args.context), 1)
-        print(row, flush=True)
-        try:
-            row["bnb_nf4_tok_s"] = round(decode_tok_s(NF4Linear, batch, args.context), 1)
-        except Exception as e:  # noqa: BLE001
-            print("nf4 failed:", repr(e)[:300])
-        row["ours_tok_s"] = {}
-        for fname in args.formats.split(","):
-            row["ours_tok_s"][fname] = round(
-                decode_tok_s(codebook_linear_factory(*FORMATS[fname]), batch, args.context), 1
-            )
-            print(row, flush=True)
-            if args.fuse:
-                row["ours_tok_s"][fname + "+fused"] = round(
-                    decode_tok_s(codebook_linear_factory(*FORMATS[fname]), batch, args.context, fuse=True), 1
-                )
-                print(row, flush=True)
-        results.append(row)
-    props = torch.cuda.get_device_properties(0)
+        fp16 = None
+        for name, make, fuse in _variants(formats, args.fuse, baselines, device):
+            if name in skipped:
+                continue
+            row = {"batch": batch, "context": args.context, "variant": name}
+            try:
+                tok_s = decode_tok_s(make, batch, args.context, fuse=fuse, smoke=args.smoke)
+                row["tok_s"] = round(tok_s, 1)
+                if name == "fp16":
+                    fp16 = tok_s
+                elif fp16 and not name.startswith("floor"):
+                    row["x_fp16"] = round(tok_s / fp16, 3)
+            except Exception as e:  # noqa: BLE001
+                row["error"] = repr(e)[:400]
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    if args.smoke:
+        device_name = "cpu (smoke: 2-block toy, eager, PyTorch reference path)"
+    else:
+        props = torch.cuda.get_device_properties(0)
+        device_name = f"{props.name}, {props.multi_processor_count} SMs"
     out = {
-        "device": f"{props.name}, {props.multi_processor_count} SMs",
-        "versions": {"torch": torch.__version__},
-        "date": datetime.date.today().isoformat(),
-        "command": "python " + " ".join(sys.argv),
-        "model": "LLaMA-7B-shaped (32 blocks, 4096/11008, 32 heads, vocab 32000), random weights; the 7 block "
-        "projections swapped, embedding and lm_head fp16; one CUDA-graph decode step at this context",
+        "device": device_name,
+        "versions": versions,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "model": f"LLaMA-7B-shaped ({LAYERS} blocks, {HIDDEN}/{MLP}, {HEADS} heads, vocab {VOCAB}), random "
+        "weights; the 7 block projections swapped, embedding and lm_head fp16; one CUDA-graph decode step at "
+        "this context. floor_no_projections: every projection a memset (what bounds the step without them); "
+        "+fused: q/k/v and gate/up one launch each; lit_cb rows run the dispatcher's algo and tiles",
+        "skipped": skipped,
         "results": results,
+        "total_seconds": round(time.time() - t_start, 1),
     }
     if args.out:
+        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         pathlib.Path(args.out).write_text(json.dumps(out, indent=1))
     print(json.dumps(out, indent=1))
 

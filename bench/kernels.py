@@ -1,14 +1,19 @@
-"""Layer benchmark of lit_cb's Triton codebook kernels against fp16 cuBLAS, bitsandbytes NF4 and AQLM's
-CUDA kernels (H100; CUDA-graph medians; weights rotated over enough copies to defeat the 50 MB L2).
+"""Layer benchmark of lit_cb's Triton codebook kernels, as the dispatcher runs them, against fp16 cuBLAS,
+bitsandbytes NF4 and AQLM's CUDA kernels in the same run (H100; CUDA-graph medians; weights rotated over
+enough copies to defeat the 50 MB L2), plus fused q/k/v and gate/up against separate launches.
 
-    python bench/kernels.py --out bench/results/kernels_h100.json          # the full table
+    python bench/kernels.py --out $OUT/kernels_h100.json                    # about 2 minutes on the H100
     python bench/kernels.py --sweep --shapes 11008x4096 --batches 1,16      # tile variants, for dispatch
+    TRITON_INTERPRET=1 python bench/kernels.py --smoke --out /tmp/k.json     # CPU, tiny shapes
 
-Each timed region is one CUDA graph of ``R`` calls, call ``i`` on weight copy ``i % copies``; the reported
-time is the median over replays of (graph time / R). Shapes are ``out x in``. Before timing, every kernel
-variant is checked on the GPU against a float64 reference (fp16 and bf16 inputs).
+Each row runs ``dispatch.choose_algo``'s family with ``ops.kernel_config``'s tile (recorded in the row) and
+is timed as one CUDA graph of ``R`` calls, call ``i`` on weight copy ``i % copies``; the reported time is the
+median over replays of (graph time / R). Shapes are ``out x in``. Before timing, every kernel family and
+each shape class's tiles are checked on the GPU against a float64 reference (fp16 and bf16 inputs). AQLM's
+kernels JIT-build in a background thread meanwhile and are timed last on the 2x8 rows up to 64 tokens.
 """
 
+# ruff: noqa: B023  (every lambda here is timed or called within the loop iteration that makes it)
 from __future__ import annotations
 
 import argparse
@@ -19,8 +24,11 @@ import json
 import math
 import os
 import pathlib
+import shlex
 import statistics
 import sys
+import threading
+import time
 import traceback
 
 import torch
@@ -29,9 +37,12 @@ import torch.nn.functional as F
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SHAPES = ["4096x4096", "11008x4096", "4096x11008", "8192x8192", "28672x8192", "8192x28672"]
-BATCHES = [1, 4, 16, 64, 2048]
+# the issue-10 shapes (LLaMA-7B o/q/k/v, gate/up, down; the 70B MLP) and token counts (decode, batched
+# decode, prefill), as in bench/results/kernels_sweep_h100.json
+SHAPES = ["4096x4096", "11008x4096", "4096x11008", "28672x8192"]
+BATCHES = [1, 16, 2048]
 FORMATS = {"2x8_g8": (2, 8, 8), "1x16_g8": (1, 16, 8), "1x8_g4": (1, 8, 4)}  # (M, B, g)
+DEFAULT_FORMATS = ["2x8_g8", "1x8_g4"]  # AQLM's 2-bit and LLM-Codebook's 2-bit
 L2_BYTES = 50 * 2**20
 ROTATE_BYTES = 4 * L2_BYTES  # each timed call reads weights that are not in L2
 
@@ -98,26 +109,45 @@ def make_codebook_layers(n: int, k: int, m: int, b: int, g: int, copies: int, de
     return layers
 
 
-def check_gpu(K, ops) -> list[str]:
-    """Every algo and dtype vs a float64 reference on awkward shapes; returns failures."""
+def check_gpu(K, ops, formats: list[str], device: str = "cuda", smoke: bool = False) -> list[str]:
+    """Every algo on a ragged shape, and each shape class's dispatch tiles (ops.kernel_config at the class's
+    measured shape) on a small one, vs a float64 reference; fp16 everywhere, bf16 at 16 tokens. Returns failures."""
     failures = []
     torch.manual_seed(0)
-    for m, b, g in [(2, 8, 8), (1, 16, 8), (1, 8, 4), (2, 12, 4), (2, 16, 8)]:
-        for n, k in [(4096, 4096), (37, 520)]:
-            idx, codes, codebooks, scales = make_codebook_layers(n, k, m, b, g, 1)[0]
-            w = sum(codebooks.double()[mm, :, 0][idx[..., mm]] for mm in range(m)) * scales.double().reshape(n, 1, 1)
-            w = w.reshape(n, k)
-            bias = torch.randn(n, device="cuda", dtype=torch.float16)
-            for dtype in (torch.float16, torch.bfloat16):
-                for tokens in (1, 3, 17, 300):
-                    x = torch.randn(tokens, k, device="cuda", dtype=dtype)
-                    ref = x.double() @ w.T + bias.double()
-                    for algo in ops.algos_for(b):
-                        y = ops.run_algo(x, codes, codebooks, scales, bias, b, algo)
-                        err = float((y.double() - ref).norm() / ref.norm())
-                        tol = 3e-3 if dtype == torch.float16 else 2e-2
-                        if not (err < tol):
-                            failures.append(f"{m}x{b}_g{g} {n}x{k} {dtype} T={tokens} {algo}: rel err {err:.2e}")
+    class_shapes = {"narrow": (4096, 11008), "wide": (11008, 4096), "huge": (28672, 8192)}
+    n, k = (37, 64) if smoke else (1000, 1040)
+    token_list = (1, 17) if smoke else (1, 16, 300)
+    for fname in formats:
+        m, b, g = FORMATS[fname]
+        idx, codes, codebooks, scales = make_codebook_layers(n, k, m, b, g, 1, device)[0]
+        w = sum(codebooks.double()[mm, :, 0][idx[..., mm]] for mm in range(m)) * scales.double().reshape(n, 1, 1)
+        w = w.reshape(n, k)
+        bias = torch.randn(n, device=device, dtype=torch.float16)
+        for dtype in (torch.float16,) if smoke else (torch.float16, torch.bfloat16):
+            for tokens in token_list:
+                if dtype == torch.bfloat16 and tokens != 16:
+                    continue
+                x = torch.randn(tokens, k, device=device, dtype=dtype)
+                ref = x.double() @ w.T + bias.double()
+                paths = {
+                    a: (lambda a=a: ops.run_algo(x, codes, codebooks, scales, bias, b, a)) for a in ops.algos_for(b)
+                }
+                algo = "gemv" if tokens == 1 else "mm" if tokens <= 16 else "dense"
+                launch = {"gemv": K.codebook_gemv, "mm": K.codebook_mm, "dense": K.codebook_dense}[algo]
+                for cls, (cn, ck) in class_shapes.items():
+                    cfg = ops.kernel_config(algo, tokens, cn, ck, g, m, num_sms=132)
+                    paths[f"{algo}[{cls} tile]"] = lambda f=launch, cfg=cfg: f(
+                        x, codes, codebooks, scales, bias, b, cfg
+                    )
+                for name, fn in paths.items():
+                    try:
+                        err = float((fn().double() - ref).norm() / ref.norm())
+                    except Exception as e:  # noqa: BLE001
+                        failures.append(f"{fname} {n}x{k} {dtype} T={tokens} {name}: {e!r}"[:400])
+                        continue
+                    tol = 3e-3 if dtype == torch.float16 else 2e-2
+                    if not (err < tol):
+                        failures.append(f"{fname} {n}x{k} {dtype} T={tokens} {name}: rel err {err:.2e}")
     return failures
 
 
@@ -137,138 +167,219 @@ def load_aqlm():
     return torch.ops.aqlm
 
 
+def read_all(codes: torch.Tensor) -> torch.Tensor:
+    """Read every code byte once (as int32 words where they tile): the HBM floor of any kernel that must."""
+    flat = codes.reshape(-1).view(torch.uint8)
+    words = flat.view(torch.int32) if flat.numel() % 4 == 0 else flat
+    return words.sum(dtype=torch.int32)
+
+
+def wall_time_us(fns: list, reps: int = 1) -> float:
+    """``--smoke`` stand-in for :func:`graph_time_us` on the CPU interpreter: wall clock of a couple of calls."""
+    fns[0]()
+    t0 = time.perf_counter()
+    for fn in fns[:2]:
+        fn()
+    return (time.perf_counter() - t0) * 1e6 / min(2, len(fns))
+
+
+def _start_aqlm_build(state: dict) -> threading.Thread:
+    """AQLM's CUDA kernels JIT-compile (about 20 s on the H100 machine) in a thread while our rows run."""
+
+    def build():
+        t0 = time.time()
+        try:
+            state["ops"] = load_aqlm()
+            import aqlm
+
+            state["version"] = getattr(aqlm, "__version__", "unknown")
+        except Exception as e:  # noqa: BLE001
+            state["error"] = f"{type(e).__name__}: {e}"[:600]
+        state["build_s"] = round(time.time() - t0, 1)
+
+    thread = threading.Thread(target=build, daemon=True)
+    thread.start()
+    return thread
+
+
+def _fused_rows(ops, dispatch, CodebookFormat, formats, batches, device, time_us, smoke) -> list[dict]:
+    """q/k/v (3 x 4096x4096) and gate/up (2 x 11008x4096) of LLaMA-7B as separate layers vs one fused launch,
+    each through the dispatcher's algo and tiles."""
+    groups = {"qkv": ([4096] * 3, 4096), "gate_up": ([11008] * 2, 4096)}
+    if smoke:
+        groups = {"qkv": ([32, 16, 16], 64), "gate_up": ([48, 48], 64)}
+    rows = []
+    for gname, (sizes, k) in groups.items():
+        n = sum(sizes)
+        for fname in formats:
+            m, b, g = FORMATS[fname]
+            copies = 1 if smoke else copies_for(n * (k // g) * m)
+            layers = []
+            for _ in range(copies):
+                codes = torch.randint(0, 2**b, (n, k // g, m), device=device).to(torch.uint8 if b <= 8 else torch.int16)
+                cbs = torch.randn(len(sizes), m, 2**b, 1, g, device=device, dtype=torch.float16) / math.sqrt(k * m)
+                layers.append((codes, cbs, torch.rand(n, 1, 1, 1, device=device, dtype=torch.float16) + 0.5))
+            for batch in batches:
+                x = torch.randn(batch, k, device=device, dtype=torch.float16)
+                fmt = CodebookFormat(
+                    in_features=k, out_features=n, in_group_size=g, num_codebooks=m, nbits_per_codebook=b
+                )
+                algo = dispatch.choose_algo(fmt, batch)
+
+                def separate(L, x=x, algo=algo, b=b):
+                    start = 0
+                    for p, part in enumerate(sizes):
+                        sl = slice(start, start + part)
+                        ops.run_algo(x, L[0][sl], L[1][p], L[2][sl], None, b, algo)
+                        start += part
+
+                row = {"group": gname, "parts": sizes, "format": fname, "batch": batch, "algo": algo}
+                row["separate_us"] = round(time_us([lambda L=L: separate(L) for L in layers]), 2)
+                row["fused_us"] = round(
+                    time_us([lambda L=L, x=x, b=b, a=algo: ops.run_algo(x, *L, None, b, a, sizes) for L in layers]), 2
+                )
+                row["speedup"] = round(row["separate_us"] / row["fused_us"], 3)
+                rows.append(row)
+                print("fused", json.dumps(row), flush=True)
+            del layers
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--batches", default=",".join(map(str, BATCHES)))
-    p.add_argument("--formats", default=",".join(FORMATS))
+    p.add_argument("--formats", default=",".join(DEFAULT_FORMATS))
     p.add_argument("--sweep", action="store_true", help="time tile variants of every kernel family")
     p.add_argument("--sweep-families", default="gemv,lut,mm,dense", help="with --sweep: which families")
     p.add_argument("--no-check", action="store_true")
-    p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--no-baselines", action="store_true", help="skip bitsandbytes NF4 and AQLM (fp16 always runs)")
+    p.add_argument("--no-fused", action="store_true", help="skip the fused q/k/v and gate/up rows")
+    p.add_argument("--aqlm-wait-s", type=float, default=90.0, help="how long to wait for AQLM's JIT build")
     p.add_argument("--out", default=None)
     p.add_argument("--tune", action="store_true", help="pick gemv/mm/dense per format and batch first")
     p.add_argument("--dump-asm", default=None, help="folder for PTX/SASS of the compiled kernels")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
     args = p.parse_args()
+    t_start = time.time()
+    device = "cpu" if args.smoke else "cuda"
+    if args.smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            sys.exit("--smoke needs TRITON_INTERPRET=1 (the kernels run in Triton's CPU interpreter)")
+        args.shapes, args.batches, args.no_baselines = "48x64,96x32", "1,16,80", True
+    elif not torch.cuda.is_available():
+        sys.exit("no GPU: use --smoke (with TRITON_INTERPRET=1) on a CPU")
+    formats = args.formats.split(",")
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        sys.exit(f"unknown --formats {unknown}; expected some of {list(FORMATS)}")
 
     ensure_kernels_package()
+    import triton
     from lit_cb.kernels import codebook as K
     from lit_cb.kernels import dispatch, ops
 
     from lit_cb.layers import CodebookFormat
 
-    versions = {"torch": torch.__version__, "cuda": torch.version.cuda}
-    import triton
-
-    versions["triton"] = triton.__version__
-    if not args.no_check:
-        failures = check_gpu(K, ops)
-        print("GPU correctness:", "all passed" if not failures else failures, flush=True)
-    aqlm_ops = None
-    if not args.no_baselines:
-        try:
-            import bitsandbytes
-
-            versions["bitsandbytes"] = bitsandbytes.__version__
-        except Exception as e:  # noqa: BLE001
-            print("bitsandbytes unavailable:", e)
-        try:
-            import time
-
-            t0 = time.time()
-            aqlm_ops = load_aqlm()
-            import aqlm
-
-            versions["aqlm"] = getattr(aqlm, "__version__", "1.1.7")
-            print(f"aqlm kernels compiled in {time.time() - t0:.0f} s", flush=True)
-        except Exception:  # noqa: BLE001
-            traceback.print_exc()
-
-    tuned = tune(ops, dispatch, args.formats.split(",")) if args.tune else None
-    rows = []
-    sweep_rows = []
-    for shape in args.shapes.split(","):
-        n, k = map(int, shape.split("x"))
-        fp16_copies = copies_for(n * k * 2, cap=8)
-        ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) / math.sqrt(k) for _ in range(fp16_copies)]
-        nf4 = None
+    versions = {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__}
+    aqlm_state: dict = {}
+    aqlm_thread = _start_aqlm_build(aqlm_state) if not args.no_baselines else None
+    time_us = wall_time_us if args.smoke else graph_time_us
+    result = {
+        "device": "cpu (Triton interpreter, smoke)" if args.smoke else _device_name(),
+        "versions": versions,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "timing": "wall clock of two interpreted calls (smoke: checks the code path only)"
+        if args.smoke
+        else "CUDA-graph median per call over weight copies rotated past the 50 MB L2",
+        "dispatch": "algo from dispatch.choose_algo, tiles from ops.kernel_config (kernels/ops.py tile tables)",
+    }
+    with dispatch.interpreter_on_cpu(args.smoke):
+        if not args.no_check:
+            failures = check_gpu(K, ops, formats, device, args.smoke)
+            result["check_failures"] = failures
+            print("correctness vs float64:", "all passed" if not failures else failures, flush=True)
+        nf4_ok = False
         if not args.no_baselines:
             try:
-                nf4 = bnb_setup(ws[: copies_for(n * k // 2, cap=8)])
-            except Exception:  # noqa: BLE001
-                traceback.print_exc()
-        for batch in map(int, args.batches.split(",")):
-            x = torch.randn(batch, k, device="cuda", dtype=torch.float16)
-            base = {}
-            if not args.no_baselines:
-                base["fp16_us"] = graph_time_us([lambda w=w, x=x: F.linear(x, w) for w in ws])
+                import bitsandbytes
+
+                versions["bitsandbytes"] = bitsandbytes.__version__
+                nf4_ok = True
+            except Exception as e:  # noqa: BLE001
+                result["bnb_skipped"] = repr(e)[:300]
+
+        tuned = tune(ops, dispatch, formats) if args.tune else None
+        rows, sweep_rows = [], []
+        for shape in args.shapes.split(","):
+            n, k = map(int, shape.split("x"))
+            fp16_copies = 1 if args.smoke else copies_for(n * k * 2, cap=8)
+            ws = [torch.randn(n, k, device=device, dtype=torch.float16) / math.sqrt(k) for _ in range(fp16_copies)]
+            nf4 = None
+            if nf4_ok:
+                try:
+                    nf4 = bnb_setup(ws[: copies_for(n * k // 2, cap=8)])
+                except Exception:  # noqa: BLE001
+                    traceback.print_exc()
+            for batch in map(int, args.batches.split(",")):
+                x = torch.randn(batch, k, device=device, dtype=torch.float16)
+                base = {"fp16_us": time_us([lambda w=w, x=x: F.linear(x, w) for w in ws])}
                 if nf4 is not None:
                     try:
-                        base["bnb_nf4_us"] = graph_time_us([lambda f=f, x=x: f(x) for f in nf4])
+                        base["bnb_nf4_us"] = time_us([lambda f=f, x=x: f(x) for f in nf4])
                     except Exception as e:  # noqa: BLE001
                         print("nf4 failed:", e)
-            for fname in args.formats.split(","):
-                m, b, g = FORMATS[fname]
-                fmt = CodebookFormat(
-                    in_features=k, out_features=n, in_group_size=g, num_codebooks=m, nbits_per_codebook=b
-                )
-                code_bytes = n * (k // g) * m * (1 if b <= 8 else 2)
-                layers = make_codebook_layers(n, k, m, b, g, copies_for(code_bytes))
-                algo = dispatch.choose_algo(fmt, batch)
-                ours = graph_time_us(
-                    [lambda L=L, x=x, b=b, a=algo: ops.run_algo(x, L[1], L[2], L[3], None, b, a) for L in layers]
-                )
-                row = {"shape": shape, "batch": batch, "format": fname, "algo": algo, "ours_us": round(ours, 2)}
-                row.update({kk: round(v, 2) for kk, v in base.items()})
-                moved = code_bytes + m * 2**b * g * 2 + batch * (k + n) * 2
-                row["ours_GBps"] = round(moved / ours / 1e3, 1)
-                row["ours_TFLOPs"] = round(2 * batch * n * k / ours / 1e6, 1)
-                if aqlm_ops is not None and fname in ("2x8_g8", "1x16_g8") and batch <= 64:
-                    try:
-                        op = aqlm_ops.code2x8_matmat if fname == "2x8_g8" else aqlm_ops.code1x16_matmat
-                        zb = torch.zeros(n, device="cuda", dtype=torch.float16)
-                        aq = [(L[1].view(torch.int8) if b == 8 else L[1], L[2].contiguous(), L[3]) for L in layers]
-                        row["aqlm_us"] = round(
-                            graph_time_us([lambda a=a, x=x, op=op, zb=zb: op(x, a[0], a[1], a[2], zb) for a in aq]), 2
-                        )
-                    except Exception as e:  # noqa: BLE001
-                        print("aqlm failed:", repr(e)[:300])
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                if args.sweep:
-                    families = tuple(args.sweep_families.split(","))
-                    variants = [v for v in sweep_variants(K, batch, g, m, b) if v[0].startswith(families)]
-                    for name, fn in variants:
-                        try:
-                            t = graph_time_us([lambda L=L, fn=fn, x=x, b=b: fn(x, L[1], L[2], L[3], b) for L in layers])
-                        except Exception as e:  # noqa: BLE001
-                            print(name, "failed", repr(e)[:200])
-                            continue
-                        sr = {
-                            "shape": shape,
-                            "batch": batch,
-                            "format": fname,
-                            "variant": name,
-                            "us": round(t, 2),
-                            "GBps": round(moved / t / 1e3, 1),
-                        }
-                        sweep_rows.append(sr)
-                        print("  sweep", json.dumps(sr), flush=True)
-                del layers
-            torch.cuda.empty_cache()
-        del ws, nf4
-        torch.cuda.empty_cache()
-
+                for fname in formats:
+                    m, b, g = FORMATS[fname]
+                    fmt = CodebookFormat(
+                        in_features=k, out_features=n, in_group_size=g, num_codebooks=m, nbits_per_codebook=b
+                    )
+                    code_bytes = n * (k // g) * m * (1 if b <= 8 else 2)
+                    layers = make_codebook_layers(n, k, m, b, g, 1 if args.smoke else copies_for(code_bytes), device)
+                    algo = dispatch.choose_algo(fmt, batch)
+                    cfg = ops.kernel_config(algo, batch, n, k, g, m, ops._num_sms(x.device))
+                    ours = time_us(
+                        [lambda L=L, x=x, b=b, a=algo: ops.run_algo(x, L[1], L[2], L[3], None, b, a) for L in layers]
+                    )
+                    row = {"shape": shape, "batch": batch, "format": fname, "algo": algo}
+                    row.update({"shape_class": ops.shape_class(n, k), "config": repr(cfg), "ours_us": round(ours, 2)})
+                    row.update({kk: round(v, 2) for kk, v in base.items()})
+                    row["x_fp16"] = round(base["fp16_us"] / ours, 3)
+                    if batch == 1:  # the code-read floor: every code read once by a plain HBM-bound reduction
+                        row["code_read_floor_us"] = round(time_us([lambda L=L: read_all(L[1]) for L in layers]), 2)
+                    moved = code_bytes + m * 2**b * g * 2 + batch * (k + n) * 2
+                    row["ours_GBps"] = round(moved / ours / 1e3, 1)
+                    row["ours_TFLOPs"] = round(2 * batch * n * k / ours / 1e6, 1)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    if args.sweep:
+                        families = tuple(args.sweep_families.split(","))
+                        variants = [v for v in sweep_variants(K, batch, g, m, b) if v[0].startswith(families)]
+                        for name, fn in variants:
+                            try:
+                                t = time_us([lambda L=L, fn=fn, x=x, b=b: fn(x, L[1], L[2], L[3], b) for L in layers])
+                            except Exception as e:  # noqa: BLE001
+                                print(name, "failed", repr(e)[:200])
+                                continue
+                            sr = {"shape": shape, "batch": batch, "format": fname, "variant": name}
+                            sr.update({"us": round(t, 2), "GBps": round(moved / t / 1e3, 1)})
+                            sweep_rows.append(sr)
+                            print("  sweep", json.dumps(sr), flush=True)
+                    del layers
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            del ws, nf4
+        result["rows"] = rows
+        if not args.no_fused:
+            batches = sorted({min(v, 2048) for v in map(int, args.batches.split(","))})
+            result["fused"] = _fused_rows(ops, dispatch, CodebookFormat, formats, batches, device, time_us, args.smoke)
+    if aqlm_thread is not None:
+        _aqlm_rows(aqlm_thread, aqlm_state, rows, args.aqlm_wait_s, result)
+    result["summary"] = summarize(rows)
+    result["total_seconds"] = round(time.time() - t_start, 1)
     if args.dump_asm:
         dump_asm(K, args.dump_asm)
-    props = torch.cuda.get_device_properties(0)
-    result = {
-        "device": f"{props.name}, {props.multi_processor_count} SMs",
-        "versions": versions,
-        "date": datetime.date.today().isoformat(),
-        "command": "python " + " ".join(sys.argv),
-        "rows": rows,
-    }
     if sweep_rows:
         result["sweep"] = sweep_rows
     if tuned:
@@ -277,6 +388,46 @@ def main() -> None:
         pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
     print(markdown_table(rows))
+
+
+def _device_name() -> str:
+    props = torch.cuda.get_device_properties(0)
+    return f"{props.name}, {props.multi_processor_count} SMs"
+
+
+def _aqlm_rows(thread: threading.Thread, state: dict, rows: list[dict], wait_s: float, result: dict) -> None:
+    """AQLM's CUDA kernel (aqlm::code2x8_matmat / code1x16_matmat) on every 2x8 / 1x16 row up to 64 tokens,
+    on the same kind of weights, once its JIT build is done."""
+    thread.join(timeout=wait_s)
+    if state.get("ops") is None:
+        result["aqlm_skipped"] = state.get("error") or f"the JIT build did not finish in {wait_s:.0f} s"
+        return
+    result["versions"]["aqlm"] = state.get("version")
+    result["aqlm_build_s"] = state.get("build_s")
+    for row in rows:
+        if row["format"] not in ("2x8_g8", "1x16_g8") or row["batch"] > 64:
+            continue
+        n, k = map(int, row["shape"].split("x"))
+        m, b, g = FORMATS[row["format"]]
+        layers = make_codebook_layers(n, k, m, b, g, copies_for(n * (k // g) * m * (1 if b <= 8 else 2)))
+        op = state["ops"].code2x8_matmat if b == 8 else state["ops"].code1x16_matmat
+        zb = torch.zeros(n, device="cuda", dtype=torch.float16)
+        x = torch.randn(row["batch"], k, device="cuda", dtype=torch.float16)
+        aq = [(L[1].view(torch.int8) if b == 8 else L[1], L[2].contiguous(), L[3]) for L in layers]
+        try:
+            row["aqlm_us"] = round(graph_time_us([lambda a=a: op(x, a[0], a[1], a[2], zb) for a in aq]), 2)
+            row["x_aqlm"] = round(row["aqlm_us"] / row["ours_us"], 3)
+        except Exception as e:  # noqa: BLE001
+            row["aqlm_error"] = repr(e)[:300]
+        print("aqlm", json.dumps(row), flush=True)
+        del layers
+        torch.cuda.empty_cache()
+
+
+def summarize(rows: list[dict]) -> dict:
+    """``"<shape> b<batch> <format>"`` -> ours, fp16 and AQLM microseconds and the speed-ups."""
+    keep = ("algo", "ours_us", "fp16_us", "x_fp16", "aqlm_us", "x_aqlm", "code_read_floor_us")
+    return {f"{r['shape']} b{r['batch']} {r['format']}": {kk: r[kk] for kk in keep if kk in r} for r in rows}
 
 
 def sweep_variants(K, batch: int, g: int, m: int, b: int):

@@ -146,7 +146,7 @@ def variants(batch: int, m: int, b: int, g: int, n: int, k: int, smoke: bool) ->
         for bn, bk, w, s in [(4, 1024, 4, 2), (16, 512, 8, 2), (8, 2048, 8, 2), (2, 1024, 4, 3), (32, 256, 8, 2)]:
             v[f"gemv_n{bn}_k{bk}_w{w}_s{s}"] = gemv(bn, bk, w, s)
         # the floor: reading the codes once with a PyTorch reduction (HBM-bound), for "what bounds it"
-        v["floor_read_codes_torch_sum"] = lambda x, c, cb, sc: c.view(torch.int32).sum(dtype=torch.int32)
+        v["floor_read_codes_torch_sum"] = lambda x, c, cb, sc: c.reshape(-1).view(torch.int32).sum(dtype=torch.int32)
         for split in (4, 8, 16):  # tensor cores at one token (QTIP does): W decoded once, 15/16 of the MMA idle
             v[f"mm_m16_n32_k256_split{split}"] = mm(16, 32, 256, 4, 1, split)
     elif batch <= 64:
@@ -161,10 +161,12 @@ def variants(batch: int, m: int, b: int, g: int, n: int, k: int, smoke: bool) ->
         if batch <= 16:
             v["gemv(prev)"] = gemv(8, 1024, 8, 2)
     else:
-        v["dense(prev)"] = lambda x, c, cb, sc: ops.run_algo(x, c, cb, sc, None, b, "dense")
+        prev = K.DequantConfig(8, 128, 4) if g <= 4 else K.DequantConfig(16, 64, 8)  # before this sweep
+        v["dense(prev)"] = lambda x, c, cb, sc: K.codebook_dense(x, c, cb, sc, None, b, prev)
+        v["dense(dispatch)"] = lambda x, c, cb, sc: ops.run_algo(x, c, cb, sc, None, b, "dense")
         for rows in (1024, 2048, 4096):
             v[f"dense_chunked_r{rows}"] = lambda x, c, cb, sc, r=rows: K.codebook_dense_chunked(
-                x, c, cb, sc, None, b, ops._dequant_config(g), r
+                x, c, cb, sc, None, b, ops._dequant_config(n, k, g), r
             )
         # dequant tiles by inputs per row segment: the previous config is 16x512 (g8) / 8x512 (g4); the gemv's
         # 8 rows x 1024 inputs decodes the same codewords 2.5x faster than this dequant did (kernels_h100.json)
@@ -174,7 +176,7 @@ def variants(batch: int, m: int, b: int, g: int, n: int, k: int, smoke: bool) ->
             v[f"dequant_only_n{bn}_k{bk}_w{w}"] = lambda x, c, cb, sc, cfg=cfg: K.codebook_dequant(
                 c, cb, sc, b, x.dtype, cfg
             )
-        v["dequant_only"] = lambda x, c, cb, sc: K.codebook_dequant(c, cb, sc, b, x.dtype, ops._dequant_config(g))
+        v["dequant_only"] = lambda x, c, cb, sc: K.codebook_dequant(c, cb, sc, b, x.dtype, prev)
     return v
 
 

@@ -34,25 +34,99 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _split_k(programs: int, k_tiles: int, num_sms: int) -> int:
-    """Input splits so that about two programs run per SM: a 4096-row output at 16 tokens has only 128
-    row tiles of 32 for 132 SMs, each walking the whole input alone."""
+    """Input splits so that about two programs run per SM: a 4096-row output at 32 tokens has only 64
+    row tiles of 64 for 132 SMs, each walking the whole input alone."""
     if programs >= 2 * num_sms:
         return 1
     return max(1, min(8, k_tiles // 4, -(-2 * num_sms // programs)))
 
 
-def _mm_config(tokens: int, num_out: int, group_size: int, num_groups: int = 0, num_sms: int = 0) -> K.MMConfig:
-    """Tiles for the decode-into-dot kernel by token count, split-K where the output is narrow.
+# ----------------------------------------------------------------------------- per-shape tile choice
+#
+# The tiles below are the winners of the issue-10 H100 sweep, bench/results/kernels_sweep_h100.json
+# ("summary": best variant per "<out>x<in> b<tokens> <format>"; command and date inside the JSON). They are
+# chosen by shape class, not by exact shape, so that unmeasured layers get the tile of their class:
+#
+# * ``narrow``: out_features <= in_features (o_proj, down_proj, square layers): few row tiles, so small
+#   row blocks and long input steps keep every SM busy.
+# * ``wide``:   out_features > in_features and fewer than 2**27 weights (gate/up of 7B-13B, fused q/k/v
+#   and gate/up): enough rows that 4-row programs fill the GPU many times over.
+# * ``huge``:   out_features > in_features and >= 2**27 weights (the 70B MLP, 28672x8192): more codes per
+#   program amortise the per-program setup.
+#
+# and by group-size class (codewords of >= 8 inputs, the 2x8/1x16 formats, vs 4-input codewords). Each entry
+# names the summary rows it comes from; the two near-ties where the class rule runs another tile than the
+# row's winner say so. Formats or shapes the sweep did not measure (1x16_g8, 8192x8192, ...) take their class's tile.
+
+NARROW, WIDE, HUGE = "narrow", "wide", "huge"
+HUGE_WEIGHTS = 2**27  # between 11008x4096 (45M, measured wide) and 28672x8192 (235M, measured huge)
+
+
+def shape_class(num_out: int, in_features: int) -> str:
+    """``narrow`` / ``wide`` / ``huge`` (see above): the key of the tile tables."""
+    if num_out <= in_features:
+        return NARROW
+    return HUGE if num_out * in_features >= HUGE_WEIGHTS else WIDE
+
+
+# batch 1-2, gemv: (shape class, group size >= 8) -> (rows per program, inputs per step, warps, stages)
+GEMV_TILES: dict[tuple[str, bool], tuple[int, int, int, int]] = {
+    # "4096x4096 b1 2x8_g8" gemv(prev) 11.70 us, "4096x11008 b1 2x8_g8" gemv(prev) 24.77 us
+    (NARROW, True): (8, 1024, 8, 2),
+    # "4096x11008 b1 1x8_g4" gemv(prev) 19.04 us; "4096x4096 b1 1x8_g4" won by n4_k1024_w4 at 8.52 us,
+    # this tile 8.62 us (1% off)
+    (NARROW, False): (8, 1024, 8, 2),
+    # "11008x4096 b1 2x8_g8" gemv_n4_k1024_w4_s2 24.30 us (was 29.47)
+    (WIDE, True): (4, 1024, 4, 2),
+    # "11008x4096 b1 1x8_g4" gemv_n4_k1024_w4_s2 19.51 us (was 19.86)
+    (WIDE, False): (4, 1024, 4, 2),
+    # "28672x8192 b1 2x8_g8" gemv_n8_k2048_w8_s2 105.38 us (was 113.21)
+    (HUGE, True): (8, 2048, 8, 2),
+    # "28672x8192 b1 1x8_g4" gemv_n16_k512_w8_s2 76.28 us (was 81.82)
+    (HUGE, False): (16, 512, 8, 2),
+}
+
+# 2-16 tokens, mm: shape class -> (block_m, block_n, inputs per K step, warps, split_k); num_stages=1
+MM_DECODE_TILES: dict[str, tuple[int, int, int, int, int]] = {
+    # "4096x4096 b16" and "4096x11008 b16", both formats: mm_m16_n32_k256_w4_split4 (20.76 / 15.21 /
+    # 48.26 / 33.76 us, was 29.92 / 23.70 / 76.50 / 59.84)
+    NARROW: (16, 32, 256, 4, 4),
+    # "11008x4096 b16", both formats: mm_m16_n64_k128_w4_split4 (52.15 / 33.73 us, was 55.41 / 39.35)
+    WIDE: (16, 64, 128, 4, 4),
+    # "28672x8192 b16", both formats: mm_m16_n64_k128_w4_split4 (209.32 / 133.24 us, was 263.58 / 162.91)
+    HUGE: (16, 64, 128, 4, 4),
+}
+
+# prefill, dense (dequant tile feeding cuBLAS): shape class -> (rows per program, inputs per program, warps)
+DEQUANT_TILES: dict[str, tuple[int, int, int]] = {
+    # "4096x4096 b2048 2x8_g8" dense_n2_k2048_w8 107.34 us, "4096x11008 b2048" both formats dense_n2_k2048_w8
+    # (292.12 / 279.85 us); "4096x4096 b2048 1x8_g4" won by the previous 8x512 tile at 109.97 us, this tile
+    # 114.30 us (4% off, within the cuBLAS run-to-run spread of that row)
+    NARROW: (2, 2048, 8),
+    # "11008x4096 b2048" both formats dense_n4_k1024_w4 (300.08 / 287.56 us, was 335.08 / 326.10)
+    WIDE: (4, 1024, 4),
+    # "28672x8192 b2048" both formats dense_n4_k1024_w4 (1484.42 / 1583.50 us, was 1714.82 / 1597.74)
+    HUGE: (4, 1024, 4),
+}
+
+
+def _mm_config(
+    tokens: int, num_out: int, in_features: int, group_size: int, num_groups: int = 0, num_sms: int = 0
+) -> K.MMConfig:
+    """Tiles for the decode-into-dot kernel: :data:`MM_DECODE_TILES` up to 16 tokens; 64-token tiles with a
+    split-K heuristic up to 64 (not in the sweep); 128x128 pipelined tiles beyond.
 
     num_stages=1 for decode sizes: with software pipelining Triton turns the codeword gathers into
     cp.async copies to shared memory read back one half at a time (seen in the PTX), several times slower.
     """
     if tokens <= 16:
-        cfg = K.MMConfig(block_m=16, block_n=32, block_g=max(1, 256 // group_size), num_warps=4, num_stages=1)
-    elif tokens <= 64:
-        cfg = K.MMConfig(block_m=64, block_n=64, block_g=max(1, 128 // group_size), num_warps=4, num_stages=1)
-    else:
+        bm, bn, bk, warps, split = MM_DECODE_TILES[shape_class(num_out, in_features)]
+        return K.MMConfig(
+            block_m=bm, block_n=bn, block_g=max(1, bk // group_size), num_warps=warps, num_stages=1, split_k=split
+        )
+    if tokens > 64:
         return K.MMConfig(block_m=128, block_n=128, block_g=max(2, 32 // group_size), num_warps=4, num_stages=4)
+    cfg = K.MMConfig(block_m=64, block_n=64, block_g=max(1, 128 // group_size), num_warps=4, num_stages=1)
     if num_sms and num_groups:
         programs = -(-tokens // cfg.block_m) * -(-num_out // cfg.block_n)
         split = _split_k(programs, -(-num_groups // cfg.block_g), num_sms)
@@ -61,11 +135,10 @@ def _mm_config(tokens: int, num_out: int, group_size: int, num_groups: int = 0, 
     return cfg
 
 
-def _gemv_config(tokens: int, num_out: int, group_size: int) -> K.GemvConfig:
-    """1024 inputs x 8 rows a step, 8 warps: best or within 2% of the best of four tiles on all six
-    issue shapes and the 2x8 / 1x16 / 1x8_g4 formats (H100 sweep, bench/results/kernels_h100.json),
-    up to 2x faster than 16 rows x 256 inputs where out = 4096 (more programs in flight)."""
-    return K.GemvConfig(block_n=8, block_g=max(1, 1024 // group_size), num_warps=8, num_stages=2)
+def _gemv_config(num_out: int, in_features: int, group_size: int) -> K.GemvConfig:
+    """:data:`GEMV_TILES` by shape class and group size."""
+    bn, bk, warps, stages = GEMV_TILES[(shape_class(num_out, in_features), group_size >= 8)]
+    return K.GemvConfig(block_n=bn, block_g=max(1, bk // group_size), num_warps=warps, num_stages=stages)
 
 
 def _lut_config(tokens: int, num_cb: int) -> K.LutConfig:
@@ -73,11 +146,28 @@ def _lut_config(tokens: int, num_cb: int) -> K.LutConfig:
     return K.LutConfig(block_g=max(1, 32 // num_cb), block_n=128, programs_per_sm=2, num_warps=4, num_stages=2)
 
 
-def _dequant_config(group_size: int) -> K.DequantConfig:
-    """Wide row segments per program (H100 sweep: 2-3x faster than 32x32 tiles)."""
-    if group_size <= 4:
-        return K.DequantConfig(block_n=8, block_g=128, num_warps=4)
-    return K.DequantConfig(block_n=16, block_g=64, num_warps=8)
+def _dequant_config(num_out: int, in_features: int, group_size: int) -> K.DequantConfig:
+    """:data:`DEQUANT_TILES` by shape class: long row segments per program (the sweep's dequant alone on
+    11008x4096: 45.1 / 40.7 us for 2x8_g8 / 1x8_g4 with this tile, 53.1 / 44.5 with the previous 16x512 / 8x512).
+    Also the transient W of the input gradient in training."""
+    bn, bk, warps = DEQUANT_TILES[shape_class(num_out, in_features)]
+    return K.DequantConfig(block_n=bn, block_g=max(1, bk // group_size), num_warps=warps)
+
+
+def kernel_config(
+    algo: str, tokens: int, num_out: int, in_features: int, group_size: int, num_cb: int = 1, num_sms: int = 0
+):
+    """The tile config the dispatcher launches ``algo`` with for this call (what :func:`run_algo` uses;
+    benchmarks record it). ``num_out`` is the total output rows (all parts of a fused layer)."""
+    if algo == "gemv":
+        return _gemv_config(num_out, in_features, group_size)
+    if algo == "lut":
+        return _lut_config(tokens, num_cb)
+    if algo == "mm":
+        return _mm_config(tokens, num_out, in_features, group_size, in_features // group_size, num_sms)
+    if algo in ("dense", "dense_chunked"):
+        return _dequant_config(num_out, in_features, group_size)
+    raise ValueError(f"unknown algo {algo!r}; expected one of {ALGOS}")
 
 
 def run_algo(
@@ -90,25 +180,25 @@ def run_algo(
     algo: str,
     part_sizes: list[int] | None = None,
 ) -> torch.Tensor:
-    """One kernel family on a 2-D input, with the tile heuristics above. ``part_sizes`` (with stacked
-    ``[P, M, 2**B, 1, G]`` codebooks) runs a fused layer; ``lut`` and ``dense_chunked`` take one part, so a
-    fused call asking for them runs ``gemv`` / ``dense`` instead."""
-    tokens, g, num_out = x2d.shape[0], codebooks.shape[-1], codes.shape[0]
+    """One kernel family on a 2-D input, with the tiles of :func:`kernel_config`. ``part_sizes`` (with stacked
+    ``[P, M, 2**B, 1, G]`` codebooks) runs a fused layer, tiled by its total shape; ``lut`` and
+    ``dense_chunked`` take one part, so a fused call asking for them runs ``gemv`` / ``dense`` instead."""
+    tokens, g, num_out, in_features = x2d.shape[0], codebooks.shape[-1], codes.shape[0], x2d.shape[1]
     if part_sizes is not None:
         algo = {"lut": "gemv", "dense_chunked": "dense"}.get(algo, algo)
+    if algo not in ALGOS:
+        raise ValueError(f"unknown algo {algo!r}; expected one of {ALGOS}")
+    num_sms = _num_sms(x2d.device) if algo == "mm" else 0
+    cfg = kernel_config(algo, tokens, num_out, in_features, g, codes.shape[2], num_sms)
     if algo == "gemv":
-        cfg = _gemv_config(tokens, num_out, g)
         return K.codebook_gemv(x2d, codes, codebooks, scales, bias, nbits, cfg, part_sizes)
     if algo == "lut":
-        return K.codebook_lut_gemv(x2d, codes, codebooks, scales, bias, nbits, _lut_config(tokens, codes.shape[2]))
+        return K.codebook_lut_gemv(x2d, codes, codebooks, scales, bias, nbits, cfg)
     if algo == "mm":
-        cfg = _mm_config(tokens, num_out, g, codes.shape[1], _num_sms(x2d.device))
         return K.codebook_mm(x2d, codes, codebooks, scales, bias, nbits, cfg, part_sizes)
     if algo == "dense":
-        return K.codebook_dense(x2d, codes, codebooks, scales, bias, nbits, _dequant_config(g), part_sizes)
-    if algo == "dense_chunked":
-        return K.codebook_dense_chunked(x2d, codes, codebooks, scales, bias, nbits, _dequant_config(g))
-    raise ValueError(f"unknown algo {algo!r}; expected one of {ALGOS}")
+        return K.codebook_dense(x2d, codes, codebooks, scales, bias, nbits, cfg, part_sizes)
+    return K.codebook_dense_chunked(x2d, codes, codebooks, scales, bias, nbits, cfg)
 
 
 @torch.library.custom_op("lit_cb::codebook_linear", mutates_args=())
@@ -141,9 +231,9 @@ def codebook_linear_grad_input_op(
     matmul; small-batch backward is rare enough not to need its own kernel.
     """
     g2d = grad_out.reshape(-1, grad_out.shape[-1])
-    w = K.codebook_dequant(
-        codes, codebooks, scales, nbits, grad_out.dtype, _dequant_config(codebooks.shape[3])
-    )  # [out_features, in_features]
+    g = codebooks.shape[3]
+    cfg = _dequant_config(codes.shape[0], codes.shape[1] * g, g)
+    w = K.codebook_dequant(codes, codebooks, scales, nbits, grad_out.dtype, cfg)  # [out_features, in_features]
     return (g2d @ w).reshape(*grad_out.shape[:-1], w.shape[1])
 
 

@@ -99,10 +99,13 @@ def test_dense_chunked_matches_float64():
 
 
 def test_split_k_heuristic_fills_the_gpu_only_for_narrow_outputs():
-    # 4096 rows at 16 tokens: 128 row tiles for 132 SMs -> split; 11008 rows: 344 tiles -> no split
-    assert OPS._mm_config(16, 4096, 8, 512, 132).split_k > 1
-    assert OPS._mm_config(16, 11008, 8, 512, 132).split_k == 1
-    assert OPS._mm_config(2048, 4096, 8, 512, 132).split_k == 1
+    # up to 16 tokens the sweep's tiles split 4 ways on every shape class (kernels_sweep_h100.json)
+    assert OPS._mm_config(16, 4096, 4096, 8, 512, 132).split_k == 4
+    assert OPS._mm_config(16, 11008, 4096, 8, 512, 132).split_k == 4
+    # 17-64 tokens, 64x64 tiles: 4096 rows give 64 row tiles for 132 SMs -> split; 28672 rows: 448 -> none
+    assert OPS._mm_config(32, 4096, 4096, 8, 512, 132).split_k > 1
+    assert OPS._mm_config(32, 28672, 8192, 8, 1024, 132).split_k == 1
+    assert OPS._mm_config(2048, 4096, 4096, 8, 512, 132).split_k == 1
 
 
 def test_bad_part_sizes_are_refused():
