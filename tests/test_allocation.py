@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -278,3 +279,51 @@ def test_aqlm_mixed_codebooks_meet_the_budget():
     assert bits <= budget_bits(budget, weights) and bits_per_weight(model)["compressed_linears"] <= budget
     used = {model.get_submodule(r.name).fmt.num_codebooks for r in rep.layers}
     assert used == {1, 2}, used
+
+
+# -- torch.distributed: every rank must use the same allocation ----------------------------------------
+
+DIST_CFG = dict(method="codebook", method_config=BASE, bit_options=OPTIONS, hessian_dtype="float64")
+
+
+def _dist_worker(rank: int, world: int, port: int, out: str, budget: float) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model = _model()
+        cfg = CompressionConfig(**DIST_CFG, bit_budget=budget)
+        rep = compress_model(model, _windows(n=6)[rank::world], cfg, device="cpu", progress=False, resume_dir=out)
+        result = {"choice": rep.bit_allocation["choice"], "errors": rep.bit_allocation["allocation"]["error"]}
+        result["bits"] = _storage_bits(model)
+        (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_share_one_allocation_equal_to_one_process(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    budget = 1.95
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_dist_worker, args=(2, port, str(tmp_path), budget), nprocs=2, join=True, start_method="fork")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1] and len(set(ranks[0]["choice"].values())) > 1  # a real trade-off
+    stored = json.loads((tmp_path / sensitivity.ALLOCATION_FILE).read_text())
+    assert stored["choice"] == ranks[0]["choice"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = compress_model(
+            _model(), _windows(n=6), CompressionConfig(**DIST_CFG, bit_budget=budget), device="cpu", progress=False
+        )
+    finally:
+        torch.set_num_threads(threads)
+    # float64 Hessians all-reduced over the shards: the same measured errors, the same allocation
+    assert single.bit_allocation["choice"] == ranks[0]["choice"]
+    assert single.bit_allocation["allocation"]["error"] == pytest.approx(ranks[0]["errors"], rel=1e-6)
