@@ -436,6 +436,11 @@ def compress_model(
 
     ``fingerprint`` (what the blocks are made from) is stored with the finished blocks; resuming
     blocks of another fingerprint refuses.
+
+    With ``config.bit_budget`` each layer is compressed with one of ``config.bit_options``, chosen
+    once before the first block from the float model's measured sensitivities
+    (:mod:`lit_cb.sensitivity`, stage ``sensitivity``) and stored as
+    ``resume_dir/bit_allocation.json``, which a resume reuses unchanged.
     """
     t0 = time.perf_counter()
     # The family's layout first: an unsupported model is refused before anything is written.
