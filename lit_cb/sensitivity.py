@@ -110,8 +110,10 @@ def check_bit_budget(targets: dict[str, nn.Linear], config: CompressionConfig) -
 
 
 def quick_settings(method_cfg: Any) -> Any:
-    """The cheap version of a method config the sensitivity pass runs (measured on the tiny test
-    model and SmolLM2 layers, the option *ranking* is what matters and these keep it)."""
+    """The cheap version of a method config the sensitivity pass runs. What matters is the
+    options' errors relative to each other; on SmolLM2-135M block 0 (g4, nbits 7..10, 8 x 512
+    C4 tokens, CPU) these settings on <= 512 rows gave relative errors within 5% of the full
+    quantizer's (default settings, all rows)."""
     if isinstance(method_cfg, CodebookConfig):
         return dataclasses.replace(
             method_cfg,
