@@ -264,7 +264,7 @@ def plan_bit_allocation(
             f"the bit allocation in {path}",
             "Use another resume directory (run_name/output_dir), or overwrite=true to move the old run aside.",
         )
-        if record.get("config") != config.to_dict():
+        if record.get("config") != json.loads(json.dumps(config.to_dict())):
             raise ValueError(
                 f"{path} was made with another compression config; use another resume directory or delete it"
             )
