@@ -253,7 +253,10 @@ def plan_bit_allocation(
     ``<resume_dir>/bit_allocation.json`` when it exists (made from the same config and inputs,
     else refused), otherwise measured, allocated and written there (by rank 0)."""
     path = Path(resume_dir) / ALLOCATION_FILE if resume_dir else None
-    if path is not None and path.is_file():
+    stored = path is not None and path.is_file()
+    # Ranks that disagree would take different branches and hang: the file must be on a shared filesystem.
+    D.check_same_on_all_ranks(stored, f"whether {path} exists (resume_dir must be on a filesystem all ranks share)")
+    if stored:
         try:
             record = json.loads(path.read_text())
         except ValueError as err:
