@@ -111,7 +111,7 @@ def check_bit_budget(targets: dict[str, nn.Linear], config: CompressionConfig) -
 
 def quick_settings(method_cfg: Any) -> Any:
     """The cheap version of a method config the sensitivity pass runs. What matters is the
-    options' errors relative to each other. Measured on SmolLM2-135M block 0 q/k/v/o (g4 with
+    options' errors relative to each other. Measured on SmolLM2-135M block 0 q/k/v/o/gate (g4 with
     nbits 7, 8, 9, 10; 8 x 512 C4 tokens; CPU): these settings on <= 512 rows gave relative errors
     within 5% of the full quantizer's (default settings, all rows; o_proj's errors, ~1e-4, agreed
     to 1e-4), in the same order, in 31-70% of its time. AQLM's reductions were not measured."""

@@ -327,3 +327,55 @@ def test_ranks_share_one_allocation_equal_to_one_process(tmp_path):
     # float64 Hessians all-reduced over the shards: the same measured errors, the same allocation
     assert single.bit_allocation["choice"] == ranks[0]["choice"]
     assert single.bit_allocation["allocation"]["error"] == pytest.approx(ranks[0]["errors"], rel=1e-6)
+
+
+# -- the whole run: config keys, preflight, metrics.json, the saved model -----------------------------
+
+
+def test_run_with_a_bit_budget_saves_a_mixed_model_within_budget(tmp_path, tiny_tokenizer):
+    from lit_cb.config import load_config
+    from lit_cb.pipeline import run
+    from lit_cb.serialization import load_compressed
+
+    model_dir = tmp_path / "tiny"
+    tiny_llama(num_layers=1, vocab=len(tiny_tokenizer)).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    overrides = {
+        "run_name": "mixed",
+        "output_dir": str(tmp_path / "out"),
+        "model.name": str(model_dir),
+        "data.num_calibration_samples": 4,
+        "data.calibration_seqlen": 32,
+        "data.num_finetune_samples": 8,
+        "data.finetune_seqlen": 32,
+        "data.num_val_samples": 2,
+        "data.eval_seqlen": 64,
+        "data.max_eval_windows": 2,
+        "compression.method": "codebook",
+        "compression.method_config": "{in_group_size: 4, nbits: 4, kmeans_iters: 2}",
+        "compression.bit_budget": 1.6,
+        "compression.bit_options": "[{nbits: 3}, {nbits: 4}, {nbits: 5}]",
+        "recovery.max_steps": 0,
+        "eval.float_model": False,
+        "trainer.accelerator": "cpu",
+    }
+    cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+    metrics = run(cfg)
+    assert metrics["bits_per_weight"]["compressed_linears"] <= 1.6
+    report = metrics["compression_report"]
+    assert (
+        report["bit_allocation"]["choice"]
+        == json.loads((cfg.run_dir / "blocks" / "bit_allocation.json").read_text())["choice"]
+    )
+    assert {r["option"] for r in report["layers"]} <= {0, 1, 2} and len({r["option"] for r in report["layers"]}) > 1
+    assert "sensitivity" in report["stages"]
+    model, _, _ = load_compressed(cfg.run_dir / "model")
+    formats = {m.fmt.nbits_per_codebook for m in model.modules() if isinstance(m, CodebookLinear)}
+    assert len(formats) > 1 and bits_per_weight(model)["compressed_linears"] <= 1.6
+    # An unreachable budget fails in the preflight check, before the run folder is written.
+    bad = load_config(
+        None, [f"{k}={v}" for k, v in {**overrides, "run_name": "bad", "compression.bit_budget": 0.9}.items()]
+    )
+    with pytest.raises(ValueError, match=r"compression.bit_budget=0.9 is unreachable"):
+        run(bad)
+    assert not bad.run_dir.exists()
