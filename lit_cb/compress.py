@@ -46,6 +46,8 @@ class LayerReport:
     relative_error: float
     bits_per_weight: float
     seconds: float
+    # Index into compression.bit_options of the option this layer took (None: no bit_budget).
+    option: int | None = None
 
 
 @dataclass
@@ -60,6 +62,8 @@ class CompressionReport:
     peak_gpu_gb: float | None = None
     block_seconds: list[float] = field(default_factory=list)
     world_size: int = 1
+    # Mixed precision (compression.bit_budget): the allocation's summary and each layer's option.
+    bit_allocation: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -332,6 +336,7 @@ def _quantize_owned(
     method_cfg: Any,
     prefix: str,
     device: torch.device,
+    layer_cfgs: dict[str, tuple[int, Any]] | None = None,
 ) -> dict[str, tuple[nn.Module | None, dict, dict]]:
     """Compress this rank's share of ``group`` and hand every rank every result.
 
@@ -339,7 +344,9 @@ def _quantize_owned(
     rank quantizes its own under a random state seeded from the layer's name (so a layer's result
     does not depend on which rank made it), then each result is broadcast from its owner: first
     its spec and report (objects), then its tensors into a module the receivers build from the
-    spec. Returns ``name -> (module, spec, report fields)`` in ``group`` order."""
+    spec. ``layer_cfgs`` (full name -> (index into ``bit_options``, method config)) replaces
+    ``method_cfg`` per layer under ``compression.bit_budget``. Returns ``name -> (module, spec,
+    report fields)`` in ``group`` order."""
     world, me = D.world_size(), D.rank()
     owners = D.assign_owners({n: remaining[n].out_features * remaining[n].in_features for n in group}, world)
     run_seed = int(getattr(method_cfg, "seed", 0))
@@ -353,15 +360,17 @@ def _quantize_owned(
         fork_devices = []
         if device.type == "cuda":
             fork_devices = [device.index if device.index is not None else torch.cuda.current_device()]
+        option, cfg = (layer_cfgs or {}).get(prefix + name, (None, method_cfg))
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(D.layer_seed(prefix + name, run_seed))
-            new = registry.quantize_linear(layer, hessian, method_cfg)
+            new = registry.quantize_linear(layer, hessian, cfg)
         new = new.to(device)
         w_hat = new.dequantize() if hasattr(new, "dequantize") else new.weight
         rep = {
             "relative_error": relative_layer_error(layer.weight.float(), w_hat.float(), hessian),
             "bits_per_weight": float(new.bits_per_weight()) if hasattr(new, "bits_per_weight") else float("nan"),
             "seconds": time.perf_counter() - t_layer,
+            "option": option,
         }
         made[name] = (new, module_spec(new), rep)
     results: dict[str, tuple[nn.Module | None, dict, dict]] = {}
@@ -373,6 +382,16 @@ def _quantize_owned(
         D.broadcast_module(module, src=src)
         results[name] = (module, spec, rep)
     return results
+
+
+def _all_targets(model: nn.Module, pattern: str) -> dict[str, nn.Linear]:
+    """Every target linear of the model by full name (``pattern`` already resolved for the family)."""
+    arch = spec_for(model)
+    return {
+        f"{arch.block_prefix(i)}{name}": m
+        for i, block in enumerate(arch.decoder_layers(model))
+        for name, m in _target_linears(block, pattern, arch.block_prefix(i), set()).items()
+    }
 
 
 def compress_model(
@@ -417,6 +436,11 @@ def compress_model(
 
     ``fingerprint`` (what the blocks are made from) is stored with the finished blocks; resuming
     blocks of another fingerprint refuses.
+
+    With ``config.bit_budget`` each layer is compressed with one of ``config.bit_options``, chosen
+    once before the first block from the float model's measured sensitivities
+    (:mod:`lit_cb.sensitivity`, stage ``sensitivity``) and stored as
+    ``resume_dir/bit_allocation.json``, which a resume reuses unchanged.
     """
     t0 = time.perf_counter()
     # The family's layout first: an unsupported model is refused before anything is written.
@@ -424,6 +448,11 @@ def compress_model(
     layers = arch.decoder_layers(model)
     targets = arch.compression_targets(config.targets)
     check_attention_uniform(model.config, windows.shape[-1])
+    if config.bit_budget is not None:
+        from lit_cb import sensitivity
+
+        # Options that do not fit a layer, or a budget below the cheapest allocation: before any work.
+        sensitivity.check_bit_budget(_all_targets(model, targets), config)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     method_cfg = config.method_settings()
     finetune_cfg = config.finetune_settings()
@@ -453,6 +482,19 @@ def compress_model(
         D.check_same_on_all_ranks(sorted(keep), "the layers kept dense")
         report.kept_dense = sorted(keep)
         model.to(model_device)
+
+    layer_cfgs: dict[str, tuple[int, Any]] | None = None
+    if config.bit_budget is not None:
+        # Fixed once from the float model, before the first block is compressed (see lit_cb.sensitivity).
+        with stage("sensitivity"):
+            record = sensitivity.plan_bit_allocation(
+                model, windows, config, keep, device, resume_dir, fingerprint, progress=False
+            )
+        options = config.bit_option_settings()
+        layer_cfgs = {name: (j, options[j]) for name, j in record["choice"].items()}
+        report.bit_allocation = {k: record[k] for k in ("budget", "bit_options", "choice", "allocation", "reused")}
+        if progress and D.rank() == 0:
+            tqdm.write(sensitivity.allocation_summary(record))
 
     # Embeddings (and rotary tables) on the working device to capture block-0 inputs.
     store = torch.device("cpu") if config.offload_activations else device
@@ -505,7 +547,7 @@ def compress_model(
             first = next(iter(accs))
             group = [n for n in accs if accs[n] is accs[first]] if config.true_sequential else list(accs)
             with stage("quantize"):
-                results = _quantize_owned(group, remaining, accs, method_cfg, prefix, device)
+                results = _quantize_owned(group, remaining, accs, method_cfg, prefix, device, layer_cfgs)
             del accs
             for name, (new, spec, rep) in results.items():
                 layer = remaining.pop(name)

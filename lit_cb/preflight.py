@@ -97,8 +97,9 @@ def _group_sizes(method_cfg) -> list[tuple[str, str, int]]:
 
 
 def check_model(model: nn.Module, compression_config) -> None:
-    """Target patterns that select no linear, widths the method cannot split into groups, and
-    NaN/Inf weights: each error names the pattern or the layer and what is allowed."""
+    """Target patterns that select no linear, widths the method cannot split into groups, bit
+    options that do not fit a layer or a bit budget below the cheapest allocation, and NaN/Inf
+    weights: each error names the pattern or the layer and what is allowed."""
     cfg = compression_config
     targets = target_linears(model, cfg.targets)
     if not targets:
@@ -119,6 +120,10 @@ def check_model(model: nn.Module, compression_config) -> None:
                     f"layer {name} (weight {layer.out_features}x{layer.in_features}); use a divisor of {width}, "
                     "or leave the layer out of compression.targets"
                 )
+    if cfg.bit_budget is not None:
+        from lit_cb.sensitivity import check_bit_budget
+
+        check_bit_budget(targets, cfg)  # every option fits every layer; the budget is reachable
     for name, p in model.named_parameters():
         if p.is_floating_point() and not torch.isfinite(p).all():
             n_bad = int((~torch.isfinite(p)).sum())

@@ -13,6 +13,8 @@ from lit_cb.typed_config import build
 HessianDtype = Literal["float32", "float64"]
 # Names of lit_cb.hessian.HESSIAN_DTYPES (that dict holds torch dtypes; a test keeps the two equal).
 HESSIAN_DTYPE_NAMES = get_args(HessianDtype)
+# Methods whose layers are a lit_cb.layers.CodebookFormat, whose exact bits bit_budget counts.
+MIXED_PRECISION_METHODS = ("aqlm", "codebook")
 
 
 @dataclass
@@ -38,6 +40,15 @@ class CompressionConfig:
     """Keep the block inputs/outputs on the CPU between blocks (saves GPU memory)."""
     block_finetune: dict[str, Any] | None = None
     """Block fine-tuning after each block (null: off); fields listed below."""
+    bit_budget: float | None = None
+    """Average bits/weight over the compressed linears; each layer takes one of bit_options,
+    chosen by measured sensitivity (null: all use method_config)."""
+    bit_options: list[dict[str, Any]] | None = None
+    """method_config overrides the layers choose from under bit_budget, e.g. [{nbits: 8},
+    {nbits: 9}] ({} = method_config itself)."""
+    sensitivity_max_rows: int | None = 512
+    """Weight rows per layer (a seeded subsample) the bit_budget sensitivity pass quantizes each
+    option on (null: all)."""
 
     def __post_init__(self) -> None:
         registry.config_class(self.method)  # raises with the list of known methods
@@ -55,10 +66,55 @@ class CompressionConfig:
             raise ValueError(f"compression.targets={self.targets!r} is not a valid regular expression: {err}") from err
         self.method_settings()  # validate the method's own fields now, not after calibration
         self.finetune_settings()
+        self.bit_option_settings()
+        if self.sensitivity_max_rows is not None and self.sensitivity_max_rows < 1:
+            raise ValueError(
+                f"compression.sensitivity_max_rows={self.sensitivity_max_rows} must be >= 1 or null (all rows)"
+            )
 
     def method_settings(self):
         cls = registry.config_class(self.method)
         return build(cls, self.method_config, "compression.method_config")
+
+    def bit_option_settings(self) -> list:
+        """The method config of every entry of ``bit_options`` (``method_config`` updated by it), in
+        order; empty without a ``bit_budget``. Each must be a valid config of the method, and no
+        two alike."""
+        if self.bit_budget is None:
+            if self.bit_options is not None:
+                raise ValueError(
+                    "compression.bit_options is set but compression.bit_budget is null; set a budget "
+                    "(average bits/weight) or remove the options"
+                )
+            return []
+        budget = self.bit_budget
+        if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget < float("inf"):
+            raise ValueError(f"compression.bit_budget={budget!r} must be a finite number of bits per weight > 0")
+        if self.method not in MIXED_PRECISION_METHODS:
+            raise ValueError(
+                f"compression.bit_budget needs a codebook-format method; compression.method={self.method!r}, "
+                f"allowed: {list(MIXED_PRECISION_METHODS)}"
+            )
+        if not self.bit_options:
+            raise ValueError(
+                f"compression.bit_budget={budget} needs compression.bit_options, a list of at least one "
+                "method_config override, e.g. [{nbits: 8}, {nbits: 9}, {nbits: 10}]"
+            )
+        cls = registry.config_class(self.method)
+        settings = []
+        for i, option in enumerate(self.bit_options):
+            where = f"compression.bit_options[{i}]"
+            if not isinstance(option, dict):
+                raise ValueError(f"{where}={option!r} must be a mapping of method_config overrides")
+            settings.append(build(cls, {**self.method_config, **option}, where))
+        for i, a in enumerate(settings):
+            for j in range(i):
+                if settings[j] == a:
+                    raise ValueError(
+                        f"compression.bit_options[{i}]={self.bit_options[i]!r} gives the same config as "
+                        f"compression.bit_options[{j}]={self.bit_options[j]!r}; list each option once"
+                    )
+        return settings
 
     def finetune_settings(self):
         if self.block_finetune is None:
