@@ -12,7 +12,9 @@ step time and the top CUDA kernels by total time, for each variant of the step t
 The variants are what the step could do instead: ``baseline`` (today's code), ``nodet`` (without
 ``torch.use_deterministic_algorithms``, whose sort-based index backward is suspected),
 ``fused_kl`` (KL computed in sequence chunks instead of on whole [batch, seq, vocab] float32
-tensors), ``teacher_bf16`` (the teacher's weights held in bf16, not cast by autocast every step).
+tensors), ``teacher_bf16`` (the teacher's weights held in bf16, not cast by autocast every step),
+``indexing_grad`` (the codebook gradient by autograd through indexing, as before the sort-free
+backward of :func:`lit_cb.layers.dequantize_weight`).
 
 Everything is written to ``--out/recovery_probe.json`` as it is measured.
 """
@@ -70,6 +72,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes (checks the script runs)")
+    ap.add_argument("--random", action="store_true", help="random weights in SmolLM2-135M's shapes (no GGUF needed)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -94,14 +97,34 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     seqlen = 64 if args.smoke else args.seqlen
     t0 = time.perf_counter()
-    model, tok = load_model("smollm2", "float32")
+    if args.random:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        shapes = LlamaConfig(
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            max_position_embeddings=8192,
+            tie_word_embeddings=True,
+        )
+        model = LlamaForCausalLM(shapes)
+        tok = type("Vocab", (), {"vocab_size": shapes.vocab_size})()
+    else:
+        model, tok = load_model("smollm2", "float32")
     if args.smoke:
         model.model.layers = model.model.layers[:2]
         model.config.num_hidden_layers = 2
-    dm = CompressionDataModule(
-        tok, DataConfig(num_calibration_samples=4, calibration_seqlen=seqlen, calibration_sampling="concat")
-    )
-    windows = dm.calibration_windows()
+    if args.random:
+        windows = torch.randint(0, tok.vocab_size, (4, seqlen), generator=torch.Generator().manual_seed(1))
+    else:
+        dm = CompressionDataModule(
+            tok, DataConfig(num_calibration_samples=4, calibration_seqlen=seqlen, calibration_sampling="concat")
+        )
+        windows = dm.calibration_windows()
     teacher = copy.deepcopy(model)
     cfg = CompressionConfig(
         method="codebook", method_config={"in_group_size": 4, "nbits": 8, "kmeans_iters": 2}, forward_batch_size=4
@@ -112,8 +135,17 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, tok.vocab_size, (args.batch, seqlen), generator=gen) for _ in range(4)]
 
+    import lit_cb.layers as layers
+
+    sort_free = layers.dequantize_weight
+
+    def indexing_autograd(codes, codebooks, scales, nbits):  # the gradient path before the sort-free one
+        groups = layers._gather_groups(layers.unpack_codes(codes, nbits), codebooks) * scales
+        return layers._groups_to_weight(groups)
+
     for variant in args.variants.split(","):
         torch.use_deterministic_algorithms(variant != "nodet", warn_only=True)
+        layers.dequantize_weight = indexing_autograd if variant == "indexing_grad" else sort_free
         student = copy.deepcopy(model)
         rcfg = RecoveryConfig(
             max_steps=100, lora_r=0, train_codebooks=True, train_norms=True, distill_alpha=1.0, codebook_lr=5e-5
