@@ -225,7 +225,8 @@ print(json.dumps({{"names": names, "rcs": rcs,
         ("recovery.lr=fast", "recovery.lr='fast' must be a float"),
         (
             "recovery.max_stepz=3",
-            "unknown config key(s) ['recovery.max_stepz']; allowed in recovery: ['code_update_every', 'code_update_fraction'",
+            "unknown config key(s) ['recovery.max_stepz']; allowed in recovery: "
+            "['code_update_every', 'code_update_fraction'",
         ),
         ("trainer.precision=fp8", "trainer.precision='fp8' must be one of the allowed values ['32-true'"),
         ("trainer.loggers=[csv, wandb]", "trainer.loggers=['csv', 'wandb'] must be a list of the allowed values"),
