@@ -136,7 +136,13 @@ def load_compressed(directory: str | Path, device: str | torch.device = "cpu"):
 
     src = Path(directory)
     qc = read_quantization_config(src)
-    info = json.loads((src / RUN_INFO).read_text()) if (src / RUN_INFO).is_file() else {}
+    try:
+        info = json.loads((src / RUN_INFO).read_text()) if (src / RUN_INFO).is_file() else {}
+    except ValueError as err:
+        # A damaged compression.json: let the checksums name what changed, else name the file.
+        if (src / MANIFEST).is_file():
+            verify_model_dir(src)
+        raise ValueError(f"{src / RUN_INFO} is not valid JSON ({err}): the file is damaged") from err
     # What the folder is comes first (a clear "wrong kind of folder"), then whether its files are intact.
     if qc is None and "modules" not in info:
         raise ValueError(
