@@ -69,3 +69,29 @@ def tiny_tokenizer():
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
+
+
+# Pipeline settings that make a whole compress + recover run of `tiny_llama` take seconds on a CPU
+# (shared by the run-level tests; each adds what it varies).
+TINY_RUN = {
+    "run_name": "tiny",
+    "data.num_calibration_samples": 4,
+    "data.calibration_seqlen": 32,
+    "data.num_finetune_samples": 32,
+    "data.finetune_seqlen": 32,
+    "data.num_val_samples": 2,
+    "data.eval_seqlen": 64,
+    "data.max_eval_windows": 2,
+    "data.batch_size": 4,
+    "compression.method": "codebook",
+    "compression.method_config": "{in_group_size: 4, nbits: 4, kmeans_iters: 2}",
+    "compression.forward_batch_size": 4,
+    "recovery.lr": 0.01,
+    "recovery.warmup_steps": 2,
+    "recovery.lora_r": 4,
+    "recovery.lora_on_compressed": True,
+    "trainer.accelerator": "cpu",
+    "trainer.log_every_n_steps": 1,
+    "eval.float_model": False,
+    "eval.compressed": False,
+}

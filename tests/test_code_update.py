@@ -31,7 +31,7 @@ from lit_cb.quant.code_update import (
 )
 from lit_cb.recovery import RecoveryModule
 
-from .conftest import tiny_llama
+from .conftest import TINY_RUN, tiny_llama
 
 # -- float64 references -------------------------------------------------------------------------
 
@@ -351,32 +351,13 @@ def test_code_update_keys_load_from_the_command_line():
 # -- resume --------------------------------------------------------------------------------------
 
 FAST = {
-    "run_name": "tiny",
-    "data.num_calibration_samples": 4,
-    "data.calibration_seqlen": 32,
-    "data.num_finetune_samples": 32,
-    "data.finetune_seqlen": 32,
-    "data.num_val_samples": 2,
-    "data.eval_seqlen": 64,
-    "data.max_eval_windows": 2,
-    "data.batch_size": 4,
-    "compression.method": "codebook",
-    "compression.method_config": "{in_group_size: 4, nbits: 4, kmeans_iters: 2}",
-    "compression.forward_batch_size": 4,
+    **TINY_RUN,
     "recovery.max_steps": 8,
-    "recovery.lr": 0.01,
-    "recovery.warmup_steps": 2,
-    "recovery.lora_r": 4,
-    "recovery.lora_on_compressed": True,
     "recovery.lora_dropout": 0.1,
     "recovery.train_codebooks": True,
     "recovery.code_update_every": 2,  # updates in 0-based steps 1, 3, 5, 7; checkpoints after 2, 4, 6, 8
     "recovery.code_update_fraction": 0.05,
-    "trainer.accelerator": "cpu",
-    "trainer.log_every_n_steps": 1,
     "trainer.loggers": "[csv]",
-    "eval.float_model": False,
-    "eval.compressed": False,
     "eval.recovered": False,
 }
 

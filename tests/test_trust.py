@@ -15,30 +15,11 @@ from lit_cb.config import load_config
 from lit_cb.pipeline import run
 from lit_cb.serialization import load_compressed
 
-from .conftest import tiny_llama
+from .conftest import TINY_RUN, tiny_llama
 
 FAST = {
-    "run_name": "tiny",
-    "data.num_calibration_samples": 4,
-    "data.calibration_seqlen": 32,
-    "data.num_finetune_samples": 32,
-    "data.finetune_seqlen": 32,
-    "data.num_val_samples": 2,
-    "data.eval_seqlen": 64,
-    "data.max_eval_windows": 2,
-    "data.batch_size": 4,
-    "compression.method": "codebook",
-    "compression.method_config": "{in_group_size: 4, nbits: 4, kmeans_iters: 2}",
-    "compression.forward_batch_size": 4,
+    **TINY_RUN,
     "recovery.max_steps": 0,
-    "recovery.lr": 0.01,
-    "recovery.warmup_steps": 2,
-    "recovery.lora_r": 4,
-    "recovery.lora_on_compressed": True,
-    "trainer.accelerator": "cpu",
-    "trainer.log_every_n_steps": 1,
-    "eval.float_model": False,
-    "eval.compressed": False,
     "eval.recovered": False,
 }
 
