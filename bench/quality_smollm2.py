@@ -14,6 +14,22 @@ When every run has finished, ``--out/<name>.json`` gets the per-seed values, the
 spread (sample standard deviation, min, max), each run's held-out curve and timings, with the
 device, versions, date and the command. Each run's ``metrics.json``, curve and plot are copied to
 ``--out/<name>_runs/``. ``--collect`` only collects finished runs.
+
+CPU threads: each child gets ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` = max(1, cpu_count // number
+of children) unless they are set in the driver's environment (torch sizes its intra-op pool from
+them). The JSON records them: ``threads_per_run`` for the runs this command started, and each run's
+``starts`` (every start, resumes included, from ``--out/logs/<run>.starts.jsonl``).
+
+Why, as measured on one H100 host with 16 CPU cores (this session): four runs started side by side,
+each with torch's default of 16 intra-op threads (one per core) plus OpenMP's spin-waiting workers,
+generated teacher text at about 1,000 tokens/s each (one batch of 128 x 2048 tokens took 4 min
+20 s), so after 9.5 minutes only one batch per run was done, and the SIGINT at the budget's end lost
+it (teacher text is now written batch by batch and resumes). In a second attempt, three runs side by
+side compressed at 61 s per block where one run alone takes about 5 s. The suspected cause: 64
+threads fighting over 16 cores, with the decode loop's per-token host syncs (torch.multinomial's
+input checks, since removed from lit_cb.generate._pick) waiting behind them. ``--stagger-s N`` starts
+the children N seconds apart, so their CPU-heavy set-up (model load, calibration data, CUDA graph
+capture) does not coincide; the stagger counts against ``--budget-s``.
 """
 
 from __future__ import annotations
@@ -54,32 +70,63 @@ def _device() -> str:
         return "unknown"
 
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def child_threads(children: int, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The thread settings each of ``children`` side-by-side runs gets: the user's own where set,
+    else an equal share of the cores (at least 1), so the children do not oversubscribe the CPU."""
+    environ = os.environ if environ is None else environ
+    share = str(max(1, (os.cpu_count() or 1) // max(1, children)))
+    return {name: environ.get(name, share) for name in THREAD_VARIABLES}
+
+
+def _pending(args) -> list[int]:
+    """Seeds whose run has not finished (no metrics.json)."""
+    return [s for s in args.seeds if not (Path(args.runs_dir) / f"{args.name}_s{s}" / "metrics.json").is_file()]
+
+
+def child_command(args, seed: int, overrides: list[str]) -> list[str]:
+    """The recipe run of one seed."""
+    return [
+        sys.executable,
+        "-m",
+        "lit_cb.cli",
+        "run",
+        str(ROOT / "recipes" / f"{args.recipe}.py"),
+        f"seed={seed}",
+        f"data.seed={seed}",
+        f"run_name={args.name}_s{seed}",
+        f"output_dir={args.runs_dir}",
+        *overrides,
+    ]
+
+
 def run_seeds(args, overrides: list[str]) -> dict[int, int | None]:
-    """Start one run per seed, wait up to the budget, SIGINT what is still running."""
+    """Start one run per unfinished seed (``--stagger-s`` apart), wait up to the budget, SIGINT what is
+    still running."""
     procs: dict[int, subprocess.Popen] = {}
     logs = Path(args.out) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    pending = _pending(args)
+    threads = child_threads(len(pending))
+    env = {**os.environ, **threads}
+    print(f"{len(pending)} runs, threads each: " + ", ".join(f"{k}={v}" for k, v in threads.items()), flush=True)
+    deadline = time.monotonic() + args.budget_s
     for seed in args.seeds:
         name = f"{args.name}_s{seed}"
-        if (Path(args.runs_dir) / name / "metrics.json").is_file():
+        if seed not in pending:
             print(f"{name}: finished earlier", flush=True)
             continue
-        cmd = [
-            sys.executable,
-            "-m",
-            "lit_cb.cli",
-            "run",
-            str(ROOT / "recipes" / f"{args.recipe}.py"),
-            f"seed={seed}",
-            f"data.seed={seed}",
-            f"run_name={name}",
-            f"output_dir={args.runs_dir}",
-            *overrides,
-        ]
+        if procs and args.stagger_s > 0:
+            time.sleep(min(args.stagger_s, max(0.0, deadline - time.monotonic())))
+        cmd = child_command(args, seed, overrides)
         print("start:", shlex.join(cmd), flush=True)
         log = open(logs / f"{name}.log", "a")  # noqa: SIM115 (kept open for the child's lifetime)
-        procs[seed] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    deadline = time.monotonic() + args.budget_s
+        procs[seed] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        start = {"date": _now(), "side_by_side": len(pending), "threads": threads, "stagger_s": args.stagger_s}
+        with open(logs / f"{name}.starts.jsonl", "a") as f:  # each start of this seed's run (resumes too)
+            f.write(json.dumps(start) + "\n")
     while procs and time.monotonic() < deadline and any(p.poll() is None for p in procs.values()):
         time.sleep(2)
     for seed, p in procs.items():
@@ -92,7 +139,12 @@ def run_seeds(args, overrides: list[str]) -> dict[int, int | None]:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+    args.threads_per_run = threads if procs else None
     return {seed: p.returncode for seed, p in procs.items()}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def _spread(values: list[float]) -> dict:
@@ -114,8 +166,12 @@ def collect(args, overrides: list[str]) -> dict:
     for seed in args.seeds:
         run = Path(args.runs_dir) / f"{args.name}_s{seed}"
         metrics_file = run / "metrics.json"
+        starts_file = Path(args.out) / "logs" / f"{args.name}_s{seed}.starts.jsonl"
+        starts = (
+            [json.loads(x) for x in starts_file.read_text().splitlines() if x.strip()] if starts_file.is_file() else []
+        )
         if not metrics_file.is_file():
-            per_seed[str(seed)] = {"finished": False}
+            per_seed[str(seed)] = {"finished": False, "starts": starts}
             continue
         m = json.loads(metrics_file.read_text())
         entry = {
@@ -128,6 +184,7 @@ def collect(args, overrides: list[str]) -> dict:
         for extra in ("recovery_curve.json", "bit_allocation.json"):
             if (run / extra).is_file():
                 entry[extra.removesuffix(".json")] = json.loads((run / extra).read_text())
+        entry["starts"] = starts
         per_seed[str(seed)] = entry
         dest = copies / f"s{seed}"
         dest.mkdir(parents=True, exist_ok=True)
@@ -141,11 +198,13 @@ def collect(args, overrides: list[str]) -> dict:
     return {
         "device": _device(),
         "versions": _versions(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "date": _now(),
         "command": "python " + shlex.join(sys.argv),
         "recipe": args.recipe,
         "overrides": overrides,
         "seeds": args.seeds,
+        "threads_per_run": args.threads_per_run,
+        "stagger_s": args.stagger_s,
         "wikitext2_ppl": summary,
         "per_seed": per_seed,
     }
@@ -158,6 +217,9 @@ def main() -> None:
     ap.add_argument("--name", help="result name (default: quality_<recipe>)")
     ap.add_argument("--budget-s", type=float, default=540.0, help="stop runs still going after this many seconds")
     ap.add_argument("--grace-s", type=float, default=45.0, help="time for a stopped run to write its checkpoint")
+    ap.add_argument(
+        "--stagger-s", type=float, default=0.0, help="start the runs this many seconds apart (default 0: all at once)"
+    )
     ap.add_argument("--runs-dir", default="/tmp/lit_cb_quality")
     ap.add_argument("--out", required=True)
     ap.add_argument("--collect", action="store_true", help="only collect finished runs")
@@ -165,7 +227,10 @@ def main() -> None:
     args = ap.parse_args()
     if not (ROOT / "recipes" / f"{args.recipe}.py").is_file():
         ap.error(f"--recipe {args.recipe!r}: no recipes/{args.recipe}.py")
+    if not args.stagger_s >= 0:
+        ap.error(f"--stagger-s {args.stagger_s}: must be >= 0")
     args.name = args.name or f"quality_{args.recipe}"
+    args.threads_per_run = None  # set by run_seeds when it starts runs; per_seed[...]["starts"] has each start
     Path(args.out).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     if not args.collect:

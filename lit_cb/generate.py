@@ -10,7 +10,8 @@ default; ``--temperature > 0`` samples (with ``--top-p`` and ``--seed``).
 On a GPU the default (``--compile graph``) is lit_cb's own decode loop: a transformers ``StaticCache``,
 one eager forward for the prompt, then one decode step (write the mask bit, forward one token per row,
 advance the position) captured once in a ``torch.cuda.CUDAGraph`` and replayed per token; only the
-token choice (argmax or seeded top-p sampling) and the end-of-sequence check run outside the graph.
+token choice (argmax or seeded top-p sampling, with no host sync: see ``_pick``) and the end-of-sequence
+check run outside the graph.
 That removes the per-token Python and launch overhead which bounds transformers' ``generate`` at small
 batches. If the capture fails the command says why and runs the same loop eagerly. Batch rows must be
 prompts of equal length (no left padding): every prompt token is attended to. ``cudagraphs`` and
@@ -383,19 +384,50 @@ def _capture(step: _DecodeStep, device: torch.device):
     return graph, logits
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
-    """``[B]`` next tokens: argmax when ``temperature`` is 0, else a draw from the temperature-scaled
-    distribution cut to the smallest top set of mass >= ``top_p`` (transformers' top-p rule)."""
+def _nucleus(logits: torch.Tensor, temperature: float, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kept, order)``: the temperature-scaled probabilities sorted in descending order, those outside
+    the nucleus set to 0, and the vocabulary index of each sorted position. The nucleus is transformers'
+    top-p rule: a token is dropped when the mass of the tokens before it already exceeds ``top_p``."""
     import torch
 
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    kept, order = probs.sort(dim=-1, descending=True)
+    drop = kept.cumsum(-1) - kept > top_p  # the mass before a token already reaches top_p
+    return kept.masked_fill_(drop, 0), order
+
+
+def _race(probs: torch.Tensor, generator) -> torch.Tensor:
+    """Index of a draw from the (unnormalised) ``probs`` along the last dim: ``argmax(p / E)`` with
+    ``E ~ Exp(1)`` i.i.d. wins at ``i`` with probability ``p_i / sum(p)`` (``E_i / p_i`` is exponential
+    with rate ``p_i``; the smallest of independent exponentials is ``i`` with that probability).
+
+    It is the computation ``torch.multinomial(probs, 1)`` does for one sample, same generator calls on
+    the same shape, so the same draw bit for bit, but without multinomial's two input checks that read
+    values back to the host (``.item()``): those stall the decode loop on every token, and the loop can
+    otherwise queue the next graph replay while the GPU is still sampling."""
+    import torch
+
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    return torch.div(probs, race, out=race).argmax(-1)
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    """``[B]`` next tokens: argmax when ``temperature`` is 0, else a draw from the temperature-scaled
+    distribution cut to the smallest top set of mass >= ``top_p`` (transformers' top-p rule).
+
+    With ``top_p < 1`` the draw runs on the sorted probabilities (:func:`_nucleus`) and the winning
+    position is mapped back through the sort order: no scatter back to vocabulary order. Distribution
+    and seeding are those of a draw over the vocabulary, but the random numbers land on sorted positions,
+    so a given seed picks other tokens than lit_cb's earlier scatter + multinomial sampler did. No step
+    reads a value back to the host (see :func:`_race`)."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # the mass before a token already reaches top_p
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(drop, 0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        kept, order = _nucleus(logits, temperature, top_p)
+        return order.gather(-1, _race(kept, generator).unsqueeze(-1)).squeeze(-1)
+    import torch
+
+    return _race(torch.softmax(logits.float() / temperature, dim=-1), generator)
 
 
 def _graph_generate(

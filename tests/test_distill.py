@@ -97,7 +97,7 @@ def test_teacher_text_is_seeded_has_the_length_and_is_cached_never_overwritten(t
 
     calls = []
 
-    def make():
+    def make(finished, on_batch):
         calls.append(1)
         return a
 

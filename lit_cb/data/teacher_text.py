@@ -15,12 +15,23 @@ no real text starts with. Generation runs batched on lit_cb's static-KV-cache de
 The sequences are cached in the run folder (``teacher_text/tokens.safetensors`` plus ``meta.json``
 with the fingerprint of the model and every setting that changes them), so a resumed run reuses
 them; a cache made from other inputs is refused, never overwritten or silently reused.
+
+Generation survives interruption: half a million tokens take minutes even on a GPU, and a run
+stopped part-way (a time budget's SIGINT, a crash) used to lose every finished batch. Each batch is
+written as it finishes (``part_00000.safetensors``, ... : temporary name, then rename) and listed in
+``progress.json`` (the fingerprint and the finished batch indices; written before the first part, so
+the folder is known to be lit_cb's). The next call with the same fingerprint reads the finished
+batches and generates only the others. Batch ``i`` draws from its own generator seeded with
+``seed * 1_000_003 + i`` (nothing carries from one batch to the next), so the resumed tokens are
+exactly those of an uninterrupted run. When every batch is done the final ``tokens.safetensors`` and
+``meta.json`` are written as before, and only then are the parts and ``progress.json`` removed.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -31,6 +42,11 @@ from lit_cb.integrity import atomic_write_text
 CACHE_DIR = "teacher_text"
 TOKENS_FILE = "tokens.safetensors"
 META_FILE = "meta.json"
+PROGRESS_FILE = "progress.json"
+PART_FILE = "part_{:05d}.safetensors"
+
+OnBatch = Callable[[int, torch.Tensor], None]
+"""Called with ``(batch index, [rows, seqlen] CPU token ids)`` after each generated batch."""
 
 
 def teacher_fingerprint(
@@ -63,10 +79,52 @@ def sample_sequences(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     progress: bool = True,
+    finished: Mapping[int, torch.Tensor] | None = None,
+    on_batch: OnBatch | None = None,
 ) -> torch.Tensor:
     """``[len(first_tokens), seqlen]`` token ids: each row starts with its first token and continues
     with ``seqlen - 1`` tokens sampled from ``model`` (no stop at EOS). ``model`` is not changed:
-    generation runs on a copy on ``device`` in ``dtype`` (default: the model's)."""
+    generation runs on a copy on ``device`` in ``dtype`` (default: the model's).
+
+    Rows go in batches of ``batch_size``; batch ``i`` (rows ``i * batch_size`` onwards) is seeded
+    from ``(seed, i)`` alone. ``finished`` maps batch indices to rows made earlier (they are used, not
+    generated again); ``on_batch(i, rows)`` is called after each batch generated here."""
+    n = first_tokens.shape[0]
+    num_batches = -(-n // batch_size)
+    finished = dict(finished or {})
+    for i, rows in finished.items():
+        start = i * batch_size
+        if not 0 <= i < num_batches or rows.shape != (min(batch_size, n - start), seqlen):
+            raise ValueError(
+                f"finished batch {i} holds shape {list(rows.shape)}; batches of {batch_size} rows of {n} x {seqlen} "
+                f"tokens have indices 0..{num_batches - 1}"
+            )
+        if not torch.equal(rows[:, 0].to(first_tokens.dtype), first_tokens[start : start + batch_size].cpu()):
+            raise ValueError(f"finished batch {i} starts with other first tokens than the ones given")
+    todo = [i for i in range(num_batches) if i not in finished]
+    if todo:
+        finished.update(
+            _generate_batches(
+                model,
+                first_tokens,
+                todo,
+                seqlen,
+                temperature,
+                top_p,
+                batch_size,
+                seed,
+                device,
+                dtype,
+                progress,
+                on_batch,
+            )
+        )
+    return torch.cat([finished[i] for i in range(num_batches)]).to(torch.long)
+
+
+def _generate_batches(
+    model, first_tokens, todo, seqlen, temperature, top_p, batch_size, seed, device, dtype, progress, on_batch
+) -> dict[int, torch.Tensor]:
     device = torch.device(device)
     worker = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
     if getattr(worker, "generation_config", None) is not None:
@@ -78,7 +136,9 @@ def sample_sequences(
     deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(False)
     try:
-        return _sample(worker, first_tokens, seqlen, temperature, top_p, batch_size, seed, device, progress)
+        return _sample(
+            worker, first_tokens, todo, seqlen, temperature, top_p, batch_size, seed, device, progress, on_batch
+        )
     finally:
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         del worker
@@ -86,15 +146,19 @@ def sample_sequences(
             torch.cuda.empty_cache()  # the KV cache and the fp16 copy: give them back before compression
 
 
-def _sample(worker, first_tokens, seqlen, temperature, top_p, batch_size, seed, device, progress) -> torch.Tensor:
+def _sample(
+    worker, first_tokens, todo, seqlen, temperature, top_p, batch_size, seed, device, progress, on_batch
+) -> dict[int, torch.Tensor]:
     from tqdm.auto import tqdm
 
     from lit_cb.generate import generate
 
-    rows: list[torch.Tensor] = []
+    made: dict[int, torch.Tensor] = {}
     n = first_tokens.shape[0]
-    bar = tqdm(total=n * seqlen, desc="teacher text", unit="tok", unit_scale=True, disable=not progress)
-    for i, start in enumerate(range(0, n, batch_size)):
+    total = sum(min(batch_size, n - i * batch_size) for i in todo) * seqlen
+    bar = tqdm(total=total, desc="teacher text", unit="tok", unit_scale=True, disable=not progress)
+    for i in todo:
+        start = i * batch_size
         prompt = first_tokens[start : start + batch_size].view(-1, 1).to(device)
         if seqlen > 1:
             new, _ = generate(
@@ -104,16 +168,19 @@ def _sample(worker, first_tokens, seqlen, temperature, top_p, batch_size, seed, 
                 max_new_tokens=seqlen - 1,
                 temperature=temperature,
                 top_p=top_p,
-                seed=seed * 1_000_003 + i,
+                seed=seed * 1_000_003 + i,  # from (seed, batch index) only: a resumed run draws the same
                 compile_backend="graph",
                 warn=lambda message: bar.write(message),
             )
-            rows.append(torch.cat([prompt, new], dim=1).cpu())
+            rows = torch.cat([prompt, new], dim=1).cpu().to(torch.long)
         else:
-            rows.append(prompt.cpu())
-        bar.update(prompt.shape[0] * seqlen)
+            rows = prompt.cpu().to(torch.long)
+        made[i] = rows
+        if on_batch is not None:
+            on_batch(i, rows)
+        bar.update(rows.numel())
     bar.close()
-    return torch.cat(rows).to(torch.long)
+    return made
 
 
 def _read_meta(path: Path) -> dict:
@@ -125,50 +192,125 @@ def _read_meta(path: Path) -> dict:
         ) from err
 
 
-def cached_teacher_text(cache_root: Path | str | None, fingerprint: dict, make, write: bool = True) -> torch.Tensor:
-    """The teacher sequences for ``fingerprint``: read from ``cache_root/teacher_text`` when a cache
-    with the same fingerprint is there, else made by ``make()`` and stored there (``write``).
+def _check_fingerprint(stored: dict, fingerprint: dict, folder: Path) -> None:
+    if stored != fingerprint:
+        changed = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k))
+        lines = [f"{k}: {stored.get(k, '<absent>')!r} -> {fingerprint.get(k, '<absent>')!r}" for k in changed]
+        raise ValueError(
+            f"the teacher text cached in {folder} was made with other settings ({'; '.join(lines)}). It is not "
+            "reused and not overwritten: move that folder away to generate it again, or choose another run_name "
+            "or output_dir"
+        )
 
-    A cache from other settings or another model is refused (the error lists what differs) rather
-    than reused or overwritten; so is a folder holding tokens without ``meta.json`` (an interrupted
-    write, or files lit_cb did not write)."""
+
+def _load_tokens(path: Path, folder: Path, expected: list[int]) -> torch.Tensor:
+    try:
+        tokens = load_file(str(path))["input_ids"]
+    except Exception as err:  # noqa: BLE001  any unreadable file: say which and how to recover
+        raise ValueError(
+            f"{path} is missing or corrupt ({err}); move {folder} away to generate the teacher text again"
+        ) from err
+    if list(tokens.shape) != expected:
+        raise ValueError(f"{path} holds shape {list(tokens.shape)}, {folder} records {expected}")
+    return tokens.to(torch.long)
+
+
+def _save_tokens(path: Path, tokens: torch.Tensor) -> None:
+    """Temporary name, then rename: ``path`` is either absent or complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"input_ids": tokens.contiguous()}, str(tmp))
+    tmp.replace(path)
+
+
+class _Parts:
+    """The finished batches of an unfinished generation: ``part_XXXXX.safetensors`` files and
+    ``progress.json`` (the fingerprint and the finished indices; rewritten after each part)."""
+
+    def __init__(self, folder: Path, fingerprint: dict) -> None:
+        self.folder, self.fingerprint = folder, fingerprint
+        self.path = folder / PROGRESS_FILE
+        n, bs = fingerprint["num_samples"], fingerprint["batch_size"]
+        self.rows = [min(bs, n - start) for start in range(0, n, bs)]
+
+    def read(self) -> dict[int, torch.Tensor]:
+        """The batches finished earlier (none when there is no ``progress.json``)."""
+        if not self.path.is_file():
+            return {}
+        progress = _read_meta(self.path)
+        _check_fingerprint(progress.get("fingerprint", {}), self.fingerprint, self.folder)
+        done = {}
+        for i in progress.get("finished", []):
+            if not isinstance(i, int) or not 0 <= i < len(self.rows):
+                raise ValueError(f"{self.path} lists batch {i!r}; there are {len(self.rows)} batches")
+            done[i] = _load_tokens(
+                self.folder / PART_FILE.format(i), self.folder, [self.rows[i], self.fingerprint["seqlen"]]
+            )
+        return done
+
+    def _record(self, finished) -> None:
+        text = json.dumps({"fingerprint": self.fingerprint, "finished": sorted(finished)}, indent=1)
+        atomic_write_text(self.path, text)
+
+    def start(self, finished: Mapping[int, torch.Tensor]) -> OnBatch:
+        """Claim the folder (``progress.json`` before any part) and return the per-batch writer."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        done = set(finished)
+        self._record(done)
+
+        def on_batch(i: int, rows: torch.Tensor) -> None:
+            _save_tokens(self.folder / PART_FILE.format(i), rows)
+            done.add(i)
+            self._record(done)  # after the part's rename: a listed part is always complete
+
+        return on_batch
+
+    def remove(self) -> None:
+        """Drop the parts and ``progress.json`` (only once the final file is written)."""
+        for i in range(len(self.rows)):
+            for name in (PART_FILE.format(i), PART_FILE.format(i) + ".tmp"):
+                (self.folder / name).unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)
+
+
+def cached_teacher_text(
+    cache_root: Path | str | None,
+    fingerprint: dict,
+    make: Callable[[dict[int, torch.Tensor], OnBatch | None], torch.Tensor],
+    write: bool = True,
+) -> torch.Tensor:
+    """The teacher sequences for ``fingerprint``: read from ``cache_root/teacher_text`` when a cache
+    with the same fingerprint is there, else made by ``make(finished, on_batch)`` and stored there
+    (``write``). ``finished`` holds the batches an interrupted call already wrote (by batch index);
+    ``make`` must use them and call ``on_batch(i, rows)`` for each batch it makes (``on_batch`` is
+    None when nothing is written), so the next call resumes after the last finished batch.
+
+    A cache or unfinished generation from other settings or another model is refused (the error
+    lists what differs) rather than reused or overwritten; so is a folder holding tokens without
+    ``meta.json`` or ``progress.json`` (files lit_cb did not write)."""
     if cache_root is None:
-        return make()
+        return make({}, None)
     folder = Path(cache_root) / CACHE_DIR
     meta_path, tokens_path = folder / META_FILE, folder / TOKENS_FILE
+    parts = _Parts(folder, fingerprint)
     if meta_path.is_file():
-        stored = _read_meta(meta_path).get("fingerprint", {})
-        if stored != fingerprint:
-            changed = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k))
-            lines = [f"{k}: {stored.get(k, '<absent>')!r} -> {fingerprint.get(k, '<absent>')!r}" for k in changed]
-            raise ValueError(
-                f"the teacher text cached in {folder} was made with other settings ({'; '.join(lines)}). It is not "
-                "reused and not overwritten: move that folder away to generate it again, or choose another run_name "
-                "or output_dir"
-            )
-        try:
-            tokens = load_file(str(tokens_path))["input_ids"]
-        except Exception as err:  # noqa: BLE001  any unreadable file: say which and how to recover
-            raise ValueError(
-                f"{tokens_path} is missing or corrupt ({err}); move {folder} away to generate the teacher text again"
-            ) from err
-        expected = [fingerprint["num_samples"], fingerprint["seqlen"]]
-        if list(tokens.shape) != expected:
-            raise ValueError(f"{tokens_path} holds shape {list(tokens.shape)}, its meta.json says {expected}")
-        return tokens.to(torch.long)
-    if folder.exists() and any(folder.iterdir()):
+        _check_fingerprint(_read_meta(meta_path).get("fingerprint", {}), fingerprint, folder)
+        tokens = _load_tokens(tokens_path, folder, [fingerprint["num_samples"], fingerprint["seqlen"]])
+        if write:
+            parts.remove()  # left by a call stopped between the final write and the clean-up
+        return tokens
+    if not parts.path.is_file() and folder.exists() and any(folder.iterdir()):
         raise ValueError(
-            f"{folder} holds files but no {META_FILE} (an interrupted write, or not lit_cb's): move it away to "
-            "generate the teacher text again"
+            f"{folder} holds files but no {META_FILE} or {PROGRESS_FILE} (not lit_cb's, or an interrupted write): "
+            "move it away to generate the teacher text again"
         )
-    tokens = make()
-    if write:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / (TOKENS_FILE + ".tmp")
-        save_file({"input_ids": tokens.contiguous()}, str(tmp))
-        tmp.replace(tokens_path)
-        # meta.json last: its presence says the tokens are complete.
-        atomic_write_text(meta_path, json.dumps({"fingerprint": fingerprint, "shape": list(tokens.shape)}, indent=1))
+    finished = parts.read()  # also refuses an unfinished generation from other settings
+    if not write:
+        return make(finished, None)
+    tokens = make(finished, parts.start(finished))
+    _save_tokens(tokens_path, tokens)
+    # meta.json last: its presence says the tokens are complete; then the parts can go.
+    atomic_write_text(meta_path, json.dumps({"fingerprint": fingerprint, "shape": list(tokens.shape)}, indent=1))
+    parts.remove()
     return tokens
 
 
@@ -198,7 +340,7 @@ def teacher_windows(
         dtype or next(model.parameters()).dtype,
     )
 
-    def make() -> torch.Tensor:
+    def make(finished: dict[int, torch.Tensor], on_batch: OnBatch | None) -> torch.Tensor:
         starts = datamodule.document_starts(cfg.num_teacher_samples, seed)
         return sample_sequences(
             model,
@@ -211,6 +353,8 @@ def teacher_windows(
             device,
             dtype,
             progress,
+            finished,
+            on_batch,
         )
 
     tokens = cached_teacher_text(cache_root, fingerprint, make, write)

@@ -1,0 +1,66 @@
+"""bench/quality_smollm2.py's driver: side-by-side children get an equal share of the CPU threads
+(the user's own setting wins), start --stagger-s apart, and the JSON records both. Real child
+processes (each reports the thread count torch picked up); the recipe run is replaced by a child that
+writes a metrics.json, so no model is loaded."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHILD = """
+import json, os, sys, time
+import torch
+run = os.path.join(sys.argv[1], sys.argv[2])
+os.makedirs(run, exist_ok=True)
+seen = {"start": time.time(), "torch_threads": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS"),
+        "mkl": os.environ.get("MKL_NUM_THREADS")}
+json.dump(seen, open(os.path.join(run, "seen.json"), "w"))
+json.dump({"wikitext2_ppl": {"float": 10.0 + int(sys.argv[3])}}, open(os.path.join(run, "metrics.json"), "w"))
+"""
+
+
+def _driver():
+    spec = importlib.util.spec_from_file_location("quality_smollm2", ROOT / "bench" / "quality_smollm2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_children_get_a_share_of_the_threads_and_start_staggered(tmp_path, monkeypatch):
+    driver = _driver()
+    for name in driver.THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(driver.os, "cpu_count", lambda: 5)  # 5 // 3 = 1 thread each (torch's default is more)
+    runs, out = tmp_path / "runs", tmp_path / "out"
+
+    def child(args, seed, overrides):
+        return [sys.executable, "-c", CHILD, str(runs), f"{args.name}_s{seed}", str(seed)]
+
+    monkeypatch.setattr(driver, "child_command", child)
+    argv = ["quality_smollm2.py", "--recipe", "smollm2_codebook_best", "--seeds", "0,1,2", "--name", "q"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--stagger-s", "1.5", "--runs-dir", str(runs), "--out", str(out)])
+    driver.main()
+
+    seen = [json.loads((runs / f"q_s{s}" / "seen.json").read_text()) for s in range(3)]
+    assert all(s["omp"] == "1" and s["mkl"] == "1" and s["torch_threads"] == 1 for s in seen), seen
+    starts = sorted(s["start"] for s in seen)
+    assert starts[1] - starts[0] >= 1.0 and starts[2] - starts[1] >= 1.0  # 1.5 s apart, less process start-up
+    result = json.loads((out / "q.json").read_text())
+    assert result["threads_per_run"] == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    assert result["stagger_s"] == 1.5 and result["wikitext2_ppl"]["float"]["mean"] == 11.0
+    for s in ("0", "1", "2"):
+        (start,) = result["per_seed"][s]["starts"]
+        assert start["side_by_side"] == 3 and start["threads"] == result["threads_per_run"]
+
+
+def test_the_user_s_thread_setting_wins_and_one_child_gets_every_core(monkeypatch):
+    driver = _driver()
+    monkeypatch.setattr(driver.os, "cpu_count", lambda: 16)
+    assert driver.child_threads(3, {"OMP_NUM_THREADS": "2"}) == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "5"}
+    assert driver.child_threads(1, {}) == {"OMP_NUM_THREADS": "16", "MKL_NUM_THREADS": "16"}
+    assert driver.child_threads(40, {}) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
