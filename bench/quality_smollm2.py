@@ -94,6 +94,7 @@ def child_command(args, seed: int, overrides: list[str]) -> list[str]:
         "lit_cb.cli",
         "run",
         str(ROOT / "recipes" / f"{args.recipe}.py"),
+        *(["--config", str(ROOT / "configs" / f"{args.config}.yaml")] if args.config else []),
         f"seed={seed}",
         f"data.seed={seed}",
         f"run_name={args.name}_s{seed}",
@@ -201,6 +202,7 @@ def collect(args, overrides: list[str]) -> dict:
         "date": _now(),
         "command": "python " + shlex.join(sys.argv),
         "recipe": args.recipe,
+        "config": args.config,
         "overrides": overrides,
         "seeds": args.seeds,
         "threads_per_run": args.threads_per_run,
@@ -213,6 +215,7 @@ def collect(args, overrides: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", required=True, help="a recipe name under recipes/, e.g. smollm2_codebook_best")
+    ap.add_argument("--config", help="a config name under configs/ instead of the recipe's default, e.g. smollm2_aqlm_full")
     ap.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--name", help="result name (default: quality_<recipe>)")
     ap.add_argument("--budget-s", type=float, default=540.0, help="stop runs still going after this many seconds")
@@ -227,6 +230,8 @@ def main() -> None:
     args = ap.parse_args()
     if not (ROOT / "recipes" / f"{args.recipe}.py").is_file():
         ap.error(f"--recipe {args.recipe!r}: no recipes/{args.recipe}.py")
+    if args.config and not (ROOT / "configs" / f"{args.config}.yaml").is_file():
+        ap.error(f"--config {args.config!r}: no configs/{args.config}.yaml")
     if not args.stagger_s >= 0:
         ap.error(f"--stagger-s {args.stagger_s}: must be >= 0")
     args.name = args.name or f"quality_{args.recipe}"
