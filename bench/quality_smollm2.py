@@ -215,7 +215,7 @@ def collect(args, overrides: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", required=True, help="a recipe name under recipes/, e.g. smollm2_codebook_best")
-    ap.add_argument("--config", help="a config name under configs/ instead of the recipe's default, e.g. smollm2_aqlm_full")
+    ap.add_argument("--config", help="a config under configs/ instead of the recipe's default (smollm2_aqlm_full)")
     ap.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--name", help="result name (default: quality_<recipe>)")
     ap.add_argument("--budget-s", type=float, default=540.0, help="stop runs still going after this many seconds")
