@@ -125,7 +125,13 @@ def run_seeds(args, overrides: list[str]) -> dict[int, int | None]:
         print("start:", shlex.join(cmd), flush=True)
         log = open(logs / f"{name}.log", "a")  # noqa: SIM115 (kept open for the child's lifetime)
         procs[seed] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-        start = {"date": _now(), "side_by_side": len(pending), "threads": threads, "stagger_s": args.stagger_s}
+        start = {
+            "date": _now(),
+            "unix_time": time.time(),
+            "side_by_side": len(pending),
+            "threads": threads,
+            "stagger_s": args.stagger_s,
+        }
         with open(logs / f"{name}.starts.jsonl", "a") as f:  # each start of this seed's run (resumes too)
             f.write(json.dumps(start) + "\n")
     while procs and time.monotonic() < deadline and any(p.poll() is None for p in procs.values()):
