@@ -656,22 +656,7 @@ def codebook_lut_gemv(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    block_n = 256
-    _splitk_reduce_kernel[(triton.cdiv(num_out, block_n), tokens)](
-        part,
-        scales.reshape(-1).contiguous(),
-        bias if bias is not None else scales,
-        out,
-        num_out,
-        k_tiles,
-        part.stride(0),
-        part.stride(1),
-        out.stride(0),
-        HAS_BIAS=bias is not None,
-        BLOCK_N=block_n,
-        BLOCK_S=min(64, triton.next_power_of_2(k_tiles)),
-        num_warps=4,
-    )
+    _reduce_parts(part, scales, bias, out)
     return out
 
 
