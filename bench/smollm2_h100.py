@@ -65,7 +65,6 @@ RUNS: dict[str, tuple[str, str, list[str]]] = {
             "recovery.codebook_lr=5.0e-5",
             "recovery.code_update_every=10",
             "recovery.code_update_fraction=0.01",
-            "recovery.code_update_step=0.5",
             "eval.float_model=false",
         ],
     ),

@@ -220,23 +220,32 @@ class RecoveryModule(L.LightningModule):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        ids = batch["input_ids"]
+    def loss_terms(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The training loss of a batch of token ids and its parts (``loss``, ``ce``, ``kl`` when
+        distilling): one definition for the training step and for the code-update guard
+        (:class:`~lit_cb.code_update_callback.CodeUpdateCallback`), which compares it before and
+        after re-assigning codes."""
         logits = self(ids)
         if self.config.distill_alpha == 1.0:  # pure KL: cross-entropy only for the log, without a graph
             ce = next_token_cross_entropy(logits, ids)
         else:
             ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-        loss = ce
+        terms = {"loss": ce, "ce": ce}
         if self.config.distill_alpha > 0:
             with torch.no_grad():
                 teacher_logits = self._teacher[0](input_ids=ids, use_cache=False).logits
             kl = _kl_to_teacher(logits, teacher_logits, self.config.distill_temperature)
-            loss = (1 - self.config.distill_alpha) * ce + self.config.distill_alpha * kl
-            self.log("train_kl", kl, prog_bar=True)
-        self.log("train_ce", ce, prog_bar=True)
-        self.log("train_loss", loss)
-        return loss
+            terms["kl"] = kl
+            terms["loss"] = (1 - self.config.distill_alpha) * ce + self.config.distill_alpha * kl
+        return terms
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        terms = self.loss_terms(batch["input_ids"])
+        if "kl" in terms:
+            self.log("train_kl", terms["kl"], prog_bar=True)
+        self.log("train_ce", terms["ce"], prog_bar=True)
+        self.log("train_loss", terms["loss"])
+        return terms["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         ids = batch["input_ids"]

@@ -226,7 +226,7 @@ print(json.dumps({{"names": names, "rcs": rcs,
         (
             "recovery.max_stepz=3",
             "unknown config key(s) ['recovery.max_stepz']; allowed in recovery: "
-            "['code_update_every', 'code_update_fraction'",
+            "['code_update_backtracks', 'code_update_every'",
         ),
         ("trainer.precision=fp8", "trainer.precision='fp8' must be one of the allowed values ['32-true'"),
         ("trainer.loggers=[csv, wandb]", "trainer.loggers=['csv', 'wandb'] must be a list of the allowed values"),

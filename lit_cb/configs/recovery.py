@@ -44,10 +44,12 @@ class RecoveryConfig:
     """Re-assign codes (PV-tuning's linearized V-step) every this many optimizer steps (>= 0; 0: off)."""
     code_update_fraction: float = 0.01
     """Share of each compressed linear's groups re-assigned per code update (most moved first), in (0, 1]."""
-    code_update_step: float = 0.5
+    code_update_step: float = 0.1
     """Code-update step: the selected groups' targets move by this times the weight's RMS (> 0, scale-free)."""
     code_update_sweeps: int = 2
     """Coordinate-descent sweeps over the codebooks per code update (>= 1; one is exact for one codebook)."""
+    code_update_backtracks: int = 3
+    """A code update is kept only if it lowers the step's batch loss, else retried at half the step this many times."""
     val_every_n_steps: int = 0
     """Held-out C4 perplexity every N optimizer steps, into recovery_curve.json/png (>= 0; 0: only at the end)."""
     early_stop_patience: int = 0
@@ -75,6 +77,8 @@ class RecoveryConfig:
             raise ValueError(f"recovery.code_update_fraction={self.code_update_fraction} must lie in (0, 1]")
         if not self.code_update_step > 0 or self.code_update_step == float("inf"):
             raise ValueError(f"recovery.code_update_step={self.code_update_step} must be a finite number > 0")
+        if self.code_update_backtracks < 0:
+            raise ValueError(f"recovery.code_update_backtracks={self.code_update_backtracks} must be an integer >= 0")
         if self.code_update_sweeps < 1:
             raise ValueError(f"recovery.code_update_sweeps={self.code_update_sweeps} must be an integer >= 1")
         for name in ("val_every_n_steps", "early_stop_patience", "test_probe_every_n_steps"):
