@@ -448,24 +448,26 @@ def uninterrupted(tmp_path_factory, tiny_tokenizer):
 def test_recovery_with_code_updates_resumed_after_a_crash_equals_an_uninterrupted_run(
     uninterrupted, tmp_path, monkeypatch
 ):
-    """A crash inside 0-based step 5, a code-update step, after its forward and backward hooks
-    have collected half of its statistics; the crash checkpoint holds the state after step 4.
-    The resumed run redoes step 5's code update from the checkpointed running x² sums, and its
-    codes and every other tensor are bit-identical to 8 uninterrupted steps (LoRA on the
-    compressed linears with dropout, codebooks trained). The same state is what the periodic
-    checkpoints carry (test_trust covers resuming from those)."""
+    """A crash inside a code-update step whose update the uninterrupted run kept, after its forward
+    and backward hooks have collected part of its statistics; the crash checkpoint holds the state
+    after the step before. The resumed run redoes that step's guarded code update from the
+    checkpointed running x² sums, and its codes and every other tensor are bit-identical to 8
+    uninterrupted steps (LoRA on the compressed linears with dropout, codebooks trained). The same
+    state is what the periodic checkpoints carry (test_trust covers resuming from those)."""
     import lit_cb.recovery
 
     model_dir, reference, logged = uninterrupted
     # Codes changed only at update steps (0-based 1, 3, 5, 7; the guard drops those that do not lower
-    # the batch loss), and at step 5, the one the crash interrupts.
+    # the batch loss); the crash interrupts the last kept one after step 2.
     kept = [s for s, v in logged.items() if v > 0]
-    assert sorted(logged) == list(range(8)) and 5 in kept and set(kept) <= {1, 3, 5, 7}, logged
+    assert sorted(logged) == list(range(8)) and set(kept) <= {1, 3, 5, 7}, logged
+    crash_step = max((s for s in kept if s >= 3), default=None)
+    assert crash_step is not None, f"no code update kept after step 2: {logged}"
     original = lit_cb.recovery.RecoveryModule.training_step
 
     def crashing_step(self, batch, batch_idx):
         loss = original(self, batch, batch_idx)
-        if self.trainer.global_step == 5:
+        if self.trainer.global_step == crash_step:
             raise _Crash("simulated crash")
         return loss
 
@@ -474,7 +476,7 @@ def test_recovery_with_code_updates_resumed_after_a_crash_equals_an_uninterrupte
     with pytest.raises(_Crash):
         run(cfg)
     ckpt = torch.load(cfg.run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 5
+    assert ckpt["global_step"] == crash_step
     assert ckpt["callbacks"]["CodeUpdateCallback"]["tokens"], "the running x² sums are checkpointed"
     monkeypatch.undo()
     metrics = run(cfg)

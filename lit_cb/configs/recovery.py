@@ -44,7 +44,7 @@ class RecoveryConfig:
     """Re-assign codes (PV-tuning's linearized V-step) every this many optimizer steps (>= 0; 0: off)."""
     code_update_fraction: float = 0.01
     """Share of each compressed linear's groups re-assigned per code update (most moved first), in (0, 1]."""
-    code_update_step: float = 0.1
+    code_update_step: float = 0.5
     """Code-update step: the selected groups' targets move by this times the weight's RMS (> 0, scale-free)."""
     code_update_sweeps: int = 2
     """Coordinate-descent sweeps over the codebooks per code update (>= 1; one is exact for one codebook)."""
