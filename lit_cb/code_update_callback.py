@@ -215,6 +215,8 @@ class CodeUpdateCallback(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, statistics: dict
     ) -> tuple[CodeUpdateStats, float]:
         """Try the V-step at ``step``, ``step/2``, ...; keep the first that lowers the batch loss."""
+        if not self._batches:  # no micro-batch of this step was seen: nothing to check against
+            return CodeUpdateStats(), 0.0
         before = self._batch_loss(trainer, pl_module)
         self.last_losses = (before, before)
         for step in self._steps():
