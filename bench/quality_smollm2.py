@@ -30,6 +30,16 @@ threads fighting over 16 cores, with the decode loop's per-token host syncs (tor
 input checks, since removed from lit_cb.generate._pick) waiting behind them. ``--stagger-s N`` starts
 the children N seconds apart, so their CPU-heavy set-up (model load, calibration data, CUDA graph
 capture) does not coincide; the stagger counts against ``--budget-s``.
+
+Teacher text (``--share-teacher``, on by default; ``--no-share-teacher`` turns it off): generating it
+is the most expensive part of a run with 2M teacher tokens (640-730 tokens/s per process with 3 runs
+and 3 other processes sharing one H200), and every seed used to generate its own. With the flag each
+seed's run gets ``data.teacher_seed=0 data.teacher_cache_dir=<runs-dir>/teacher_text`` (before the
+command's own overrides, which win): the first run to get there generates it under a file lock, the
+others wait and load it (lit_cb/data/teacher_text.py). The seeds then still differ in calibration,
+compression and data order (``seed``, ``data.seed``), but share one teacher sample, so the spread
+over seeds no longer includes the teacher sample's. The JSON records ``share_teacher`` and the
+overrides it added.
 """
 
 from __future__ import annotations
@@ -86,6 +96,13 @@ def _pending(args) -> list[int]:
     return [s for s in args.seeds if not (Path(args.runs_dir) / f"{args.name}_s{s}" / "metrics.json").is_file()]
 
 
+def teacher_overrides(args) -> list[str]:
+    """The overrides ``--share-teacher`` gives every seed's run (none without it)."""
+    if not args.share_teacher:
+        return []
+    return ["data.teacher_seed=0", f"data.teacher_cache_dir={Path(args.runs_dir) / 'teacher_text'}"]
+
+
 def child_command(args, seed: int, overrides: list[str]) -> list[str]:
     """The recipe run of one seed."""
     return [
@@ -99,6 +116,7 @@ def child_command(args, seed: int, overrides: list[str]) -> list[str]:
         f"data.seed={seed}",
         f"run_name={args.name}_s{seed}",
         f"output_dir={args.runs_dir}",
+        *teacher_overrides(args),
         *overrides,
     ]
 
@@ -213,6 +231,8 @@ def collect(args, overrides: list[str]) -> dict:
         "seeds": args.seeds,
         "threads_per_run": args.threads_per_run,
         "stagger_s": args.stagger_s,
+        "share_teacher": args.share_teacher,
+        "teacher_overrides": teacher_overrides(args),
         "wikitext2_ppl": summary,
         "per_seed": per_seed,
     }
@@ -230,6 +250,12 @@ def main() -> None:
         "--stagger-s", type=float, default=0.0, help="start the runs this many seconds apart (default 0: all at once)"
     )
     ap.add_argument("--runs-dir", default="/tmp/lit_cb_quality")
+    ap.add_argument(
+        "--share-teacher",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="every seed shares one teacher sample: data.teacher_seed=0, cache in <runs-dir>/teacher_text (default)",
+    )
     ap.add_argument("--out", required=True)
     ap.add_argument("--collect", action="store_true", help="only collect finished runs")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides for every seed")

@@ -28,10 +28,15 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 # Config keys that may change between a run and its resume: where it lives, what is only
 # reported, and how long recovery trains (a longer max_steps extends training; note that the
 # cosine schedule is laid over max_steps, so the extended run is not the same as one planned
-# that long from the start).
+# that long from the start). data.teacher_cache_dir is only where the shared teacher text lives,
+# like output_dir: the tokens are fixed by the teacher settings (data.teacher_seed and the others
+# are compared), each cache folder carries their fingerprint and is checked on load, and the run
+# records the sha256 of the tokens it trains on (<run>/teacher_text.json), so a resume with the
+# cache moved elsewhere trains on the same tokens or refuses (lit_cb.data.teacher_text).
 RESUMABLE_KEYS: tuple[str, ...] = (
     "run_name",
     "output_dir",
+    "data.teacher_cache_dir",
     "resume",
     "overwrite",
     "eval.",

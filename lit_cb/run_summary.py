@@ -73,6 +73,7 @@ def output_paths(run_dir: Path) -> dict[str, str]:
         "recovery curve": run_dir / "recovery_curve.json",
         "recovery curve plot": run_dir / "recovery_curve.png",
         "teacher text": run_dir / "teacher_text",
+        "teacher text record": run_dir / "teacher_text.json",
         "checkpoint": run_dir / "checkpoints" / "last.ckpt",
         "compressed blocks": run_dir / "blocks",
     }

@@ -54,6 +54,8 @@ def test_children_get_a_share_of_the_threads_and_start_staggered(tmp_path, monke
     assert starts[1] - starts[0] >= 1.5 and starts[2] - starts[1] >= 1.5
     assert result["threads_per_run"] == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     assert result["stagger_s"] == 1.5 and result["wikitext2_ppl"]["float"]["mean"] == 11.0
+    shared = ["data.teacher_seed=0", f"data.teacher_cache_dir={runs / 'teacher_text'}"]
+    assert result["share_teacher"] is True and result["teacher_overrides"] == shared
     for s in ("0", "1", "2"):
         (start,) = result["per_seed"][s]["starts"]
         assert start["side_by_side"] == 3 and start["threads"] == result["threads_per_run"]
@@ -65,3 +67,18 @@ def test_the_user_s_thread_setting_wins_and_one_child_gets_every_core(monkeypatc
     assert driver.child_threads(3, {"OMP_NUM_THREADS": "2"}) == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "5"}
     assert driver.child_threads(1, {}) == {"OMP_NUM_THREADS": "16", "MKL_NUM_THREADS": "16"}
     assert driver.child_threads(40, {}) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def test_share_teacher_gives_every_seed_one_teacher_sample_unless_turned_off(tmp_path):
+    driver = _driver()
+    runs = tmp_path / "runs"
+    commands = {}
+    for share in (True, False):
+        args = driver.argparse.Namespace(share_teacher=share, runs_dir=str(runs), recipe="r", config=None, name="q")
+        commands[share] = [driver.child_command(args, s, ["data.teacher_seed=4"]) for s in (0, 1)]
+    cache = f"data.teacher_cache_dir={runs / 'teacher_text'}"
+    for seed, cmd in enumerate(commands[True]):
+        assert f"data.seed={seed}" in cmd and cache in cmd
+        # The shared settings come before the command's own overrides, which win.
+        assert cmd.index("data.teacher_seed=0") < cmd.index("data.teacher_seed=4")
+    assert not any("teacher_cache_dir" in x or x == "data.teacher_seed=0" for c in commands[False] for x in c)

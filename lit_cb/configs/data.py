@@ -57,6 +57,10 @@ class DataConfig:
     """Nucleus (top-p) cut of the teacher text sampling, in (0, 1] (1: the full distribution)."""
     teacher_batch_size: int = 64
     """Sequences generated per batch (>= 1; part of the teacher-text cache's fingerprint)."""
+    teacher_seed: int | None = None
+    """Seed of the teacher text alone, prompts from all documents (>= 0; null: from data.seed, as before)."""
+    teacher_cache_dir: str | None = None
+    """Shared teacher-text cache, one subfolder per setting (null: <run>/teacher_text, per run)."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -94,6 +98,14 @@ class DataConfig:
             raise ValueError(f"data.teacher_temperature={self.teacher_temperature!r} must be > 0")
         if not 0.0 < self.teacher_top_p <= 1.0:
             raise ValueError(f"data.teacher_top_p={self.teacher_top_p!r} must lie in (0, 1]")
+        seed = self.teacher_seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"data.teacher_seed={seed!r} must be an integer >= 0 or null (null: from data.seed)")
+        where = self.teacher_cache_dir
+        if where is not None and (not isinstance(where, str) or not where.strip()):
+            raise ValueError(
+                f"data.teacher_cache_dir={where!r} must be a non-empty folder path or null (null: <run>/teacher_text)"
+            )
         seqlen = self.teacher_seqlen
         if seqlen is not None and (isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 1):
             raise ValueError(f"data.teacher_seqlen={seqlen!r} must be a positive integer or null (finetune_seqlen)")

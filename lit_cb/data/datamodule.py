@@ -206,10 +206,15 @@ class CompressionDataModule(L.LightningDataModule):
         n_val = max(1, int(len(docs) * cfg.val_fraction_docs))
         return [docs[i] for i in order[n_val:]], [docs[i] for i in order[:n_val]]
 
-    def document_starts(self, num: int, seed: int) -> torch.Tensor:
-        """``[num]`` first tokens of seeded random fine-tuning documents (never validation ones):
-        the prompts of the teacher text (:mod:`lit_cb.data.teacher_text`)."""
-        starts = [ids[0] for ids in self._finetune_docs()[0] if ids]
+    def document_starts(self, num: int, seed: int, pool: str = "train") -> torch.Tensor:
+        """``[num]`` first tokens of seeded random fine-tuning documents: the prompts of the teacher
+        text (:mod:`lit_cb.data.teacher_text`). ``pool="train"``: never validation ones (the split
+        depends on ``data.seed``); ``"all"``: any fine-tuning document, the same for every data seed
+        (``data.teacher_seed``: a teacher sample shared by runs of other data seeds)."""
+        if pool not in ("train", "all"):
+            raise ValueError(f"document_starts: pool={pool!r}; allowed: ['train', 'all']")
+        docs = self._finetune_docs()[0] if pool == "train" else self._tokenized_docs(self.config.finetune_source)
+        starts = [ids[0] for ids in docs if ids]
         gen = torch.Generator().manual_seed(seed)
         return torch.tensor(starts, dtype=torch.long)[torch.randint(0, len(starts), (num,), generator=gen)]
 

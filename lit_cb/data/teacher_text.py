@@ -25,11 +25,36 @@ batches and generates only the others. Batch ``i`` draws from its own generator 
 ``seed * 1_000_003 + i`` (nothing carries from one batch to the next), so the resumed tokens are
 exactly those of an uninterrupted run. When every batch is done the final ``tokens.safetensors`` and
 ``meta.json`` are written as before, and only then are the parts and ``progress.json`` removed.
+
+Seeds: by default (``data.teacher_seed: null``) the sampling seed is ``data.seed + 5`` and the first
+tokens come from the training documents of ``data.seed``'s split, as before. ``data.teacher_seed: S``
+seeds the teacher text alone with ``S`` and draws the first tokens from all fine-tuning documents, so
+runs of other data seeds (calibration, compression, data order) can share one teacher sample. The
+price: a prompt may be the first token of a document that a run holds out for validation; only that
+one token, which the teacher then continues with its own text (no validation text is seen).
+
+Sharing: ``data.teacher_cache_dir: DIR`` keeps the cache in ``DIR/<16 hex digits of the sha256 of the
+fingerprint>/`` instead of the run folder, so runs with the same settings reuse one generation and
+other settings never collide. The fingerprint then also holds the sha256 of the first tokens (the
+fine-tuning source, the tokenizer and the document split that the run fingerprint covers for a
+per-run cache). Generation holds an exclusive ``fcntl.flock`` on ``DIR/<hash>/lock`` from the first
+look to the final write: of two processes asking at once, one generates (batch by batch, resumable,
+as above), the other waits and then loads the finished cache. The kernel releases the lock when its
+holder dies, so a killed run leaves no stale lock, only its finished parts. Under DDP rank 0 writes as
+before; the other ranks read under a shared lock (so they wait for rank 0's generation under way and
+load its tokens) and, when nothing is finished yet, generate without writing, as with a per-run cache.
+The run records which tokens it trains on in ``<run>/teacher_text.json`` (the folder and their
+sha256); a resumed run whose shared cache now holds other tokens (removed and generated again: GPU
+sampling is not bit-reproducible) refuses rather than train its checkpoint on other text. flock works
+on local file systems; on NFS it depends on the server's lock support.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
+import hashlib
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -37,13 +62,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lit_cb.integrity import atomic_write_text
+from lit_cb.integrity import atomic_write_text, tensor_sha256
 
 CACHE_DIR = "teacher_text"
 TOKENS_FILE = "tokens.safetensors"
 META_FILE = "meta.json"
 PROGRESS_FILE = "progress.json"
 PART_FILE = "part_{:05d}.safetensors"
+LOCK_FILE = "lock"
+RECORD_FILE = "teacher_text.json"
 
 OnBatch = Callable[[int, torch.Tensor], None]
 """Called with ``(batch index, [rows, seqlen] CPU token ids)`` after each generated batch."""
@@ -192,14 +219,13 @@ def _read_meta(path: Path) -> dict:
         ) from err
 
 
-def _check_fingerprint(stored: dict, fingerprint: dict, folder: Path) -> None:
+def _check_fingerprint(stored: dict, fingerprint: dict, folder: Path, hint: str) -> None:
     if stored != fingerprint:
         changed = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k))
         lines = [f"{k}: {stored.get(k, '<absent>')!r} -> {fingerprint.get(k, '<absent>')!r}" for k in changed]
         raise ValueError(
             f"the teacher text cached in {folder} was made with other settings ({'; '.join(lines)}). It is not "
-            "reused and not overwritten: move that folder away to generate it again, or choose another run_name "
-            "or output_dir"
+            f"reused and not overwritten: move that folder away to generate it again, {hint}"
         )
 
 
@@ -226,8 +252,8 @@ class _Parts:
     """The finished batches of an unfinished generation: ``part_XXXXX.safetensors`` files and
     ``progress.json`` (the fingerprint and the finished indices; rewritten after each part)."""
 
-    def __init__(self, folder: Path, fingerprint: dict) -> None:
-        self.folder, self.fingerprint = folder, fingerprint
+    def __init__(self, folder: Path, fingerprint: dict, hint: str) -> None:
+        self.folder, self.fingerprint, self.hint = folder, fingerprint, hint
         self.path = folder / PROGRESS_FILE
         n, bs = fingerprint["num_samples"], fingerprint["batch_size"]
         self.rows = [min(bs, n - start) for start in range(0, n, bs)]
@@ -237,7 +263,7 @@ class _Parts:
         if not self.path.is_file():
             return {}
         progress = _read_meta(self.path)
-        _check_fingerprint(progress.get("fingerprint", {}), self.fingerprint, self.folder)
+        _check_fingerprint(progress.get("fingerprint", {}), self.fingerprint, self.folder, self.hint)
         done = {}
         for i in progress.get("finished", []):
             if not isinstance(i, int) or not 0 <= i < len(self.rows):
@@ -272,11 +298,46 @@ class _Parts:
         self.path.unlink(missing_ok=True)
 
 
+def shared_cache_folder(cache_dir: Path | str, fingerprint: dict) -> Path:
+    """The folder of ``fingerprint`` in a shared cache: ``cache_dir/<16 hex digits of its sha256>``."""
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+    return Path(cache_dir).expanduser() / digest[:16]
+
+
+@contextlib.contextmanager
+def _locked(folder: Path, mode: int):
+    """Hold ``fcntl.flock(mode)`` on ``folder/lock`` (the kernel drops it when the process dies)."""
+    with open(folder / LOCK_FILE, "a+b") as f:
+        fcntl.flock(f.fileno(), mode)  # waits while another process holds it
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _read_cache(folder: Path, fingerprint: dict, parts: _Parts, clean: bool, hint: str):
+    """The finished tokens (a tensor), else the finished batches of an unfinished generation (a dict)."""
+    meta_path = folder / META_FILE
+    if meta_path.is_file():
+        _check_fingerprint(_read_meta(meta_path).get("fingerprint", {}), fingerprint, folder, hint)
+        tokens = _load_tokens(folder / TOKENS_FILE, folder, [fingerprint["num_samples"], fingerprint["seqlen"]])
+        if clean:
+            parts.remove()  # left by a call stopped between the final write and the clean-up
+        return tokens
+    if not parts.path.is_file() and folder.exists() and any(p.name != LOCK_FILE for p in folder.iterdir()):
+        raise ValueError(
+            f"{folder} holds files but no {META_FILE} or {PROGRESS_FILE} (not lit_cb's, or an interrupted write): "
+            "move it away to generate the teacher text again"
+        )
+    return parts.read()  # also refuses an unfinished generation from other settings
+
+
 def cached_teacher_text(
     cache_root: Path | str | None,
     fingerprint: dict,
     make: Callable[[dict[int, torch.Tensor], OnBatch | None], torch.Tensor],
     write: bool = True,
+    shared: bool = False,
 ) -> torch.Tensor:
     """The teacher sequences for ``fingerprint``: read from ``cache_root/teacher_text`` when a cache
     with the same fingerprint is there, else made by ``make(finished, on_batch)`` and stored there
@@ -284,32 +345,48 @@ def cached_teacher_text(
     ``make`` must use them and call ``on_batch(i, rows)`` for each batch it makes (``on_batch`` is
     None when nothing is written), so the next call resumes after the last finished batch.
 
+    ``shared``: ``cache_root`` is a cache shared by runs (``data.teacher_cache_dir``); the folder is
+    :func:`shared_cache_folder` (one per fingerprint), and a writing call holds an exclusive
+    ``flock`` on its ``lock`` file from the first look to the final write, so processes asking for
+    the same text at once generate it once: the others wait, then load it. A call that does not
+    write (a DDP rank other than 0) reads under a shared lock (so it waits for a generation under
+    way and then loads its result) and, when nothing is finished, generates the rest itself without
+    the lock, as in a per-run cache.
+
     A cache or unfinished generation from other settings or another model is refused (the error
     lists what differs) rather than reused or overwritten; so is a folder holding tokens without
     ``meta.json`` or ``progress.json`` (files lit_cb did not write)."""
     if cache_root is None:
         return make({}, None)
-    folder = Path(cache_root) / CACHE_DIR
-    meta_path, tokens_path = folder / META_FILE, folder / TOKENS_FILE
-    parts = _Parts(folder, fingerprint)
-    if meta_path.is_file():
-        _check_fingerprint(_read_meta(meta_path).get("fingerprint", {}), fingerprint, folder)
-        tokens = _load_tokens(tokens_path, folder, [fingerprint["num_samples"], fingerprint["seqlen"]])
-        if write:
-            parts.remove()  # left by a call stopped between the final write and the clean-up
-        return tokens
-    if not parts.path.is_file() and folder.exists() and any(folder.iterdir()):
-        raise ValueError(
-            f"{folder} holds files but no {META_FILE} or {PROGRESS_FILE} (not lit_cb's, or an interrupted write): "
-            "move it away to generate the teacher text again"
-        )
-    finished = parts.read()  # also refuses an unfinished generation from other settings
+    if shared:
+        folder, hint = shared_cache_folder(cache_root, fingerprint), "or choose another data.teacher_cache_dir"
+    else:
+        folder, hint = Path(cache_root) / CACHE_DIR, "or choose another run_name or output_dir"
+    parts = _Parts(folder, fingerprint, hint)
     if not write:
-        return make(finished, None)
-    tokens = make(finished, parts.start(finished))
-    _save_tokens(tokens_path, tokens)
+        if shared and folder.is_dir():
+            with _locked(folder, fcntl.LOCK_SH):
+                found = _read_cache(folder, fingerprint, parts, False, hint)
+        else:
+            found = _read_cache(folder, fingerprint, parts, False, hint)
+        return found if isinstance(found, torch.Tensor) else make(found, None)
+    if not shared:
+        return _fill(folder, fingerprint, parts, make, hint)
+    folder.mkdir(parents=True, exist_ok=True)
+    with _locked(folder, fcntl.LOCK_EX):
+        return _fill(folder, fingerprint, parts, make, hint)
+
+
+def _fill(folder: Path, fingerprint: dict, parts: _Parts, make, hint: str) -> torch.Tensor:
+    """Load the finished cache, or generate what is missing and write it (batch by batch, then the final files)."""
+    found = _read_cache(folder, fingerprint, parts, True, hint)
+    if isinstance(found, torch.Tensor):
+        return found
+    tokens = make(found, parts.start(found))
+    _save_tokens(folder / TOKENS_FILE, tokens)
     # meta.json last: its presence says the tokens are complete; then the parts can go.
-    atomic_write_text(meta_path, json.dumps({"fingerprint": fingerprint, "shape": list(tokens.shape)}, indent=1))
+    text = json.dumps({"fingerprint": fingerprint, "shape": list(tokens.shape)}, indent=1)
+    atomic_write_text(folder / META_FILE, text)
     parts.remove()
     return tokens
 
@@ -325,10 +402,14 @@ def teacher_windows(
     progress: bool = True,
 ) -> torch.Tensor:
     """The run's teacher text as fine-tuning windows ``[n * teacher_seqlen / finetune_seqlen,
-    finetune_seqlen]``, from the cache in ``cache_root`` or generated (see the module docstring)."""
+    finetune_seqlen]``, from the cache or generated (see the module docstring). ``cache_root`` is
+    the run folder: the per-run cache's home, and with ``data.teacher_cache_dir`` the place of
+    ``teacher_text.json`` (which shared tokens the run trains on; a resume refuses others)."""
     cfg = datamodule.config
     seqlen = cfg.teacher_sequence_length
-    seed = cfg.seed + 5
+    own = cfg.teacher_seed is not None
+    seed = cfg.teacher_seed if own else cfg.seed + 5
+    pool = "all" if own else "train"
     fingerprint = teacher_fingerprint(
         model_identity,
         cfg.num_teacher_samples,
@@ -339,12 +420,21 @@ def teacher_windows(
         seed,
         dtype or next(model.parameters()).dtype,
     )
+    shared = cfg.teacher_cache_dir is not None
+    if own:
+        fingerprint["first_token"] = "document-starts-all"
+    starts = None
+    if shared:
+        # What the run fingerprint covers for a per-run cache (the fine-tuning source, the tokenizer,
+        # the document split of data.seed) the shared folder's fingerprint must hold itself: the prompts.
+        starts = datamodule.document_starts(cfg.num_teacher_samples, seed, pool)
+        fingerprint["first_tokens_sha256"] = tensor_sha256(starts)
 
     def make(finished: dict[int, torch.Tensor], on_batch: OnBatch | None) -> torch.Tensor:
-        starts = datamodule.document_starts(cfg.num_teacher_samples, seed)
+        prompts = starts if starts is not None else datamodule.document_starts(cfg.num_teacher_samples, seed, pool)
         return sample_sequences(
             model,
-            starts,
+            prompts,
             seqlen,
             cfg.teacher_temperature,
             cfg.teacher_top_p,
@@ -357,5 +447,41 @@ def teacher_windows(
             on_batch,
         )
 
-    tokens = cached_teacher_text(cache_root, fingerprint, make, write)
+    if not shared:
+        tokens = cached_teacher_text(cache_root, fingerprint, make, write)
+    else:
+        tokens = cached_teacher_text(cfg.teacher_cache_dir, fingerprint, make, write, shared=True)
+    if cache_root is not None and write:
+        # Rank 0 only: another DDP rank that found nothing finished sampled its own copy (on a GPU not
+        # bit-identical to rank 0's, as with a per-run cache), which is no resume on other text.
+        where = shared_cache_folder(cfg.teacher_cache_dir, fingerprint) if shared else Path(cache_root) / CACHE_DIR
+        _check_same_tokens(Path(cache_root), where, fingerprint, tokens, shared)
     return tokens.reshape(-1, cfg.finetune_seqlen)
+
+
+def _check_same_tokens(run_dir: Path, folder: Path, fingerprint: dict, tokens: torch.Tensor, write: bool) -> None:
+    """A run with a shared cache records the tokens it trains on in ``<run>/teacher_text.json`` (the
+    folder and the sha256; ``write``). A resumed run that would now train on other tokens refuses,
+    since its checkpoint was trained on the first ones: the shared cache was removed and generated
+    again (GPU sampling is not bit-reproducible), or the run switched between a per-run cache
+    (``<run>/teacher_text``) and a shared one. Nothing is recorded or checked for a run that only
+    ever used its own cache (as before)."""
+    sha = tensor_sha256(tokens)
+    path, own = run_dir / RECORD_FILE, run_dir / CACHE_DIR
+    before = None
+    if path.is_file():
+        before = _read_meta(path)
+    elif folder != own and (own / META_FILE).is_file():  # an earlier start used the per-run cache
+        stored = _load_tokens(own / TOKENS_FILE, own, list(tokens.shape))
+        before = {"folder": str(own), "tokens_sha256": tensor_sha256(stored)}
+    if before is not None and before.get("tokens_sha256") != sha:
+        raise ValueError(
+            f"the teacher text in {folder} (sha256 {sha[:12]}) is not the one this run started with "
+            f"(in {before.get('folder')}, sha256 {str(before.get('tokens_sha256'))[:12]}): the cache was replaced "
+            "or generated again, or data.teacher_cache_dir switched between null and a folder. Resuming would "
+            "train the checkpoint on other text: put the original back, or start the run fresh (overwrite=true)"
+        )
+    record = {"folder": str(folder), "fingerprint": fingerprint, "tokens_sha256": sha}
+    if write and (before is None or before != record):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(record, indent=1))
