@@ -122,22 +122,37 @@ def child_command(args, seed: int, overrides: list[str]) -> list[str]:
 
 
 def run_seeds(args, overrides: list[str]) -> dict[int, int | None]:
-    """Start one run per unfinished seed (``--stagger-s`` apart), wait up to the budget, SIGINT what is
-    still running."""
+    """Start one run per unfinished seed (``--stagger-s`` apart; with ``--one-at-a-time`` each after
+    the one before has ended), wait up to the budget, SIGINT what is still running."""
     procs: dict[int, subprocess.Popen] = {}
     logs = Path(args.out) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     pending = _pending(args)
-    threads = child_threads(len(pending))
+    together = 1 if args.one_at_a_time else len(pending)
+    threads = child_threads(together)
     env = {**os.environ, **threads}
-    print(f"{len(pending)} runs, threads each: " + ", ".join(f"{k}={v}" for k, v in threads.items()), flush=True)
+    print(
+        f"{len(pending)} runs, {together} at a time, threads each: "
+        + ", ".join(f"{k}={v}" for k, v in threads.items()),
+        flush=True,
+    )
     deadline = time.monotonic() + args.budget_s
+
+    def wait_all() -> None:
+        while procs and time.monotonic() < deadline and any(p.poll() is None for p in procs.values()):
+            time.sleep(2)
+
     for seed in args.seeds:
         name = f"{args.name}_s{seed}"
         if seed not in pending:
             print(f"{name}: finished earlier", flush=True)
             continue
-        if procs and args.stagger_s > 0:
+        if args.one_at_a_time:
+            wait_all()
+            if time.monotonic() >= deadline:
+                print(f"{name}: not started, the budget is spent", flush=True)
+                break
+        elif procs and args.stagger_s > 0:
             time.sleep(min(args.stagger_s, max(0.0, deadline - time.monotonic())))
         cmd = child_command(args, seed, overrides)
         print("start:", shlex.join(cmd), flush=True)
@@ -146,14 +161,13 @@ def run_seeds(args, overrides: list[str]) -> dict[int, int | None]:
         start = {
             "date": _now(),
             "unix_time": time.time(),
-            "side_by_side": len(pending),
+            "side_by_side": together,
             "threads": threads,
             "stagger_s": args.stagger_s,
         }
         with open(logs / f"{name}.starts.jsonl", "a") as f:  # each start of this seed's run (resumes too)
             f.write(json.dumps(start) + "\n")
-    while procs and time.monotonic() < deadline and any(p.poll() is None for p in procs.values()):
-        time.sleep(2)
+    wait_all()
     for seed, p in procs.items():
         if p.poll() is None:
             print(f"seed {seed}: budget spent, stopping it (SIGINT) for a later resume", flush=True)
@@ -231,6 +245,7 @@ def collect(args, overrides: list[str]) -> dict:
         "seeds": args.seeds,
         "threads_per_run": args.threads_per_run,
         "stagger_s": args.stagger_s,
+        "one_at_a_time": args.one_at_a_time,
         "share_teacher": args.share_teacher,
         "teacher_overrides": teacher_overrides(args),
         "wikitext2_ppl": summary,
@@ -249,6 +264,11 @@ def main() -> None:
     ap.add_argument(
         "--stagger-s", type=float, default=0.0, help="start the runs this many seconds apart (default 0: all at once)"
     )
+    ap.add_argument(
+        "--one-at-a-time",
+        action="store_true",
+        help="start each seed's run when the one before has ended (a GPU-bound run gains nothing beside another)",
+    )
     ap.add_argument("--runs-dir", default="/tmp/lit_cb_quality")
     ap.add_argument(
         "--share-teacher",
@@ -266,6 +286,8 @@ def main() -> None:
         ap.error(f"--config {args.config!r}: no configs/{args.config}.yaml")
     if not args.stagger_s >= 0:
         ap.error(f"--stagger-s {args.stagger_s}: must be >= 0")
+    if args.one_at_a_time and args.stagger_s:
+        ap.error(f"--stagger-s {args.stagger_s} with --one-at-a-time: a stagger spaces runs that start together")
     args.name = args.name or f"quality_{args.recipe}"
     args.threads_per_run = None  # set by run_seeds when it starts runs; per_seed[...]["starts"] has each start
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = """
@@ -82,3 +84,48 @@ def test_share_teacher_gives_every_seed_one_teacher_sample_unless_turned_off(tmp
         # The shared settings come before the command's own overrides, which win.
         assert cmd.index("data.teacher_seed=0") < cmd.index("data.teacher_seed=4")
     assert not any("teacher_cache_dir" in x or x == "data.teacher_seed=0" for c in commands[False] for x in c)
+
+
+SLOW_CHILD = """
+import json, os, sys, time
+run = os.path.join(sys.argv[1], sys.argv[2])
+os.makedirs(run, exist_ok=True)
+start = time.time()
+time.sleep(1.0)
+json.dump({"start": start, "end": time.time(), "omp": os.environ.get("OMP_NUM_THREADS")},
+          open(os.path.join(run, "seen.json"), "w"))
+json.dump({"wikitext2_ppl": {"float": 10.0 + int(sys.argv[3])}}, open(os.path.join(run, "metrics.json"), "w"))
+"""
+
+
+def test_one_at_a_time_starts_each_run_after_the_last_has_ended_with_every_core(tmp_path, monkeypatch):
+    """--one-at-a-time: the runs do not overlap (each child's start is after the previous child's
+    end, by the children's own clocks), each gets all the cores, and the JSON says so."""
+    driver = _driver()
+    for name in driver.THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(driver.os, "cpu_count", lambda: 6)
+    runs, out = tmp_path / "runs", tmp_path / "out"
+
+    def child(args, seed, overrides):
+        return [sys.executable, "-c", SLOW_CHILD, str(runs), f"{args.name}_s{seed}", str(seed)]
+
+    monkeypatch.setattr(driver, "child_command", child)
+    argv = ["quality_smollm2.py", "--recipe", "smollm2_codebook_best", "--seeds", "0,1,2", "--name", "q"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--one-at-a-time", "--runs-dir", str(runs), "--out", str(out)])
+    driver.main()
+
+    seen = [json.loads((runs / f"q_s{s}" / "seen.json").read_text()) for s in range(3)]
+    assert seen[1]["start"] >= seen[0]["end"] and seen[2]["start"] >= seen[1]["end"], seen
+    assert all(s["omp"] == "6" for s in seen)
+    result = json.loads((out / "q.json").read_text())
+    assert result["one_at_a_time"] is True and result["wikitext2_ppl"]["float"]["n"] == 3
+    assert all(result["per_seed"][s]["starts"][0]["side_by_side"] == 1 for s in ("0", "1", "2"))
+
+
+def test_one_at_a_time_refuses_a_stagger(tmp_path, monkeypatch):
+    driver = _driver()
+    argv = ["quality_smollm2.py", "--recipe", "smollm2_codebook_best", "--one-at-a-time", "--stagger-s", "5"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        driver.main()
