@@ -11,7 +11,9 @@ recalibration.
 
 from __future__ import annotations
 
+import copy
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -149,6 +151,12 @@ class CrashCheckpoint(OnExceptionCheckpoint):
     (a failure inside compression is resumed from the finished blocks instead), and not in the
     middle of a gradient accumulation (its partial gradients are not in a checkpoint; the
     periodic ``last.ckpt`` is kept then). The RNG is stored as the failed step found it.
+
+    A SIGTERM in an epoch's last step stops training after the epoch has ended (Lightning raises
+    it at the end of ``FitLoop.on_advance_end``), before the next epoch resets the training
+    loop's per-epoch counters. Saved as they are, a resume would start the next epoch as if its
+    batches were already trained (it ends after one batch) and the loader would skip an epoch; so
+    they are saved as the next epoch will find them (see :func:`_between_epochs`).
     """
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
@@ -159,7 +167,8 @@ class CrashCheckpoint(OnExceptionCheckpoint):
         if mid_step and getattr(pl_module, "_rng_at_batch_start", None) is not None:
             pl_module._rng_for_checkpoint = pl_module._rng_at_batch_start
         try:
-            super().on_exception(trainer, pl_module, exception)
+            with _between_epochs(trainer):
+                super().on_exception(trainer, pl_module, exception)
             rank_zero_info(f"training stopped ({type(exception).__name__}); state saved to {self.ckpt_path}")
         finally:
             pl_module._rng_for_checkpoint = None
@@ -168,3 +177,29 @@ class CrashCheckpoint(OnExceptionCheckpoint):
         # Lightning's version deletes the file at the end of fit: here it is last.ckpt, shared with
         # the periodic ModelCheckpoint, and must stay.
         pass
+
+
+@contextmanager
+def _between_epochs(trainer: L.Trainer):
+    """While the fit loop stands between two epochs (the last one completed, the next not yet
+    started), give the training epoch loop the per-epoch counters the next epoch starts with
+    (``reset_on_run``, what Lightning does when that epoch starts), and put them back afterwards.
+
+    Lightning's restore cannot tell this state from a mid-epoch one: it keeps the finished
+    epoch's batch count, so the resumed epoch would end after one batch. The resumable loader's
+    state (:class:`lit_cb.data.datamodule.ResumableLoader`) is read from the same counters and so
+    names the next epoch from its first batch."""
+    epochs = trainer.fit_loop.epoch_progress.current
+    if not (epochs.started > 0 and epochs.completed == epochs.started):
+        yield
+        return
+    loop = trainer.fit_loop.epoch_loop
+    counters = (loop.batch_progress, loop.scheduler_progress, loop.automatic_optimization.optim_progress)
+    saved = [copy.deepcopy(c.state_dict()) for c in counters]
+    for c in counters:
+        c.reset_on_run()
+    try:
+        yield
+    finally:
+        for c, state in zip(counters, saved, strict=True):
+            c.load_state_dict(state)

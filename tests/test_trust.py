@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from safetensors.torch import load_file, save_file
 
 from lit_cb.config import load_config
@@ -98,6 +101,41 @@ def test_recovery_resumed_after_a_crash_equals_an_uninterrupted_run(
     monkeypatch.undo()
     metrics = run(cfg)
     assert metrics["stages"]["recover"]["resumed_from"].endswith("last.ckpt")
+    resumed = load_file(str(cfg.run_dir / "model" / "model.safetensors"))
+    assert reference.keys() == resumed.keys()
+    worst = max((reference[k].float() - resumed[k].float()).abs().max().item() for k in reference)
+    assert worst == 0.0, f"resumed run differs from the uninterrupted one by up to {worst}"
+
+
+@pytest.mark.parametrize("at_step", [8, 11], ids=["epoch-end", "mid-epoch"])
+def test_recovery_stopped_by_sigterm_then_resumed_equals_an_uninterrupted_run(
+    uninterrupted, tmp_path, monkeypatch, at_step
+):
+    """SIGTERM (what a scheduler or ``kill`` sends) during a recovery step: Lightning's handler lets
+    the step finish and stops after it, the crash checkpoint stores that step, and the resumed run
+    ends bit-identical to 16 uninterrupted steps. Unlike an exception inside ``training_step``
+    (above), the stop comes after the optimizer and scheduler steps and the batch-end hooks, and a
+    real signal goes through Lightning's signal connector."""
+    import lit_cb.recovery
+
+    model_dir, reference = uninterrupted
+    original = lit_cb.recovery.RecoveryModule.training_step
+
+    def signalled_step(self, batch, batch_idx):
+        if self.trainer.global_step == at_step - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(lit_cb.recovery.RecoveryModule, "training_step", signalled_step)
+    cfg = _cfg(model_dir, tmp_path / "b", **RESUME)
+    with pytest.raises(SIGTERMException):
+        run(cfg)
+    ckpt = torch.load(cfg.run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == at_step  # the signalled step finished and was saved
+    monkeypatch.undo()
+    metrics = run(cfg)
+    assert metrics["stages"]["recover"]["resumed_from"].endswith("last.ckpt")
+    assert metrics["stages"]["recover"]["steps"] == RESUME["recovery.max_steps"]
     resumed = load_file(str(cfg.run_dir / "model" / "model.safetensors"))
     assert reference.keys() == resumed.keys()
     worst = max((reference[k].float() - resumed[k].float()).abs().max().item() for k in reference)
