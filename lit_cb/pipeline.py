@@ -7,6 +7,7 @@ import contextlib
 import copy
 import json
 import os
+import signal
 import time
 
 import lightning as L
@@ -14,6 +15,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_cb.architectures import check_model as check_architecture
 from lit_cb.callbacks import CompressionCallback, CrashCheckpoint
@@ -287,7 +289,16 @@ def _run(cfg: RunConfig, requeue: SlurmRequeue | None) -> dict:
     t = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException as err:
+        if err.code is not None:
+            raise
+        # Lightning stops on SIGTERM with a bare SystemExit, i.e. exit status 0: a scheduler would
+        # take the stopped run for a finished one. 143 (128 + SIGTERM) is what a killed process
+        # reports, and what a SIGTERM during compression (before Lightning's handler) gives.
+        rank_zero_info(f"stopped by SIGTERM; rerun the same command to resume from {cfg.run_dir / 'checkpoints'}")
+        raise SIGTERMException(128 + signal.SIGTERM) from err
     fit_seconds = time.perf_counter() - t
     if requeue is not None and requeue.requeued:
         # SLURM is ending this job and will start it again; the next run resumes from the checkpoint.

@@ -128,8 +128,9 @@ def test_recovery_stopped_by_sigterm_then_resumed_equals_an_uninterrupted_run(
 
     monkeypatch.setattr(lit_cb.recovery.RecoveryModule, "training_step", signalled_step)
     cfg = _cfg(model_dir, tmp_path / "b", **RESUME)
-    with pytest.raises(SIGTERMException):
+    with pytest.raises(SIGTERMException) as stopped:
         run(cfg)
+    assert stopped.value.code == 143  # not Lightning's bare SystemExit (status 0, read as success)
     ckpt = torch.load(cfg.run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == at_step  # the signalled step finished and was saved
     monkeypatch.undo()
