@@ -42,9 +42,10 @@ are then broadcast and written on every rank, so the codes (kept out of DDP's bu
 ``RecoveryModule._ignore_codes_in_ddp``) stay bit-identical across ranks.
 
 Cost per call: one ``[out, in]`` fp32 gradient per layer held from the step's backward until its
-optimizer step (the dense model's size in fp32: 0.4 GB for SmolLM2-135M, 26 GB for a 7B model,
-which would need a smaller scope), one ``[tokens, out] x [tokens, in]`` matmul per layer (as much
-as the backward's weight gradient), and the assignment of ``fraction`` of the groups.
+optimizer step (the dense model's size in fp32: 0.4 GB for SmolLM2-135M, 26 GB for a 7B model;
+``recovery.code_update_offload`` keeps it in CPU memory instead, one layer on the device at a
+time), one ``[tokens, out] x [tokens, in]`` matmul per layer (as much as the backward's weight
+gradient), and the assignment of ``fraction`` of the groups.
 """
 
 from __future__ import annotations
@@ -62,10 +63,11 @@ from lit_cb.quant.code_update import CodeUpdateStats, linearized_v_step
 class _LayerHooks:
     """Forward hooks on one CodebookLinear that, while ``active``, accumulate ``G`` and ``sum x²``."""
 
-    def __init__(self, layer: CodebookLinear) -> None:
+    def __init__(self, layer: CodebookLinear, offload: bool = False) -> None:
         self.layer = layer
         self.active = False
-        self.grad: torch.Tensor | None = None  # [out, in] float32
+        self.offload = offload
+        self.grad: torch.Tensor | None = None  # [out, in] float32 (in CPU memory when offloading)
         self.sq_sum: torch.Tensor | None = None  # [in] float64
         self.tokens = 0
         self._handles = [
@@ -94,6 +96,8 @@ class _LayerHooks:
 
         def on_grad(grad_out: torch.Tensor) -> None:
             g = grad_out.reshape(-1, grad_out.shape[-1]).float().T @ x.detach().reshape(-1, x.shape[-1]).float()
+            if self.offload and g.device.type != "cpu":
+                g = g.to("cpu")  # one layer's G on the device at a time, not the whole model's
             self.grad = g if self.grad is None else self.grad.add_(g)
 
         output.register_hook(on_grad)
@@ -117,16 +121,21 @@ class CodeUpdateCallback(L.Callback):
         sweeps: coordinate-descent sweeps over the codebooks.
         backtracks: retries at half the step after an update that did not lower the batch loss
             (>= 0); the loss check itself is always on.
+        offload: hold each layer's G in CPU memory from its backward to the update, and move it to
+            the device one layer at a time (the dense model's size in fp32 off the device: 26 GB for
+            a 7B model), at one copy each way per layer and attempt.
     """
 
-    def __init__(self, every: int, fraction: float, step: float, sweeps: int = 2, backtracks: int = 3) -> None:
+    def __init__(
+        self, every: int, fraction: float, step: float, sweeps: int = 2, backtracks: int = 3, offload: bool = False
+    ) -> None:
         super().__init__()
         if every < 1:
             raise ValueError(f"every={every} must be >= 1")
         if backtracks < 0:
             raise ValueError(f"backtracks={backtracks} must be >= 0")
         self.every, self.fraction, self.step, self.sweeps = every, fraction, step, sweeps
-        self.backtracks = backtracks
+        self.backtracks, self.offload = backtracks, offload
         self._hooks: dict[str, _LayerHooks] = {}
         self._batches: list[torch.Tensor] = []  # the active step's micro-batches (input ids)
         # Running sums over all code-update steps so far (checkpointed): name -> [in] float64, tokens.
@@ -147,6 +156,7 @@ class CodeUpdateCallback(L.Callback):
             c.code_update_step,
             c.code_update_sweeps,
             c.code_update_backtracks,
+            c.code_update_offload,
         )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -156,7 +166,7 @@ class CodeUpdateCallback(L.Callback):
                 f"recovery.code_update_every={self.every} updates the codes of compressed linears, but the model has "
                 "none (compression kept every target dense). Set recovery.code_update_every=0"
             )
-        self._hooks = {name: _LayerHooks(m) for name, m in layers.items()}
+        self._hooks = {name: _LayerHooks(m, self.offload) for name, m in layers.items()}
 
     def _remove_hooks(self) -> None:
         for h in self._hooks.values():
@@ -254,12 +264,16 @@ class CodeUpdateCallback(L.Callback):
         layer = h.layer
         device = layer.codebooks.device
         fmt = layer.fmt
-        grad = h.grad if h.grad is not None else torch.zeros(fmt.out_features, fmt.in_features, device=device)
+        grad = (
+            h.grad.to(device) if h.grad is not None else torch.zeros(fmt.out_features, fmt.in_features, device=device)
+        )
         sq = h.sq_sum if h.sq_sum is not None else torch.zeros(fmt.in_features, dtype=torch.float64, device=device)
         count = torch.tensor([float(h.tokens)], dtype=torch.float64, device=device)
         # Every rank must call the same collectives in the same order: one per layer, always.
         dist_utils.all_reduce_sum_([sq, count])
         dist_utils.all_reduce_sum_([grad])
+        if self.offload:
+            grad = grad.cpu()  # back off the device until this layer's V-step (_apply)
         prev = self.sq_sums.get(name)
         self.sq_sums[name] = sq.cpu() if prev is None else prev + sq.cpu()
         self.tokens[name] = self.tokens.get(name, 0) + int(count.item())
@@ -272,6 +286,7 @@ class CodeUpdateCallback(L.Callback):
         nbits = fmt.nbits_per_codebook
         device = layer.codebooks.device
         codes = unpack_codes(layer.codes, nbits)
+        grad = grad.to(device)  # no copy unless offloaded
         new, selected, stats = linearized_v_step(
             codes, layer.codebooks.detach(), layer.scales.detach(), grad, sq_mean, self.fraction, step, self.sweeps
         )

@@ -50,6 +50,8 @@ class RecoveryConfig:
     """Coordinate-descent sweeps over the codebooks per code update (>= 1; one is exact for one codebook)."""
     code_update_backtracks: int = 3
     """A code update is kept only if it lowers the step's batch loss, else retried at half the step this many times."""
+    code_update_offload: bool = False
+    """Hold the code updates' weight gradients in CPU memory, one layer on the GPU at a time (7B: 26 GB off the GPU)."""
     val_every_n_steps: int = 0
     """Held-out C4 perplexity every N optimizer steps, into recovery_curve.json/png (>= 0; 0: only at the end)."""
     early_stop_patience: int = 0
