@@ -17,11 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "background.sh"
 
 JOB = """
-import json, sys, time
+import json, os, sys, time
 try:
     time.sleep(60)
 except KeyboardInterrupt:
-    json.dump({"interrupted": True}, open(sys.argv[1], "w"))
+    with open(sys.argv[1] + ".tmp", "w") as f:
+        json.dump({"interrupted": True}, f)
+    os.replace(sys.argv[1] + ".tmp", sys.argv[1])  # whole, so the test never reads it half-written
     raise SystemExit(7)
 """
 
