@@ -69,6 +69,7 @@ PY
     ;;
   wait)
     end=$((SECONDS + ${2:-60}))
+    packed=$SECONDS
     while [ $SECONDS -lt $end ]; do
       running=0
       for pidfile in "$BG"/*.pid; do
@@ -77,7 +78,8 @@ PY
       [ $running = 0 ] && break
       sleep 5
       # pack once a minute too: a call cut short by its time limit still brings back what was written
-      [ $(((end - SECONDS) % 60)) -lt 5 ] && pack
+      # (elapsed time since the last pack, not a phase window that a slow loop turn can step over)
+      if [ $((SECONDS - packed)) -ge 60 ]; then pack; packed=$SECONDS; fi
     done
     status
     pack
