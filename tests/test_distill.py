@@ -30,6 +30,10 @@ EARLY_STOP = {
     "recovery.warmup_steps": 2,
     "recovery.val_every_n_steps": 1,
     "recovery.early_stop_patience": 2,
+    # An improvement must be at least 5 perplexity points (the tiny model's held-out perplexity is
+    # about 250): the run stops where the curve flattens, not only if it turns up, which on some
+    # package versions it never did within 8 steps (2026-12-03: 325, 493, 271, 262, 256, 254, 253, 252).
+    "recovery.early_stop_min_delta": 5.0,
     "recovery.lora_dropout": 0.1,
 }
 
@@ -206,10 +210,17 @@ def test_early_stopping_stops_after_patience_and_restores_the_best_weights(stopp
     curve = json.loads((cfg.run_dir / "recovery_curve.json").read_text())
     points = curve["points"]
     ppls = [p["val_ppl"] for p in points]
-    best = min(range(len(ppls)), key=lambda i: ppls[i])
+    # The rule, by hand: an evaluation improves when it is min_delta below the best so far; the run
+    # stops at the patience-th evaluation in a row that does not.
+    best, bad = 0, 0
+    for i in range(1, len(ppls)):
+        if ppls[i] < ppls[best] - EARLY_STOP["recovery.early_stop_min_delta"]:
+            best, bad = i, 0
+        else:
+            bad += 1
     best_step = points[best]["step"]
     stop = best_step + 2  # patience 2 evaluations, one every step
-    assert stop < 8, f"the curve never turned up: {ppls}"
+    assert bad == 2 and stop < 8, f"the curve never flattened: {ppls}"
     assert [p["step"] for p in points] == list(range(1, stop + 1))
     assert curve["best_step"] == best_step and curve["best_val_ppl"] == ppls[best]
     assert curve["stopped_early_at"] == stop and metrics["stages"]["recover"]["steps"] == stop

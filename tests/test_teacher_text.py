@@ -331,3 +331,26 @@ def test_bad_teacher_values_are_refused_before_any_work(tmp_path, capsys, overri
     assert main(["run", "recipes/smollm2_codebook_best.py", override, f"output_dir={out}"]) == 1
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_shorter_sequences_are_packed_into_windows_in_generation_order(tmp_path, tiny_tokenizer):
+    """teacher_seqlen dividing finetune_seqlen: each window holds finetune/teacher sequences back to back,
+    each opening on its own document-start token, in the order they were sampled."""
+    model = tiny_llama(vocab=len(tiny_tokenizer))
+    dm = _data(tiny_tokenizer, teacher_seqlen=4, num_teacher_samples=6, teacher_batch_size=4)
+    windows = _windows(model, dm, tmp_path / "run")
+    assert windows.shape == (3, 8)
+    starts = dm.document_starts(6, 5, "train")  # teacher_seed null: data.seed + 5, the run's own split
+    assert torch.equal(windows.reshape(6, 4)[:, 0], starts.to(windows.dtype))
+    raw = sample_sequences(model, starts, 4, 1.0, 1.0, 4, 5, "cpu", progress=False)
+    assert torch.equal(windows.reshape(6, 4), raw)
+
+
+def test_packing_needs_whole_windows():
+    from lit_cb.data import DataConfig
+
+    with pytest.raises(ValueError, match=r"data.num_teacher_samples=3 must be a multiple of 4: data.teacher_seqlen=2"):
+        DataConfig(finetune_seqlen=8, teacher_seqlen=2, num_teacher_samples=3)
+    with pytest.raises(ValueError, match=r"data.teacher_seqlen=3 must be a multiple of data.finetune_seqlen=8"):
+        DataConfig(finetune_seqlen=8, teacher_seqlen=3, num_teacher_samples=8)
+    assert DataConfig(finetune_seqlen=8, teacher_seqlen=2, num_teacher_samples=8).teacher_sequence_length == 2

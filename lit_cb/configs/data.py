@@ -50,7 +50,11 @@ class DataConfig:
     num_teacher_samples: int = 0
     """Sequences sampled from the float model and added to the recovery training set (>= 0; 0: off)."""
     teacher_seqlen: int | None = None
-    """Tokens per teacher sequence (null: finetune_seqlen; else a multiple of it, cut into windows)."""
+    """Tokens per teacher sequence (null: finetune_seqlen). A multiple of finetune_seqlen is cut into
+    windows; a divisor of it is packed, finetune_seqlen / teacher_seqlen sequences back to back per
+    window (then num_teacher_samples must be a multiple of that count). Shorter sequences are far
+    cheaper to sample: the static KV cache spans the whole sequence, so every decode step reads
+    teacher_seqlen cached positions per row."""
     teacher_temperature: float = 1.0
     """Sampling temperature of the teacher text (> 0)."""
     teacher_top_p: float = 1.0
@@ -109,11 +113,20 @@ class DataConfig:
         seqlen = self.teacher_seqlen
         if seqlen is not None and (isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 1):
             raise ValueError(f"data.teacher_seqlen={seqlen!r} must be a positive integer or null (finetune_seqlen)")
-        if seqlen is not None and seqlen % self.finetune_seqlen:
+        if seqlen is not None and seqlen % self.finetune_seqlen and self.finetune_seqlen % seqlen:
             raise ValueError(
                 f"data.teacher_seqlen={seqlen} must be a multiple of data.finetune_seqlen={self.finetune_seqlen} "
-                "(teacher sequences are cut into training windows), or null"
+                "(teacher sequences are cut into training windows), a divisor of it (sequences are packed into "
+                "windows), or null"
             )
+        if seqlen is not None and seqlen < self.finetune_seqlen:
+            per_window = self.finetune_seqlen // seqlen
+            if self.num_teacher_samples % per_window:
+                raise ValueError(
+                    f"data.num_teacher_samples={self.num_teacher_samples} must be a multiple of {per_window}: "
+                    f"data.teacher_seqlen={seqlen} packs {per_window} sequences into each "
+                    f"data.finetune_seqlen={self.finetune_seqlen} window"
+                )
 
     @property
     def teacher_sequence_length(self) -> int:

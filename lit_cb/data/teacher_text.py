@@ -402,7 +402,9 @@ def teacher_windows(
     progress: bool = True,
 ) -> torch.Tensor:
     """The run's teacher text as fine-tuning windows ``[n * teacher_seqlen / finetune_seqlen,
-    finetune_seqlen]``, from the cache or generated (see the module docstring). ``cache_root`` is
+    finetune_seqlen]``, from the cache or generated (see the module docstring): sequences longer than
+    a window are cut, shorter ones packed back to back in generation order (each still opens on its
+    document-start token, as windows of joined C4 documents do after an EOS). ``cache_root`` is
     the run folder: the per-run cache's home, and with ``data.teacher_cache_dir`` the place of
     ``teacher_text.json`` (which shared tokens the run trains on; a resume refuses others)."""
     cfg = datamodule.config
