@@ -37,6 +37,7 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "run_name",
     "output_dir",
     "data.teacher_cache_dir",
+    "trainer.train_lock",  # only when training may start, not what it computes
     "resume",
     "overwrite",
     "eval.",

@@ -34,6 +34,7 @@ from lit_cb.recovery import RecoveryModule
 from lit_cb.run_summary import format_summary, peak_rss_gb, plot_recovery, stage, timed_eval
 from lit_cb.serialization import bits_per_weight_on_disk, save_compressed
 from lit_cb.slurm import SlurmRequeue, check_trainer_matches_slurm, in_slurm_step, latest_checkpoint
+from lit_cb.train_lock import TrainLock
 
 FINGERPRINT_FILE = "fingerprint.json"
 
@@ -160,6 +161,7 @@ def _run(cfg: RunConfig, requeue: SlurmRequeue | None) -> dict:
     if cfg.trainer.deterministic:
         use_deterministic_kernels()
     run_dir = cfg.run_dir
+    train_lock = TrainLock(cfg.trainer.train_lock, run_dir) if cfg.trainer.train_lock else None  # checks the path
     device = _device(cfg)
     metrics: dict = {"run_name": cfg.run_name, "method": cfg.compression.method, "stages": {}}
 
@@ -274,7 +276,8 @@ def _run(cfg: RunConfig, requeue: SlurmRequeue | None) -> dict:
         gradient_clip_val=cfg.recovery.grad_clip or None,
         callbacks=[compression, checkpoint, CrashCheckpoint(ckpt_dir, filename="last"), StepProgressBar("recovery")]
         + ([held_out] if held_out is not None else [])
-        + ([requeue] if requeue is not None else []),
+        + ([requeue] if requeue is not None else [])
+        + ([train_lock] if train_lock is not None else []),
         # HeldOutEarlyStopping measures the held-out perplexity itself (after the optimizer step, before the
         # checkpoint of that step); Lightning's validation loop would only repeat it.
         limit_val_batches=0 if held_out is not None else None,
@@ -310,12 +313,14 @@ def _run(cfg: RunConfig, requeue: SlurmRequeue | None) -> dict:
     }
     stages["recover"] = {
         # This process's training only: a resumed run does not count the steps before its checkpoint.
-        "seconds": fit_seconds - compression.setup_seconds,
+        "seconds": fit_seconds - compression.setup_seconds - (train_lock.waited_s if train_lock else 0.0),
         "steps": trainer.global_step,
         "resumed_from": ckpt_path,
         "peak_gpu_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "peak_rss_gb": peak_rss_gb(),
     }
+    if train_lock is not None:
+        stages["recover"]["waited_for_train_lock_s"] = train_lock.waited_s
     if held_out is not None:
         metrics["recovery_curve"] = {
             k: v for k, v in held_out.summary().items() if k in ("best_step", "best_val_ppl", "stopped_early_at")

@@ -86,6 +86,18 @@ def test_share_teacher_gives_every_seed_one_teacher_sample_unless_turned_off(tmp
     assert not any("teacher_cache_dir" in x or x == "data.teacher_seed=0" for c in commands[False] for x in c)
 
 
+def test_train_one_at_a_time_gives_every_seed_one_lock(tmp_path):
+    driver = _driver()
+    runs = tmp_path / "runs"
+    for flag in (True, False):
+        args = driver.argparse.Namespace(
+            share_teacher=False, train_one_at_a_time=flag, runs_dir=str(runs), recipe="r", config=None, name="q"
+        )
+        cmds = [driver.child_command(args, s, []) for s in (0, 1)]
+        locks = [[x for x in c if x.startswith("trainer.train_lock=")] for c in cmds]
+        assert locks == ([[f"trainer.train_lock={runs / 'train.lock'}"]] * 2 if flag else [[], []])
+
+
 SLOW_CHILD = """
 import json, os, sys, time
 run = os.path.join(sys.argv[1], sys.argv[2])

@@ -70,6 +70,9 @@ class TrainerConfig:
     """Deterministic kernels for the whole run (compression too): GPU k-means and codebook gradients
     otherwise sum with atomics, and two runs of one config differ (AQLM 2x8: 75.47 vs 78.79 ppl).
     Ops with no deterministic kernel only warn."""
+    train_lock: str | None = None
+    """A file: recovery waits for an exclusive lock on it, so runs sharing one GPU compress side by
+    side but train one at a time (lit_cb/train_lock.py; single-process runs; null: no lock)."""
     loggers: list[LoggerName] = field(default_factory=lambda: ["csv", "tensorboard"])
     """Lightning loggers: csv to <run>/logs, tensorboard to <run>/tensorboard (skipped if no tensorboardX)."""
 
@@ -84,6 +87,9 @@ class TrainerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"trainer.{name}={value!r} must be an integer >= 1")
+        lock = self.train_lock
+        if lock is not None and (not isinstance(lock, str) or not lock.strip()):
+            raise ValueError(f"trainer.train_lock={lock!r} must be a file path or null (no lock)")
         if self.val_check_interval is not None and (
             isinstance(self.val_check_interval, bool)
             or not isinstance(self.val_check_interval, int)
