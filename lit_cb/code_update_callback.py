@@ -23,8 +23,9 @@ Why the guard: the V-step minimises a *diagonal* quadratic model of the loss, wh
 errors in one layer's weights interact with every other layer. On the H200 (SmolLM2-135M, codebook
 g4 B8, 1% of groups, step 0.5) the first update re-assigned 237k of the 265k selected groups and
 took the training KL from 0.94 to 11.9 nats, i.e. destroyed the model, although every group's
-objective fell. The check costs ``2 + 2 x attempts`` forward passes without gradient per update
-(every ``every`` steps), and it makes an update unable to raise the loss it is meant to lower.
+objective fell. The check costs ``1 + attempts`` student forward passes without gradient per update
+(every ``every`` steps) and, when distilling, one teacher forward per micro-batch (its logits are
+kept for the attempts), and it makes an update unable to raise the loss it is meant to lower.
 
 On other steps the hooks return at once: no cost. ``d`` is a running mean over the tokens of
 every code-update step so far (a diagonal estimate needs few tokens; collecting it only on those
@@ -138,6 +139,7 @@ class CodeUpdateCallback(L.Callback):
         self.backtracks, self.offload = backtracks, offload
         self._hooks: dict[str, _LayerHooks] = {}
         self._batches: list[torch.Tensor] = []  # the active step's micro-batches (input ids)
+        self._teacher_logits: list[torch.Tensor | None] | None = None  # theirs, during a guarded update
         # Running sums over all code-update steps so far (checkpointed): name -> [in] float64, tokens.
         self.sq_sums: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
@@ -227,6 +229,23 @@ class CodeUpdateCallback(L.Callback):
         """Try the V-step at ``step``, ``step/2``, ...; keep the first that lowers the batch loss."""
         if not self._batches:  # no micro-batch of this step was seen: nothing to check against
             return CodeUpdateStats(), 0.0
+        # The teacher's logits of the step's batches, once: every attempt below changes the student
+        # only (1 teacher forward per micro-batch instead of 2 + attempts).
+        self._teacher_logits = self._teacher_forward(trainer, pl_module)
+        try:
+            return self._attempts(trainer, pl_module, statistics)
+        finally:
+            self._teacher_logits = None
+
+    def _teacher_forward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[torch.Tensor | None]:
+        if not getattr(pl_module, "distills", False):
+            return [None] * len(self._batches)
+        with trainer.precision_plugin.forward_context():
+            return [pl_module.teacher_logits(ids) for ids in self._batches]
+
+    def _attempts(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, statistics: dict
+    ) -> tuple[CodeUpdateStats, float]:
         before = self._batch_loss(trainer, pl_module)
         self.last_losses = (before, before)
         for step in self._steps():
@@ -251,7 +270,11 @@ class CodeUpdateCallback(L.Callback):
         model.eval()
         try:
             with trainer.precision_plugin.forward_context():
-                losses = [pl_module.loss_terms(ids)["loss"].double() for ids in self._batches]
+                cached = self._teacher_logits or [None] * len(self._batches)
+                losses = [
+                    pl_module.loss_terms(ids, teacher_logits=t)["loss"].double()
+                    for ids, t in zip(self._batches, cached, strict=True)
+                ]
         finally:
             model.train(was_training)
         count = torch.tensor(float(len(losses)), dtype=torch.float64).to(losses[0])

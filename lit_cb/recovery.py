@@ -220,20 +220,31 @@ class RecoveryModule(L.LightningModule):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
 
-    def loss_terms(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    @property
+    def distills(self) -> bool:
+        """Whether the loss has a KL term (needs the teacher's logits)."""
+        return self.config.distill_alpha > 0
+
+    @torch.no_grad()
+    def teacher_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """The float teacher's logits of a batch of token ids (no gradient)."""
+        return self._teacher[0](input_ids=ids, use_cache=False).logits
+
+    def loss_terms(self, ids: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The training loss of a batch of token ids and its parts (``loss``, ``ce``, ``kl`` when
         distilling): one definition for the training step and for the code-update guard
         (:class:`~lit_cb.code_update_callback.CodeUpdateCallback`), which compares it before and
-        after re-assigning codes."""
+        after re-assigning codes. ``teacher_logits``: the teacher's logits of ``ids`` computed
+        earlier (the guard evaluates one batch several times; the teacher does not change)."""
         logits = self(ids)
         if self.config.distill_alpha == 1.0:  # pure KL: cross-entropy only for the log, without a graph
             ce = next_token_cross_entropy(logits, ids)
         else:
             ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
         terms = {"loss": ce, "ce": ce}
-        if self.config.distill_alpha > 0:
-            with torch.no_grad():
-                teacher_logits = self._teacher[0](input_ids=ids, use_cache=False).logits
+        if self.distills:
+            if teacher_logits is None:
+                teacher_logits = self.teacher_logits(ids)
             kl = _kl_to_teacher(logits, teacher_logits, self.config.distill_temperature)
             terms["kl"] = kl
             terms["loss"] = (1 - self.config.distill_alpha) * ce + self.config.distill_alpha * kl

@@ -371,6 +371,28 @@ def test_a_code_update_that_raises_the_distillation_loss_is_retried_smaller_or_d
     assert abs(_kl(dropped, ids, teacher_logits) - start) < 1e-6
 
 
+def test_the_guard_runs_the_teacher_once_per_batch_and_its_losses_are_the_batch_losses():
+    """A dropped update tries 1 + backtracks steps, each evaluated on the step's batch; the teacher
+    does not change, so it runs once for the training step and once for the guard (not once per
+    attempt), and the guard's loss before the update is the loss of the batch recomputed from scratch."""
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(9))
+    teacher = tiny_llama(num_layers=2, seed=0).eval()
+    calls = []
+    teacher.register_forward_hook(lambda *a: calls.append(1))
+    model = _compressed_tiny(nbits=4, m=1)
+    before_fit = copy.deepcopy(model)
+    settings = {"distill_alpha": 1.0, "code_update_fraction": 1.0, "code_update_step": 5.0}
+    module, trainer = _fit(model, ids, every=1, steps=1, teacher=teacher, code_update_backtracks=3, **settings)
+    callback = next(c for c in trainer.callbacks if isinstance(c, CodeUpdateCallback))
+    assert len(calls) == 2
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=ids).logits
+    # lr ~0: the guard's "before" is the step's batch KL of the weights the step started from.
+    assert callback.last_losses[0] == pytest.approx(_kl(before_fit, ids, teacher_logits), rel=1e-5)
+    if callback.last_step:
+        assert callback.last_losses[1] == pytest.approx(_kl(model, ids, teacher_logits), rel=1e-5)
+
+
 def test_offloaded_gradients_give_the_same_codes():
     """``code_update_offload`` only moves where G waits between the backward and the update (CPU
     memory, one layer on the device at a time): the codes after three guarded updates are the same,
