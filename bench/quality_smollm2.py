@@ -213,6 +213,19 @@ def _spread(values: list[float]) -> dict:
     }
 
 
+def _where_computed(per_seed: dict) -> dict:
+    """``device`` and ``versions`` of the finished runs (one value each if they agree, else the list);
+    this machine's when no run recorded its environment."""
+    envs = [e["environment"] for e in per_seed.values() if e.get("finished") and e.get("environment")]
+    if not envs:
+        return {"device": _device(), "versions": _versions()}
+    out = {}
+    for key in ("device", "versions"):
+        values = [env.get(key) for env in envs]
+        out[key] = values[0] if all(v == values[0] for v in values) else values
+    return out
+
+
 def collect(args, overrides: list[str]) -> dict:
     out = Path(args.out)
     copies = out / f"{args.name}_runs"
@@ -234,6 +247,7 @@ def collect(args, overrides: list[str]) -> dict:
             "bits_per_weight": m.get("bits_per_weight"),
             "bits_per_weight_recovered": m.get("bits_per_weight_recovered"),
             "stages": {k: v.get("seconds") if isinstance(v, dict) else v for k, v in m.get("stages", {}).items()},
+            "environment": m.get("environment"),  # where the run computed (absent in runs before 2026-12-03)
         }
         for extra in ("recovery_curve.json", "bit_allocation.json"):
             if (run / extra).is_file():
@@ -250,8 +264,10 @@ def collect(args, overrides: list[str]) -> dict:
         vals = [e["wikitext2_ppl"][key] for e in per_seed.values() if e.get("finished") and key in e["wikitext2_ppl"]]
         summary[key] = _spread(vals)
     return {
-        "device": _device(),
-        "versions": _versions(),
+        # The runs' own device and versions when they recorded them: this command may only collect
+        # runs made elsewhere (a lent GPU's folders unpacked on a laptop).
+        **_where_computed(per_seed),
+        "collected_on": {"device": _device(), "versions": _versions()},
         "date": _now(),
         "command": "python " + shlex.join(sys.argv),
         "recipe": args.recipe,

@@ -24,6 +24,7 @@ from lit_cb.config import RunConfig, save_config
 from lit_cb.data import CompressionDataModule
 from lit_cb.data.teacher_text import teacher_windows
 from lit_cb.early_stop import CURVE_JSON, CURVE_PNG, HeldOutEarlyStopping
+from lit_cb.environment import run_environment
 from lit_cb.evaluate import perplexity
 from lit_cb.fingerprint import check_same, compression_scope, run_fingerprint
 from lit_cb.integrity import atomic_write_text, check_blocks_readable, load_checkpoint
@@ -163,7 +164,12 @@ def _run(cfg: RunConfig, requeue: SlurmRequeue | None) -> dict:
     run_dir = cfg.run_dir
     train_lock = TrainLock(cfg.trainer.train_lock, run_dir) if cfg.trainer.train_lock else None  # checks the path
     device = _device(cfg)
-    metrics: dict = {"run_name": cfg.run_name, "method": cfg.compression.method, "stages": {}}
+    metrics: dict = {
+        "run_name": cfg.run_name,
+        "method": cfg.compression.method,
+        "environment": run_environment(device),  # the figures below were made here
+        "stages": {},
+    }
 
     stages = metrics["stages"]
     with stage(stages, "load"):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,6 +80,10 @@ def test_cli_runs_calibration_and_lora_and_lowers_the_loss(tiny_model_dir, tmp_p
     assert 1.0 < bpw["compressed_linears"] < bpw["whole_model"]
     assert (run_dir / "blocks" / "block_001.safetensors").is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    # Where the figures were made: this process's device, versions and command line.
+    env = metrics["environment"]
+    assert env["device"].startswith("CPU") and env["versions"]["torch"] == torch.__version__
+    assert env["command"] == shlex.join([sys.executable, *sys.argv]) and env["date"].endswith("+00:00")
 
 
 def test_saved_compressed_model_reproduces_its_perplexity(tiny_model_dir, tmp_path):

@@ -141,3 +141,36 @@ def test_one_at_a_time_refuses_a_stagger(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", [*argv, "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         driver.main()
+
+
+def test_collect_reports_where_the_runs_computed_not_where_it_collects(tmp_path):
+    driver = _driver()
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    gpu = {"device": "NVIDIA H200 (CUDA 13.0)", "versions": {"torch": "2.11.0+cu130"}}
+    for seed, ppl in ((0, 40.0), (1, 44.0)):
+        (runs / f"q_s{seed}").mkdir(parents=True)
+        metrics = {"wikitext2_ppl": {"recovered": ppl}, "environment": gpu, "stages": {"recover": {"seconds": 5.0}}}
+        (runs / f"q_s{seed}" / "metrics.json").write_text(json.dumps(metrics))
+    args = driver.argparse.Namespace(
+        out=str(out),
+        runs_dir=str(runs),
+        name="q",
+        seeds=[0, 1],
+        recipe="r",
+        config=None,
+        threads_per_run=None,
+        stagger_s=0.0,
+        one_at_a_time=False,
+        share_teacher=False,
+        train_one_at_a_time=False,
+    )
+    result = driver.collect(args, [])
+    assert result["device"] == gpu["device"] and result["versions"] == gpu["versions"]
+    assert result["collected_on"]["device"] == driver._device() != gpu["device"]
+    assert result["wikitext2_ppl"]["recovered"]["mean"] == 42.0
+    assert result["per_seed"]["1"]["environment"] == gpu
+    # Runs on two machines: both are named.
+    other = {**gpu, "device": "NVIDIA H100 80GB HBM3 (CUDA 13.0)"}
+    metrics = json.loads((runs / "q_s1" / "metrics.json").read_text())
+    (runs / "q_s1" / "metrics.json").write_text(json.dumps({**metrics, "environment": other}))
+    assert driver.collect(args, [])["device"] == [gpu["device"], other["device"]]

@@ -33,10 +33,11 @@ from lit_cb.configs.report import (  # noqa: F401 (re-exported: the config lives
     ReportEvalConfig,
     _parse_collect,
 )
+from lit_cb.environment import VERSIONED_PACKAGES
 from lit_cb.report.baselines import BaselineRows, bnb_model_bits, decoder_linear_selector
 from lit_cb.report.collected import CollectedRows
 from lit_cb.report.comparison import ComparisonReport, run_report
-from lit_cb.report.environment import VERSIONED_PACKAGES, report_device
+from lit_cb.report.environment import report_device
 from lit_cb.report.markdown import render_markdown
 from lit_cb.report.pareto import pareto_front, plot_pareto
 

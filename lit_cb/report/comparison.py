@@ -18,11 +18,12 @@ from torch import nn
 from lit_cb.architectures import check_model
 from lit_cb.configs.report import ReportConfig
 from lit_cb.data.datamodule import CompressionDataModule
+from lit_cb.environment import device_description, package_versions
 from lit_cb.evaluate import perplexity
 from lit_cb.models import DTYPES, EMBEDDED_FAMILIES, load_model
 from lit_cb.report.baselines import BaselineRows
 from lit_cb.report.collected import CollectedRows
-from lit_cb.report.environment import _device_description, _versions, report_device
+from lit_cb.report.environment import report_device
 from lit_cb.report.markdown import render_markdown
 from lit_cb.report.pareto import plot_pareto
 
@@ -137,8 +138,8 @@ class ComparisonReport(BaselineRows, CollectedRows):
         return {
             "model": self.config.model.name,
             "protocol": self.protocol(),
-            "device": _device_description(self.device),
-            "versions": _versions(),
+            "device": device_description(self.device),
+            "versions": package_versions(),
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "command": self.command,
             "config": self.config.to_dict(),

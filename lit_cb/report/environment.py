@@ -1,15 +1,10 @@
-"""Where a report runs and with what: its device and the package versions recorded next to its rows."""
+"""Where a report runs: its device (the versions and the device description: :mod:`lit_cb.environment`)."""
 
 from __future__ import annotations
-
-import importlib.metadata
-import platform
 
 import torch
 
 from lit_cb.config import TrainerConfig
-
-VERSIONED_PACKAGES = ("lit_cb", "torch", "transformers", "lightning", "peft", "bitsandbytes")
 
 
 def report_device(trainer: TrainerConfig) -> torch.device:
@@ -24,19 +19,3 @@ def report_device(trainer: TrainerConfig) -> torch.device:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for pkg in VERSIONED_PACKAGES:
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def _device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    return f"CPU {platform.machine()} {platform.processor() or ''} ({torch.get_num_threads()} threads)".strip()
