@@ -28,10 +28,11 @@ class TrainLock(L.Callback):
 
     def __init__(self, path: str | Path, run_dir: str | Path, poll_s: float = 5.0) -> None:
         path = Path(path)
-        if not path.parent.is_dir():
-            raise ValueError(f"trainer.train_lock={str(path)!r}: its folder {str(path.parent)!r} does not exist")
         if path.is_dir():
             raise ValueError(f"trainer.train_lock={str(path)!r} is a folder; give a file path")
+        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise ValueError(f"trainer.train_lock={str(path)!r}: {str(blocking)!r} is a file, not a folder")
         self.path, self.run_dir, self.poll_s = path, str(run_dir), poll_s
         self._fd: int | None = None
         self.waited_s = 0.0
@@ -49,6 +50,7 @@ class TrainLock(L.Callback):
     def acquire(self) -> None:
         if self._fd is not None:
             return
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # e.g. under an output_dir not made yet
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         start = time.monotonic()
         told = False

@@ -57,8 +57,13 @@ def test_acquire_waits_for_the_holder_and_says_who_it_is(tmp_path, caplog):
 
 
 def test_bad_paths_are_refused_before_any_work(tmp_path):
-    with pytest.raises(ValueError, match=r"trainer.train_lock=.*nowhere/gpu.lock.*does not exist"):
-        TrainLock(tmp_path / "nowhere" / "gpu.lock", tmp_path)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match=r"trainer.train_lock=.*a_file/sub/gpu.lock.*a_file' is a file, not a folder"):
+        TrainLock(tmp_path / "a_file" / "sub" / "gpu.lock", tmp_path)
+    lock = TrainLock(tmp_path / "not_yet" / "gpu.lock", tmp_path)  # made when the lock is first taken
+    lock.acquire()
+    assert (tmp_path / "not_yet" / "gpu.lock").is_file()
+    lock.release()
     with pytest.raises(ValueError, match=r"is a folder; give a file path"):
         TrainLock(tmp_path, tmp_path)
     with pytest.raises(ValueError, match=r"trainer.train_lock='' must be a file path or null"):
