@@ -34,7 +34,8 @@ def device_description(device: torch.device) -> str:
     """``"NVIDIA H200 (CUDA 13.0)"``, or the CPU and its thread count."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    return f"CPU {platform.machine()} {platform.processor() or ''} ({torch.get_num_threads()} threads)".strip()
+    parts = ["CPU", platform.machine(), platform.processor()]
+    return " ".join(p for p in parts if p) + f" ({torch.get_num_threads()} threads)"
 
 
 def run_environment(device: torch.device) -> dict:
