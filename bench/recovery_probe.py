@@ -98,21 +98,10 @@ def main() -> None:
     seqlen = 64 if args.smoke else args.seqlen
     t0 = time.perf_counter()
     if args.random:
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from lit_cb.models import random_smollm2
 
-        torch.manual_seed(0)
-        shapes = LlamaConfig(
-            vocab_size=49152,
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=30,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            max_position_embeddings=8192,
-            tie_word_embeddings=True,
-        )
-        model = LlamaForCausalLM(shapes)
-        tok = type("Vocab", (), {"vocab_size": shapes.vocab_size})()
+        model = random_smollm2()
+        tok = type("Vocab", (), {"vocab_size": model.config.vocab_size})()
     else:
         model, tok = load_model("smollm2", "float32")
     if args.smoke:

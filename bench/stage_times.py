@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import shlex
 import sys
 import time
@@ -34,37 +33,10 @@ from pathlib import Path
 
 import torch
 
+from lit_cb.environment import package_versions
+from lit_cb.models import random_smollm2
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _versions() -> dict:
-    import transformers
-    import triton
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "transformers": transformers.__version__,
-    }
-
-
-def random_smollm2(num_layers: int = 30):
-    """A LlamaForCausalLM in SmolLM2-135M's shapes with seeded random weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    shapes = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=num_layers,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=8192,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(shapes)
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -99,7 +71,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     result: dict = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "versions": _versions(),
+        "versions": package_versions(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": "python " + shlex.join(sys.argv),
         "model": "random weights, SmolLM2-135M shapes" + (" (2 layers: --smoke)" if args.smoke else ""),

@@ -112,6 +112,25 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str | torch.de
     return model, tokenizer
 
 
+def random_smollm2(num_layers: int = 30, seed: int = 0) -> nn.Module:
+    """A LlamaForCausalLM in SmolLM2-135M's shapes with seeded random weights: for timing a stage
+    where the weights do not change the cost, on a machine without the embedded GGUF."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    shapes = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=num_layers,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(shapes)
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The transformer blocks of a causal LM, wherever its family keeps them
     (:mod:`lit_cb.architectures`); ValueError naming the supported families otherwise."""
