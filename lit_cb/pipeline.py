@@ -280,10 +280,11 @@ def _run(cfg: RunConfig, requeue: SlurmRequeue | None) -> dict:
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
         gradient_clip_val=cfg.recovery.grad_clip or None,
-        callbacks=[compression, checkpoint, CrashCheckpoint(ckpt_dir, filename="last"), StepProgressBar("recovery")]
+        # The train lock first: its setup refuses a several-process run before compression's setup compresses.
+        callbacks=([train_lock] if train_lock is not None else [])
+        + [compression, checkpoint, CrashCheckpoint(ckpt_dir, filename="last"), StepProgressBar("recovery")]
         + ([held_out] if held_out is not None else [])
-        + ([requeue] if requeue is not None else [])
-        + ([train_lock] if train_lock is not None else []),
+        + ([requeue] if requeue is not None else []),
         # HeldOutEarlyStopping measures the held-out perplexity itself (after the optimizer step, before the
         # checkpoint of that step); Lightning's validation loop would only repeat it.
         limit_val_batches=0 if held_out is not None else None,

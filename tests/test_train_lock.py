@@ -68,6 +68,8 @@ def test_bad_paths_are_refused_before_any_work(tmp_path):
         TrainLock(tmp_path, tmp_path)
     with pytest.raises(ValueError, match=r"trainer.train_lock='' must be a file path or null"):
         load_config(None, ["trainer.train_lock=''"])
+    with pytest.raises(ValueError, match=r"single-process runs .* trainer.devices=2 x trainer.num_nodes=1"):
+        load_config(None, ["trainer.train_lock=/tmp/gpu.lock", "trainer.devices=2"])
 
 
 RUN = {**TINY_RUN, "recovery.max_steps": 4, "eval.recovered": False}

@@ -90,6 +90,12 @@ class TrainerConfig:
         lock = self.train_lock
         if lock is not None and (not isinstance(lock, str) or not lock.strip()):
             raise ValueError(f"trainer.train_lock={lock!r} must be a file path or null (no lock)")
+        several = self.num_nodes > 1 or (isinstance(self.devices, int) and self.devices > 1)
+        if lock is not None and several:
+            raise ValueError(
+                f"trainer.train_lock={lock!r} is for single-process runs sharing a GPU; this one asks for "
+                f"trainer.devices={self.devices!r} x trainer.num_nodes={self.num_nodes} (set trainer.train_lock: null)"
+            )
         if self.val_check_interval is not None and (
             isinstance(self.val_check_interval, bool)
             or not isinstance(self.val_check_interval, int)
