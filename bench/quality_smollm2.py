@@ -226,6 +226,22 @@ def _where_computed(per_seed: dict) -> dict:
     return out
 
 
+def _as_run(copies: Path, per_seed: dict[str, dict]) -> dict:
+    """The settings the driver's flags become, read back from each finished run's config."""
+    import yaml
+
+    seen: dict[str, dict] = {}
+    for seed, entry in per_seed.items():
+        cfg_file = copies / f"s{seed}" / "run_config.yaml"
+        if entry.get("finished") and cfg_file.is_file():
+            cfg = yaml.safe_load(cfg_file.read_text())
+            seen[seed] = {
+                "trainer.train_lock": cfg.get("trainer", {}).get("train_lock"),
+                "data.teacher_cache_dir": cfg.get("data", {}).get("teacher_cache_dir"),
+            }
+    return seen
+
+
 def collect(args, overrides: list[str]) -> dict:
     out = Path(args.out)
     copies = out / f"{args.name}_runs"
@@ -280,6 +296,9 @@ def collect(args, overrides: list[str]) -> dict:
         "share_teacher": args.share_teacher,
         "teacher_overrides": teacher_overrides(args),
         "train_one_at_a_time": getattr(args, "train_one_at_a_time", False),
+        # What the runs themselves were given (their run_config.yaml): a --collect call need not
+        # repeat the starting command's flags, so the two above may say less than the runs did.
+        "as_run": _as_run(copies, per_seed),
         "wikitext2_ppl": summary,
         "per_seed": per_seed,
     }

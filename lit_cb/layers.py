@@ -93,6 +93,12 @@ def pack_codes(indices: torch.Tensor, nbits: int) -> torch.Tensor:
     """int64 indices -> the storage dtype of the format (uint8 for B <= 8, wrapped int16 above)."""
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= 2**nbits):
         raise ValueError(f"code indices must lie in [0, {2**nbits}) for nbits={nbits}")
+    return _to_storage(indices, nbits)
+
+
+def _to_storage(indices: torch.Tensor, nbits: int) -> torch.Tensor:
+    """:func:`pack_codes` without the range check, for indices in range by construction (the check
+    reads the tensor back to the host: two synchronisations per call)."""
     if nbits <= 8:
         return indices.to(torch.uint8)
     wrapped = torch.where(indices >= 2**15, indices - 2**16, indices)
@@ -118,6 +124,34 @@ def _gather_groups(idx: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
 def _groups_to_weight(groups: torch.Tensor) -> torch.Tensor:
     num_out_groups, num_in_groups, out_group_size, in_group_size = groups.shape
     return groups.permute(0, 2, 1, 3).reshape(num_out_groups * out_group_size, num_in_groups * in_group_size)
+
+
+def nearest_codes(
+    weight: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, nbits: int, chunk: int = 1 << 16
+) -> torch.Tensor:
+    """Packed codes of the codeword nearest (in Euclidean distance) to each group of ``weight /
+    scale``: the assignment of straight-through code training (``recovery.ste_codes``).
+
+    One codebook per group only (the sum of several codewords has no closed-form nearest point:
+    AQLM's beam search). Computed in float32 outside autocast, in chunks of ``chunk`` groups so
+    that the [groups, codewords] distances stay small (a 7B MLP has 11M groups of 4)."""
+    num_codebooks, size, out_group_size, in_group_size = codebooks.shape
+    if num_codebooks != 1:
+        raise ValueError(f"nearest codes need one codebook per group, got {num_codebooks}")
+    out_features, in_features = weight.shape
+    nog, nig = out_features // out_group_size, in_features // in_group_size
+    with torch.autocast(weight.device.type, enabled=False):
+        groups = weight.float().reshape(nog, out_group_size, nig, in_group_size).permute(0, 2, 1, 3)
+        scale = scales.float().reshape(nog, 1, 1, 1)
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero row: any code does
+        groups = (groups / scale).reshape(nog * nig, -1)
+        book = codebooks[0].float().reshape(size, -1)
+        norms = (book * book).sum(1)
+        idx = torch.empty(groups.shape[0], dtype=torch.long, device=weight.device)
+        for start in range(0, groups.shape[0], chunk):
+            part = groups[start : start + chunk]
+            idx[start : start + chunk] = torch.addmm(norms, part, book.T, alpha=-2.0).argmin(1)
+    return _to_storage(idx.reshape(nog, nig, 1), nbits)
 
 
 _SEGMENT_CACHE: dict[int, tuple] = {}
@@ -229,6 +263,7 @@ class CodebookLinear(nn.Module):
         )
         self.low_rank_a: nn.Parameter | None = None  # [rank, in_features]
         self.low_rank_b: nn.Parameter | None = None  # [out_features, rank]
+        self.latent: nn.Parameter | None = None  # [out_features, in_features] float32: ste_codes training only
         self.use_kernels = True
 
     @property
@@ -252,6 +287,29 @@ class CodebookLinear(nn.Module):
             b = torch.cat([self.low_rank_b.data, b], dim=1)
         self.low_rank_a = nn.Parameter(a.contiguous(), requires_grad=False)
         self.low_rank_b = nn.Parameter(b.contiguous(), requires_grad=False)
+
+    @torch.no_grad()
+    def start_latent_training(self) -> None:
+        """Give the layer a trainable float32 latent weight equal to its dequantized weight, from which
+        every forward re-assigns the codes (straight-through code training, ``recovery.ste_codes``).
+        The nearest codeword of a group's own dequantized values is its current code, so the model is
+        unchanged until the latent moves. The low-rank correction stays outside the latent."""
+        if self.fmt.num_codebooks != 1:
+            raise ValueError(f"{self.extra_repr()}: straight-through code training needs one codebook per group")
+        w = dequantize_weight(self.codes, self.codebooks, self.scales, self.fmt.nbits_per_codebook)
+        self.latent = nn.Parameter(w.float().contiguous(), requires_grad=True)
+
+    @torch.no_grad()
+    def finish_latent_training(self) -> None:
+        """Fix the codes at the latent's nearest codewords (what the next forward would use) and drop
+        the latent: the layer is a plain CodebookLinear again, in the stored format."""
+        if self.latent is not None:
+            self.assign_from_latent()
+            self.latent = None
+
+    @torch.no_grad()
+    def assign_from_latent(self) -> None:
+        self.codes.copy_(nearest_codes(self.latent, self.codebooks, self.scales, self.fmt.nbits_per_codebook))
 
     @classmethod
     def from_tensors(
@@ -296,7 +354,14 @@ class CodebookLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = None
-        if self.use_kernels and x.is_cuda:
+        if self.latent is not None:
+            # Straight-through: the forward uses the codes nearest the latent; the weight's gradient
+            # goes to the codebooks and scales (through the dequantization) and, whole, to the latent.
+            self.assign_from_latent()
+            weight = dequantize_weight(self.codes, self.codebooks, self.scales, self.fmt.nbits_per_codebook)
+            weight = weight + (self.latent - self.latent.detach()).to(weight.dtype)
+            out = F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        elif self.use_kernels and x.is_cuda:
             from lit_cb.kernels import dispatch
 
             kernel = dispatch.select_kernel(self.fmt, x)

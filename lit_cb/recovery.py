@@ -158,12 +158,27 @@ class RecoveryModule(L.LightningModule):
                 m.float()
                 m.codebooks.requires_grad_(True)
                 m.scales.requires_grad_(True)
+            if self.config.ste_codes and isinstance(m, CodebookLinear):
+                m.float()
+                m.start_latent_training()
             if self.config.train_norms and "norm" in name.rsplit(".", 1)[-1] and hasattr(m, "weight"):
                 m.weight.requires_grad_(True)
+        if self.config.train_embeddings:
+            for p in self._embedding_params():
+                p.requires_grad_(True)
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError("recovery: nothing is trainable (lora_r=0 and train_codebooks/train_norms off)")
         self._ignore_codes_in_ddp()
         self.model.train()
+
+    def _embedding_params(self) -> list[nn.Parameter]:
+        """The input embedding's and the output head's weights (one tensor when tied)."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        params: list[nn.Parameter] = []
+        for module in (base.get_input_embeddings(), base.get_output_embeddings()):
+            if module is not None and all(module.weight is not p for p in params):
+                params.append(module.weight)
+        return params
 
     def configure_callbacks(self) -> list[L.Callback]:
         """Discrete code updates (PV-tuning's V-step) when ``code_update_every > 0``."""
@@ -269,15 +284,21 @@ class RecoveryModule(L.LightningModule):
     def configure_optimizers(self):
         if self.config.max_steps == 0:
             return None
-        codebook_params, other = [], []
+        embeddings = {id(p) for p in self._embedding_params()} if self.config.train_embeddings else set()
+        by_lr: dict[str, list[nn.Parameter]] = {"lr": [], "codebook_lr": [], "embedding_lr": [], "latent_lr": []}
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
-            (codebook_params if name.endswith(("codebooks", "scales")) else other).append(p)
-        groups = [{"params": other, "lr": self.config.lr}]
-        if codebook_params:
-            groups.append({"params": codebook_params, "lr": self.config.codebook_lr})
-        groups = [g for g in groups if g["params"]]
+            if id(p) in embeddings:
+                by_lr["embedding_lr"].append(p)
+            elif name.endswith("latent"):
+                by_lr["latent_lr"].append(p)
+            elif name.endswith(("codebooks", "scales")):
+                by_lr["codebook_lr"].append(p)
+            else:
+                by_lr["lr"].append(p)
+        # One group per learning rate, in a fixed order (the optimizer state in a checkpoint is by group).
+        groups = [{"params": ps, "lr": getattr(self.config, key)} for key, ps in by_lr.items() if ps]
         opt = torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
         total = max(1, self.config.max_steps)
         warmup = min(self.config.warmup_steps, total)
@@ -297,5 +318,6 @@ class RecoveryModule(L.LightningModule):
         model = self.model.merge_and_unload() if hasattr(self.model, "merge_and_unload") else self.model
         for m in model.modules():
             if isinstance(m, CodebookLinear):
+                m.finish_latent_training()  # ste_codes: the codes the latent points at, then no latent
                 m.half()  # back to the fp16 storage format
         return model

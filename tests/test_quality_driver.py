@@ -151,6 +151,8 @@ def test_collect_reports_where_the_runs_computed_not_where_it_collects(tmp_path)
         (runs / f"q_s{seed}").mkdir(parents=True)
         metrics = {"wikitext2_ppl": {"recovered": ppl}, "environment": gpu, "stages": {"recover": {"seconds": 5.0}}}
         (runs / f"q_s{seed}" / "metrics.json").write_text(json.dumps(metrics))
+        lock = {"trainer": {"train_lock": str(runs / "train.lock")}, "data": {"teacher_cache_dir": None}}
+        (runs / f"q_s{seed}" / "run_config.yaml").write_text(json.dumps(lock))  # JSON is YAML
     args = driver.argparse.Namespace(
         out=str(out),
         runs_dir=str(runs),
@@ -169,6 +171,12 @@ def test_collect_reports_where_the_runs_computed_not_where_it_collects(tmp_path)
     assert result["collected_on"]["device"] == driver._device() != gpu["device"]
     assert result["wikitext2_ppl"]["recovered"]["mean"] == 42.0
     assert result["per_seed"]["1"]["environment"] == gpu
+    # Collected without --train-one-at-a-time: the runs' own configs still say they had the lock.
+    assert result["train_one_at_a_time"] is False
+    assert {s: v["trainer.train_lock"] for s, v in result["as_run"].items()} == {
+        "0": str(runs / "train.lock"),
+        "1": str(runs / "train.lock"),
+    }
     # Runs on two machines: both are named.
     other = {**gpu, "device": "NVIDIA H100 80GB HBM3 (CUDA 13.0)"}
     metrics = json.loads((runs / "q_s1" / "metrics.json").read_text())

@@ -34,6 +34,18 @@ class RecoveryConfig:
     """Train the codebooks and scales of compressed linears (codes stay frozen unless code_update_every > 0)."""
     train_norms: bool = False
     """Train the norm weights."""
+    train_embeddings: bool = False
+    """Train the float input embedding and output head (one tensor when tied): uncompressed, so the
+    bits/weight over the compressed linears stay as they are."""
+    embedding_lr: float = 1e-5
+    """Learning rate of the embedding and output head when train_embeddings is on (> 0)."""
+    ste_codes: bool = False
+    """Train the codes too, by a straight-through estimator: each compressed linear keeps a float32
+    latent weight (initialised to its dequantized weight, so step 0 changes nothing) that the weight
+    gradient trains; every forward re-assigns each group to the codeword nearest its latent (one
+    codebook per group; 4 bytes per weight plus Adam's 8 while training)."""
+    latent_lr: float = 1e-5
+    """Learning rate of the ste_codes latent weights (> 0; scale-free Adam steps in weight units)."""
     distill_alpha: float = 0.0
     """Weight of KL distillation from the float model in the loss, in [0, 1] (0: cross-entropy only)."""
     distill_temperature: float = 1.0
@@ -64,7 +76,7 @@ class RecoveryConfig:
     def __post_init__(self) -> None:
         if self.max_steps < 0:
             raise ValueError(f"recovery.max_steps={self.max_steps} must be >= 0")
-        for name in ("lr", "codebook_lr"):
+        for name in ("lr", "codebook_lr", "embedding_lr", "latent_lr"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"recovery.{name}={getattr(self, name)} must be > 0")
         if self.lora_r < 0:
@@ -73,6 +85,11 @@ class RecoveryConfig:
             raise ValueError(f"recovery.distill_alpha={self.distill_alpha} must lie in [0, 1]")
         if self.distill_temperature <= 0:
             raise ValueError(f"recovery.distill_temperature={self.distill_temperature} must be > 0")
+        if self.ste_codes and self.code_update_every:
+            raise ValueError(
+                f"recovery.ste_codes=true and recovery.code_update_every={self.code_update_every} both re-assign "
+                "codes: choose one (code_update_every=0 with ste_codes, or ste_codes=false)"
+            )
         if self.code_update_every < 0:
             raise ValueError(f"recovery.code_update_every={self.code_update_every} must be an integer >= 0 (0: off)")
         if not 0.0 < self.code_update_fraction <= 1.0:

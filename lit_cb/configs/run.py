@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from lit_cb.architectures import FAMILIES
+from lit_cb.configs.aqlm import AQLMConfig
 from lit_cb.configs.compression import CompressionConfig
 from lit_cb.configs.data import DataConfig
 from lit_cb.configs.recovery import RecoveryConfig
@@ -145,11 +146,32 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        if self.recovery.ste_codes and self.recovery.max_steps:
+            self._check_one_codebook()
         if self.recovery.val_every_n_steps and self.data.num_val_samples < 1:
             raise ValueError(
                 f"recovery.val_every_n_steps={self.recovery.val_every_n_steps} measures held-out perplexity, but "
                 f"data.num_val_samples={self.data.num_val_samples} holds out no window: set it >= 1, or "
                 "val_every_n_steps=0"
+            )
+
+    def _check_one_codebook(self) -> None:
+        """recovery.ste_codes assigns each group its nearest codeword, which needs one codebook per
+        group: refuse a format with several before any work (AQLM's 2x8 uses code_update_every)."""
+        comp = self.compression
+        defaults = {"codebook": 1, "aqlm": AQLMConfig.num_codebooks}
+        if comp.method not in defaults:
+            raise ValueError(
+                f"recovery.ste_codes=true trains codes, which compression.method={comp.method!r} does not make; "
+                f"allowed: {sorted(defaults)}"
+            )
+        options = [comp.method_config] + [{**comp.method_config, **o} for o in comp.bit_options or []]
+        counts = sorted({o.get("num_codebooks", defaults[comp.method]) for o in options})
+        if counts != [1]:
+            raise ValueError(
+                f"recovery.ste_codes=true needs one codebook per group, but compression.method={comp.method!r} "
+                f"gives num_codebooks={counts[0] if len(counts) == 1 else counts}: set "
+                "compression.method_config.num_codebooks=1, or use recovery.code_update_every for several codebooks"
             )
 
     @property
