@@ -225,9 +225,11 @@ def _cmd_recover(prog: str, argv: list[str]) -> int:
     if cfg is None:
         return 0
     blocks = cfg.run_dir / "blocks"
-    if not any(blocks.glob("block_*.safetensors")) and not (cfg.run_dir / "checkpoints" / "last.ckpt").is_file():
+    has_progress = any(blocks.glob("block_*.safetensors")) or (cfg.run_dir / "checkpoints" / "last.ckpt").is_file()
+    if not has_progress and not cfg.compression.blocks_from:
         raise CommandError(
-            f"{cfg.run_dir} holds no compressed blocks and no checkpoint: run `{prog} compress` with this config first"
+            f"{cfg.run_dir} holds no compressed blocks and no checkpoint: run `{prog} compress` with this config "
+            "first, or start from another run's blocks with compression.blocks_from=<its folder>"
         )
     if cfg.recovery.max_steps == 0:
         raise CommandError("recovery.max_steps=0: nothing to recover; set recovery.max_steps to the steps wanted")

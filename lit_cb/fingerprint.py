@@ -38,6 +38,7 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "output_dir",
     "data.teacher_cache_dir",
     "trainer.train_lock",  # only when training may start, not what it computes
+    "compression.blocks_from",  # where the finished blocks were copied from; their own fingerprint is checked
     "resume",
     "overwrite",
     "eval.",

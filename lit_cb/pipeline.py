@@ -32,6 +32,7 @@ from lit_cb.models import EMBEDDED_FAMILIES, load_model
 from lit_cb.preflight import check_model, check_text_sources
 from lit_cb.progress import StepProgressBar
 from lit_cb.recovery import RecoveryModule
+from lit_cb.reuse_blocks import copy_blocks, source_blocks
 from lit_cb.run_summary import format_summary, peak_rss_gb, plot_recovery, stage, timed_eval
 from lit_cb.serialization import bits_per_weight_on_disk, save_compressed
 from lit_cb.slurm import SlurmRequeue, check_trainer_matches_slurm, in_slurm_step, latest_checkpoint
@@ -202,6 +203,8 @@ def _run(cfg: RunConfig, requeue: SlurmRequeue | None) -> dict:
             stored_blocks, compression_scope(fingerprint), f"the finished blocks in {progress.parent}", _START_FRESH
         )
 
+    copied_blocks = source_blocks(cfg, stored_fingerprint, fingerprint)  # compression.blocks_from, checked
+
     if stored_fingerprint is not None:
         before, now = stored_fingerprint.get("config", {}).get("recovery.max_steps"), cfg.recovery.max_steps
         if before is not None and before != now:
@@ -218,6 +221,9 @@ def _run(cfg: RunConfig, requeue: SlurmRequeue | None) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "run_config.yaml")
         atomic_write_text(run_dir / FINGERPRINT_FILE, json.dumps(fingerprint, indent=1))
+    if copied_blocks is not None:
+        copy_blocks(copied_blocks, run_dir, writer=rank_zero_only.rank == 0)
+        rank_zero_info(f"compression.blocks_from: started from the finished blocks of {copied_blocks}")
 
     ppl = metrics.setdefault("wikitext2_ppl", {})
     if cfg.eval.float_model:

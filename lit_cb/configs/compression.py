@@ -46,6 +46,9 @@ class CompressionConfig:
     bit_options: list[dict[str, Any]] | None = None
     """method_config overrides the layers choose from under bit_budget, e.g. [{nbits: 8},
     {nbits: 9}] ({} = method_config itself)."""
+    blocks_from: str | None = None
+    """Another run's folder whose finished blocks this new run starts from (copied in; the compression
+    settings, model and data must match): compress once, recover several ways (null: compress here)."""
     sensitivity_max_rows: int | None = 512
     """Weight rows per layer (a seeded subsample) the bit_budget sensitivity pass quantizes each
     option on (null: all)."""

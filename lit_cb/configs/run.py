@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from lit_cb.architectures import FAMILIES
-from lit_cb.configs.aqlm import AQLMConfig
-from lit_cb.configs.compression import CompressionConfig
+from lit_cb.configs.compression import MIXED_PRECISION_METHODS, CompressionConfig
 from lit_cb.configs.data import DataConfig
 from lit_cb.configs.recovery import RecoveryConfig
 
@@ -159,14 +158,13 @@ class RunConfig:
         """recovery.ste_codes assigns each group its nearest codeword, which needs one codebook per
         group: refuse a format with several before any work (AQLM's 2x8 uses code_update_every)."""
         comp = self.compression
-        defaults = {"codebook": 1, "aqlm": AQLMConfig.num_codebooks}
-        if comp.method not in defaults:
+        if comp.method not in MIXED_PRECISION_METHODS:
             raise ValueError(
                 f"recovery.ste_codes=true trains codes, which compression.method={comp.method!r} does not make; "
-                f"allowed: {sorted(defaults)}"
+                f"allowed: {list(MIXED_PRECISION_METHODS)}"
             )
-        options = [comp.method_config] + [{**comp.method_config, **o} for o in comp.bit_options or []]
-        counts = sorted({o.get("num_codebooks", defaults[comp.method]) for o in options})
+        settings = [comp.method_settings(), *comp.bit_option_settings()]
+        counts = sorted({getattr(s, "num_codebooks", 1) for s in settings})  # the codebook method has one
         if counts != [1]:
             raise ValueError(
                 f"recovery.ste_codes=true needs one codebook per group, but compression.method={comp.method!r} "
