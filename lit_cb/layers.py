@@ -127,15 +127,18 @@ def _groups_to_weight(groups: torch.Tensor) -> torch.Tensor:
 
 
 def nearest_codes(
-    weight: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, nbits: int, chunk: int = 1 << 16
+    weight: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, nbits: int, chunk: int | None = None
 ) -> torch.Tensor:
     """Packed codes of the codeword nearest (in Euclidean distance) to each group of ``weight /
     scale``: the assignment of straight-through code training (``recovery.ste_codes``).
 
     One codebook per group only (the sum of several codewords has no closed-form nearest point:
-    AQLM's beam search). Computed in float32 outside autocast, in chunks of ``chunk`` groups so
-    that the [groups, codewords] distances stay small (a 7B MLP has 11M groups of 4)."""
+    AQLM's beam search). Computed in float32 outside autocast, in chunks of ``chunk`` groups (by
+    default as many as keep the [groups, codewords] distances within 256 MiB: 262k groups for 2^8
+    codewords, so SmolLM2's largest linear is one chunk, each chunk being several kernel launches;
+    a 7B MLP's 11M groups take 43)."""
     num_codebooks, size, out_group_size, in_group_size = codebooks.shape
+    chunk = chunk or max(1, (1 << 26) // size)
     if num_codebooks != 1:
         raise ValueError(f"nearest codes need one codebook per group, got {num_codebooks}")
     out_features, in_features = weight.shape
