@@ -95,3 +95,26 @@ TINY_RUN = {
     "eval.float_model": False,
     "eval.compressed": False,
 }
+
+
+def save_tiny_model(folder, tokenizer, num_layers: int = 2):
+    """The tiny Llama with ``tokenizer``'s vocabulary, saved with it as a model folder (``model.name``)."""
+    model = tiny_llama(num_layers=num_layers, vocab=len(tokenizer))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def resume_equals(cfg, reference: dict) -> None:
+    """Resume the crashed run of ``cfg`` from its ``last.ckpt`` and check that it saves exactly the
+    tensors of the uninterrupted run (``reference``, its model.safetensors)."""
+    from safetensors.torch import load_file
+
+    from lit_cb.pipeline import run
+
+    metrics = run(cfg)
+    assert metrics["stages"]["recover"]["resumed_from"].endswith("last.ckpt")
+    resumed = load_file(str(cfg.run_dir / "model" / "model.safetensors"))
+    assert reference.keys() == resumed.keys()
+    worst = max((reference[k].float() - resumed[k].float()).abs().max().item() for k in reference)
+    assert worst == 0.0, f"resumed run differs from the uninterrupted one by up to {worst}"

@@ -14,15 +14,13 @@ from safetensors.torch import load_file
 
 from lit_cb.config import load_config, save_config
 
-from .conftest import TINY_RUN, tiny_llama
+from .conftest import TINY_RUN, save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_variants_recover_one_compressed_model_their_own_ways(tmp_path, tiny_tokenizer):
-    model = tiny_llama(num_layers=2, vocab=len(tiny_tokenizer))
-    model.save_pretrained(tmp_path / "model")
-    tiny_tokenizer.save_pretrained(tmp_path / "model")
+    save_tiny_model(tmp_path / "model", tiny_tokenizer)
     config = tmp_path / "tiny.yaml"
     tiny = {**TINY_RUN, "recovery.lora_r": 0, "recovery.train_codebooks": True, "recovery.train_norms": True}
     save_config(load_config(None, [f"{k}={v}" for k, v in tiny.items()]), config)

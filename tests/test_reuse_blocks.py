@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from lit_cb.config import load_config
 from lit_cb.pipeline import run
 
-from .conftest import TINY_RUN, tiny_llama
+from .conftest import TINY_RUN, save_tiny_model
 
 
 def _cfg(model_dir: Path, out: Path, name: str, **extra):
@@ -37,9 +37,7 @@ def _mtimes(blocks: Path) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("blocks_from")
-    model = tiny_llama(num_layers=2, vocab=len(tiny_tokenizer))
-    model.save_pretrained(root / "model")
-    tiny_tokenizer.save_pretrained(root / "model")
+    save_tiny_model(root / "model", tiny_tokenizer)
     cfg = _cfg(root / "model", root / "out", "source", **{"recovery.max_steps": 0})
     run(cfg)
     return root, cfg.run_dir

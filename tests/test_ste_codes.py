@@ -18,7 +18,7 @@ from lit_cb.config import load_config
 from lit_cb.layers import CodebookFormat, CodebookLinear, nearest_codes, unpack_codes
 from lit_cb.pipeline import run
 
-from .conftest import TINY_RUN, tiny_llama
+from .conftest import TINY_RUN, resume_equals, save_tiny_model
 from .test_code_update import _compressed_tiny, _fit, _loss
 
 
@@ -161,9 +161,7 @@ def test_ste_recovery_resumed_after_a_crash_equals_an_uninterrupted_run(tmp_path
     codes did move, and the saved model holds no latent."""
     import lit_cb.recovery
 
-    model = tiny_llama(num_layers=2, vocab=len(tiny_tokenizer))
-    model.save_pretrained(tmp_path / "model")
-    tiny_tokenizer.save_pretrained(tmp_path / "model")
+    save_tiny_model(tmp_path / "model", tiny_tokenizer)
     ref_cfg = _ste_cfg(tmp_path / "model", tmp_path / "a")
     run(ref_cfg)
     reference = load_file(str(ref_cfg.run_dir / "model" / "model.safetensors"))
@@ -184,19 +182,12 @@ def test_ste_recovery_resumed_after_a_crash_equals_an_uninterrupted_run(tmp_path
     ckpt = torch.load(cfg.run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3 and any(k.endswith(".latent") for k in ckpt["state_dict"])
     monkeypatch.undo()
-    metrics = run(cfg)
-    assert metrics["stages"]["recover"]["resumed_from"].endswith("last.ckpt")
-    resumed = load_file(str(cfg.run_dir / "model" / "model.safetensors"))
-    assert reference.keys() == resumed.keys()
-    worst = max((reference[k].float() - resumed[k].float()).abs().max().item() for k in reference)
-    assert worst == 0.0, f"resumed run differs from the uninterrupted one by up to {worst}"
+    resume_equals(cfg, reference)
 
 
 def test_ste_codes_change_the_codes_in_a_real_run(tmp_path, tiny_tokenizer):
     """The same config without ste_codes keeps the compressed codes; with it, some move."""
-    model = tiny_llama(num_layers=2, vocab=len(tiny_tokenizer))
-    model.save_pretrained(tmp_path / "model")
-    tiny_tokenizer.save_pretrained(tmp_path / "model")
+    save_tiny_model(tmp_path / "model", tiny_tokenizer)
     saved = {}
     for ste in (False, True):
         values = {**STE_RUN, "recovery.ste_codes": ste, "output_dir": str(tmp_path / str(ste))}

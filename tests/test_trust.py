@@ -18,7 +18,7 @@ from lit_cb.config import load_config
 from lit_cb.pipeline import run
 from lit_cb.serialization import load_compressed
 
-from .conftest import TINY_RUN, tiny_llama
+from .conftest import TINY_RUN, resume_equals, tiny_llama
 
 FAST = {
     **TINY_RUN,
@@ -99,12 +99,7 @@ def test_recovery_resumed_after_a_crash_equals_an_uninterrupted_run(
     ckpt = torch.load(cfg.run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == (10 if crash_checkpoint else 8)
     monkeypatch.undo()
-    metrics = run(cfg)
-    assert metrics["stages"]["recover"]["resumed_from"].endswith("last.ckpt")
-    resumed = load_file(str(cfg.run_dir / "model" / "model.safetensors"))
-    assert reference.keys() == resumed.keys()
-    worst = max((reference[k].float() - resumed[k].float()).abs().max().item() for k in reference)
-    assert worst == 0.0, f"resumed run differs from the uninterrupted one by up to {worst}"
+    resume_equals(cfg, reference)
 
 
 @pytest.mark.parametrize("at_step", [8, 11], ids=["epoch-end", "mid-epoch"])
