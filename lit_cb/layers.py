@@ -127,10 +127,11 @@ def _groups_to_weight(groups: torch.Tensor) -> torch.Tensor:
 
 
 def nearest_codes(
-    weight: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, nbits: int, chunk: int | None = None
+    weight: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor | None, nbits: int, chunk: int | None = None
 ) -> torch.Tensor:
     """Packed codes of the codeword nearest (in Euclidean distance) to each group of ``weight /
-    scale``: the assignment of straight-through code training (``recovery.ste_codes``).
+    scale`` (``scales`` None: ``weight`` is in codebook units already, as the latent of
+    straight-through code training, ``recovery.ste_codes``).
 
     One codebook per group only (the sum of several codewords has no closed-form nearest point:
     AQLM's beam search). Computed in float32 outside autocast, in chunks of ``chunk`` groups (by
@@ -145,9 +146,10 @@ def nearest_codes(
     nog, nig = out_features // out_group_size, in_features // in_group_size
     with torch.autocast(weight.device.type, enabled=False):
         groups = weight.float().reshape(nog, out_group_size, nig, in_group_size).permute(0, 2, 1, 3)
-        scale = scales.float().reshape(nog, 1, 1, 1)
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero row: any code does
-        groups = (groups / scale).reshape(nog * nig, -1)
+        if scales is not None:
+            scale = scales.float().reshape(nog, 1, 1, 1)
+            groups = groups / torch.where(scale == 0, 1.0, scale)  # an all-zero row: any code does
+        groups = groups.reshape(nog * nig, -1)
         book = codebooks[0].float().reshape(size, -1)
         norms = (book * book).sum(1)
         idx = torch.empty(groups.shape[0], dtype=torch.long, device=weight.device)
@@ -293,14 +295,21 @@ class CodebookLinear(nn.Module):
 
     @torch.no_grad()
     def start_latent_training(self) -> None:
-        """Give the layer a trainable float32 latent weight equal to its dequantized weight, from which
-        every forward re-assigns the codes (straight-through code training, ``recovery.ste_codes``).
-        The nearest codeword of a group's own dequantized values is its current code, so the model is
-        unchanged until the latent moves. The low-rank correction stays outside the latent."""
+        """Give the layer a trainable float32 latent: its dequantized weight divided by the row scales,
+        i.e. in the codebook's own units, from which every forward re-assigns the codes (straight-
+        through code training, ``recovery.ste_codes``). The nearest codeword of a group's own values
+        is its current code, so the model is unchanged until the latent moves. In codebook units
+        Adam's steps (about ``latent_lr`` per element) mean the same share of the codeword spacing
+        in every model, whatever its weights' magnitude. The low-rank correction stays outside."""
         if self.fmt.num_codebooks != 1:
             raise ValueError(f"{self.extra_repr()}: straight-through code training needs one codebook per group")
         w = dequantize_weight(self.codes, self.codebooks, self.scales, self.fmt.nbits_per_codebook)
-        self.latent = nn.Parameter(w.float().contiguous(), requires_grad=True)
+        scale = self._row_scales()
+        self.latent = nn.Parameter((w.float() / torch.where(scale == 0, 1.0, scale)).contiguous(), requires_grad=True)
+
+    def _row_scales(self) -> torch.Tensor:
+        """``[out_features, 1]`` float32: each weight row's scale (shared by an output group's rows)."""
+        return self.scales.detach().float().reshape(-1, 1).repeat_interleave(self.fmt.out_group_size, dim=0)
 
     @torch.no_grad()
     def finish_latent_training(self) -> None:
@@ -312,7 +321,7 @@ class CodebookLinear(nn.Module):
 
     @torch.no_grad()
     def assign_from_latent(self) -> None:
-        self.codes.copy_(nearest_codes(self.latent, self.codebooks, self.scales, self.fmt.nbits_per_codebook))
+        self.codes.copy_(nearest_codes(self.latent, self.codebooks, None, self.fmt.nbits_per_codebook))
 
     @classmethod
     def from_tensors(
@@ -359,10 +368,11 @@ class CodebookLinear(nn.Module):
         out = None
         if self.latent is not None:
             # Straight-through: the forward uses the codes nearest the latent; the weight's gradient
-            # goes to the codebooks and scales (through the dequantization) and, whole, to the latent.
+            # goes to the codebooks and scales (through the dequantization) and, times the row scale,
+            # to the latent (its value here is zero: the forward is the dequantized weight's).
             self.assign_from_latent()
             weight = dequantize_weight(self.codes, self.codebooks, self.scales, self.fmt.nbits_per_codebook)
-            weight = weight + (self.latent - self.latent.detach()).to(weight.dtype)
+            weight = weight + ((self.latent - self.latent.detach()) * self._row_scales()).to(weight.dtype)
             out = F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         elif self.use_kernels and x.is_cuda:
             from lit_cb.kernels import dispatch

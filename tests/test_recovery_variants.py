@@ -29,7 +29,7 @@ def test_variants_recover_one_compressed_model_their_own_ways(tmp_path, tiny_tok
     common = f"model.name={tmp_path / 'model'} recovery.max_steps=3 data.num_teacher_samples=0"
     done = subprocess.run(
         ["bash", str(ROOT / "bench" / "recovery_variants.sh"), str(config), "1", common,
-         "plain=", "ste=recovery.ste_codes=true recovery.latent_lr=0.05"],
+         "plain=", "ste=recovery.ste_codes=true recovery.latent_lr=0.3"],
         env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

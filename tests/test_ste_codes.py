@@ -50,9 +50,9 @@ def test_nearest_codes_match_a_float64_brute_force(og, nbits, chunk):
 
 
 def test_a_latent_moved_past_the_midpoint_takes_the_other_codeword():
-    """Hand-checked: codewords 0 = (0, 0, 0, 0) and 1 = (1, 1, 1, 1), scale 2. A latent group of
-    0.9 everywhere (0.45 after the scale) keeps code 0; at 1.1 (0.55) it takes code 1, and the
-    forward then computes with 2 * (1, 1, 1, 1)."""
+    """Hand-checked: codewords 0 = (0, 0, 0, 0) and 1 = (1, 1, 1, 1), scale 2. The latent is in
+    codebook units: a group of 0.45 everywhere (weights of 0.9) keeps code 0; at 0.55 it takes
+    code 1, and the forward then computes with 2 * (1, 1, 1, 1)."""
     fmt = CodebookFormat(4, 1, 4, 1, 1, 1)
     book = torch.stack([torch.zeros(4), torch.ones(4)]).reshape(1, 2, 1, 4)
     layer = CodebookLinear.from_tensors(fmt, torch.zeros(1, 1, 1, dtype=torch.long), book, torch.tensor([2.0]))
@@ -60,9 +60,9 @@ def test_a_latent_moved_past_the_midpoint_takes_the_other_codeword():
     layer.start_latent_training()
     x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     with torch.no_grad():
-        layer.latent.fill_(0.9)
+        layer.latent.fill_(0.45)
         assert float(layer(x)) == 0.0 and int(layer.codes) == 0
-        layer.latent.fill_(1.1)
+        layer.latent.fill_(0.55)
         assert float(layer(x)) == 20.0 and int(layer.codes) == 1
     layer.finish_latent_training()
     assert layer.latent is None and int(layer.codes) == 1
@@ -75,13 +75,14 @@ def test_starting_latent_training_changes_neither_codes_nor_outputs():
     layer.start_latent_training()
     torch.testing.assert_close(layer(x), before, rtol=0, atol=1e-6)
     assert torch.equal(layer.codes, codes)
-    torch.testing.assert_close(layer.latent, layer.dequantize().detach(), rtol=0, atol=0)
+    scales = layer.scales.detach().reshape(-1, 1)
+    torch.testing.assert_close(layer.latent * scales, layer.dequantize().detach(), rtol=1e-6, atol=1e-7)
 
 
 def test_the_latent_gets_the_dense_weight_gradient_and_the_codebooks_theirs():
     """Straight-through: the latent's gradient is dL/dW of the same loss through a dense float64
-    copy of the weight, and the codebooks' and scales' gradients are those of the layer without a
-    latent (frozen codes)."""
+    copy of the weight, times the row scale (the latent is W / scale), and the codebooks' and
+    scales' gradients are those of the layer without a latent (frozen codes)."""
     layer = _layer(out=6, inp=12, seed=5)
     plain = copy.deepcopy(layer)
     for m in (layer, plain):
@@ -94,7 +95,8 @@ def test_the_latent_gets_the_dense_weight_gradient_and_the_codebooks_theirs():
     ((plain(x) - target) ** 2).sum().backward()
     w = plain.dequantize().detach().double().requires_grad_(True)
     ((x.double() @ w.T - target.double()) ** 2).sum().backward()
-    torch.testing.assert_close(layer.latent.grad.double(), w.grad, rtol=1e-5, atol=1e-6)
+    row_scale = plain.scales.detach().double().reshape(-1, 1)
+    torch.testing.assert_close(layer.latent.grad.double(), w.grad * row_scale, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(layer.codebooks.grad, plain.codebooks.grad)
     torch.testing.assert_close(layer.scales.grad, plain.scales.grad)
 
@@ -107,7 +109,7 @@ def test_ste_codes_lower_the_loss_when_only_the_latents_may_move():
     base = _compressed_tiny(nbits=4, m=1)
     start = _loss(base, ids)
     model = copy.deepcopy(base)
-    module, trainer = _fit(model, ids, every=0, steps=3, ste_codes=True, latent_lr=5e-2, codebook_lr=1e-12)
+    module, trainer = _fit(model, ids, every=0, steps=3, ste_codes=True, latent_lr=0.3, codebook_lr=1e-12)
     assert trainer.global_step == 3
     final = module.merged_model().float()
     layers = [m for m in final.modules() if isinstance(m, CodebookLinear)]
@@ -139,7 +141,7 @@ STE_RUN = {
     "recovery.max_steps": 6,
     "recovery.train_codebooks": True,
     "recovery.ste_codes": True,
-    "recovery.latent_lr": 0.05,
+    "recovery.latent_lr": 0.3,
     "recovery.train_embeddings": True,
     "trainer.loggers": "[csv]",
     "eval.recovered": False,

@@ -41,11 +41,12 @@ class RecoveryConfig:
     """Learning rate of the embedding and output head when train_embeddings is on (> 0)."""
     ste_codes: bool = False
     """Train the codes too, by a straight-through estimator: each compressed linear keeps a float32
-    latent weight (initialised to its dequantized weight, so step 0 changes nothing) that the weight
+    latent (its dequantized weight over the row scales, so step 0 changes nothing) that the weight
     gradient trains; every forward re-assigns each group to the codeword nearest its latent (one
     codebook per group; 4 bytes per weight plus Adam's 8 while training)."""
-    latent_lr: float = 1e-5
-    """Learning rate of the ste_codes latent weights (> 0; scale-free Adam steps in weight units)."""
+    latent_lr: float = 5e-4
+    """Learning rate of the ste_codes latents (> 0), in codebook units (weight / row scale), where
+    neighbouring codewords lie about 1 apart for g4 B8: Adam moves each element about this much a step."""
     distill_alpha: float = 0.0
     """Weight of KL distillation from the float model in the loss, in [0, 1] (0: cross-entropy only)."""
     distill_temperature: float = 1.0
