@@ -42,7 +42,7 @@ pack() {
   local list
   list=$(mktemp)
   find "$BG" -type f -size -4M >"$list"
-  find "$RUNS" -maxdepth 2 -type f \( -name '*.json' -o -name '*.yaml' -o -name '*.png' -o -name '*.md' \) \
+  find "$RUNS" -maxdepth 2 -type f \( -name '*.json' -o -name '*.yaml' -o -name '*.png' -o -name '*.md' -o -name '*.log' \) \
     -size -4M 2>/dev/null >>"$list"
   find "$RUNS" -path '*/logs/*' -name '*.csv' -size -4M 2>/dev/null >>"$list"
   tar czf "$OUT/bg.tgz" -T "$list" 2>/dev/null

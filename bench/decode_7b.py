@@ -248,7 +248,7 @@ def main() -> None:
         args.no_baselines = True
     elif not torch.cuda.is_available():
         sys.exit("no GPU: use --smoke on a CPU")
-    # bench/kernels.py's helper, loaded by path: a top-level "kernels" name would shadow the package dir
+    # bench/kernels.py, loaded by path: "kernels" is also a package that transformers imports
     spec = importlib.util.spec_from_file_location("bench_kernels", REPO / "bench" / "kernels.py")
     bench_kernels = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_kernels)

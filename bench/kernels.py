@@ -48,20 +48,8 @@ ROTATE_BYTES = 4 * L2_BYTES  # each timed call reads weights that are not in L2
 
 
 def ensure_kernels_package():
-    """``lit_cb.kernels`` from ./kernels when the checkout is not pip-installed (the device machine)."""
-    try:
-        return importlib.import_module("lit_cb.kernels")
-    except ModuleNotFoundError:
-        spec = importlib.util.spec_from_file_location(
-            "lit_cb.kernels", REPO / "kernels" / "__init__.py", submodule_search_locations=[str(REPO / "kernels")]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["lit_cb.kernels"] = module
-        spec.loader.exec_module(module)
-        import lit_cb
-
-        lit_cb.kernels = module
-        return module
+    """``lit_cb.kernels`` (inside the package since transformers 5.25 imports a top-level ``kernels``)."""
+    return importlib.import_module("lit_cb.kernels")
 
 
 def graph_time_us(fns: list, reps: int = 20) -> float:
@@ -276,9 +264,9 @@ def main() -> None:
 
     ensure_kernels_package()
     import triton
+
     from lit_cb.kernels import codebook as K
     from lit_cb.kernels import dispatch, ops
-
     from lit_cb.layers import CodebookFormat
 
     versions = {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__}
@@ -293,7 +281,7 @@ def main() -> None:
         "timing": "wall clock of two interpreted calls (smoke: checks the code path only)"
         if args.smoke
         else "CUDA-graph median per call over weight copies rotated past the 50 MB L2",
-        "dispatch": "algo from dispatch.choose_algo, tiles from ops.kernel_config (kernels/ops.py tile tables)",
+        "dispatch": "algo from dispatch.choose_algo, tiles from ops.kernel_config (lit_cb/kernels/ops.py tile tables)",
     }
     with dispatch.interpreter_on_cpu(args.smoke):
         if not args.no_check:

@@ -46,7 +46,6 @@ BK = _load("bench_kernels", "kernels.py")  # graph timing, rotation, AQLM loader
 BK.ensure_kernels_package()
 from lit_cb.kernels import codebook as K  # noqa: E402
 from lit_cb.kernels import dispatch, ops  # noqa: E402
-
 from lit_cb.layers import CodebookFormat  # noqa: E402
 
 FORMATS = {"2x8_g8": (2, 8, 8), "1x8_g4": (1, 8, 4)}  # (M, B, g): AQLM's 2-bit and LLM-Codebook's 2-bit

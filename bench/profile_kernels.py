@@ -45,12 +45,9 @@ def launch(provenance: str | None) -> None:
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
     from smollm2_h100 import provenance as describe
 
-    from kernels import ensure_kernels_package  # bench/kernels.py
-
     if provenance:
         pathlib.Path(provenance).write_text(json.dumps(describe(sys.argv), indent=1))
 
-    ensure_kernels_package()
     from lit_cb.kernels import codebook as K
     from lit_cb.kernels import ops
 

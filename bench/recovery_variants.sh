@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Compress one seed of a recipe's config once, then recover it several ways, one after another, each
-# a new run started from the same finished blocks (compression.blocks_from): the recovery settings
+# Compress one seed of a recipe's config once, then recover it several ways, one after another (or
+# PARALLEL=N at once, each with its own log <NAME>_s<SEED>.log), each a new run started from the same
+# finished blocks (compression.blocks_from): the recovery settings
 # are compared on one compressed model, and compression is paid once.
 #
 #   bash bench/recovery_variants.sh CONFIG SEED "COMMON OVERRIDES" NAME="OVERRIDES" [NAME="OVERRIDES" ...]
@@ -22,11 +23,23 @@ for o in $common; do [[ $o == recovery.* ]] || compress_overrides+=("$o"); done
 echo "== compress base_s$seed ($(date -u +%T))"
 # shellcheck disable=SC2086  # the override lists are word lists
 python3 -m lit_cb.cli compress --config "$config" run_name="base_s$seed" $shared "${compress_overrides[@]}" || exit $?
+recover() {  # NAME OVERRIDES
+  echo "== recover ${1}_s$seed: $2 ($(date -u +%T))"
+  # shellcheck disable=SC2086
+  python3 -m lit_cb.cli recover --config "$config" run_name="${1}_s$seed" \
+    compression.blocks_from="$RUNS/base_s$seed" $shared $common $2
+  echo "== ${1}_s$seed ended rc=$? ($(date -u +%T))"
+}
+lanes=${PARALLEL:-1}
 for variant in "$@"; do
   name=${variant%%=*} overrides=${variant#*=}
-  echo "== recover ${name}_s$seed: $overrides ($(date -u +%T))"
-  # shellcheck disable=SC2086
-  python3 -m lit_cb.cli recover --config "$config" run_name="${name}_s$seed" \
-    compression.blocks_from="$RUNS/base_s$seed" $shared $common $overrides
-  echo "== ${name}_s$seed ended rc=$? ($(date -u +%T))"
+  if ((lanes > 1)); then  # one log per variant, at most $lanes at once
+    while (($(jobs -rp | wc -l) >= lanes)); do wait -n; done
+    echo "== ${name}_s$seed starts in the background: $RUNS/${name}_s$seed.log"
+    recover "$name" "$overrides" >"$RUNS/${name}_s$seed.log" 2>&1 &
+  else
+    recover "$name" "$overrides"
+  fi
 done
+wait
+if ((lanes > 1)); then for variant in "$@"; do tail -n 1 "$RUNS/${variant%%=*}_s$seed.log"; done; fi

@@ -4,7 +4,9 @@ Recovery on a few hundred thousand C4 tokens overfits them eventually, and where
 perplexity turns is not known in advance. :class:`HeldOutEarlyStopping` measures the perplexity of
 the held-out C4 windows (documents disjoint from the training ones) every ``val_every_n_steps``
 optimizer steps and at the last step, records ``(step, val_ppl, train_loss)`` in
-``recovery_curve.json`` (plotted to ``recovery_curve.png``), stops training when the perplexity has
+``recovery_curve.json`` (plotted to ``recovery_curve.png``; with ``codes_changed``, the share of
+codes, one per group and codebook, that differ from those at the start of training in this
+process, where the model has codes: whether code training moves any), stops training when the perplexity has
 not improved by ``min_delta`` for ``patience`` evaluations, and at the end of training puts back the
 trainable tensors (and the codes, which code-updating recovery may change) of the best evaluation,
 so the saved model is the best one. Optionally it also records WikiText-2 perplexity every
@@ -72,6 +74,8 @@ class HeldOutEarlyStopping(L.Callback):
         self.stopped_step: int | None = None
         self.restored_step: int | None = None
         self.best_weights: dict[str, torch.Tensor] = {}
+        self.codes_at_start: dict[str, torch.Tensor] = {}
+        self.codes_reference_step: int | None = None
 
     # -- what is kept ---------------------------------------------------------------------------------
     @staticmethod
@@ -93,6 +97,26 @@ class HeldOutEarlyStopping(L.Callback):
         for name, value in self.best_weights.items():
             tracked[name].copy_(value)
 
+    @staticmethod
+    def _codes(pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
+        return {name: b for name, b in pl_module.named_buffers() if name.rsplit(".", 1)[-1] == "codes"}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A copy on the model's device (one byte per 4-8 weights at 2 bits); not checkpointed, so a
+        # resumed run counts from its resume step, which the curve names (codes_reference_step).
+        self.codes_at_start = {name: b.detach().clone() for name, b in self._codes(pl_module).items()}
+        self.codes_reference_step = trainer.global_step
+
+    @torch.no_grad()
+    def codes_changed(self, pl_module: L.LightningModule) -> float | None:
+        """Share of codes (one per group and codebook) that differ from those at the start of training
+        (None: the model has no codes). Codes are one uint8/int16 element each in memory."""
+        if not self.codes_at_start:
+            return None
+        now = self._codes(pl_module)
+        changed = sum(int((now[name] != ref).sum()) for name, ref in self.codes_at_start.items() if name in now)
+        return changed / sum(ref.numel() for ref in self.codes_at_start.values())
+
     # -- evaluation -----------------------------------------------------------------------------------
     def _perplexity(self, trainer: L.Trainer, pl_module: L.LightningModule, windows: torch.Tensor) -> float:
         with trainer.precision_plugin.forward_context():
@@ -111,6 +135,9 @@ class HeldOutEarlyStopping(L.Callback):
         loss = trainer.callback_metrics.get("train_loss")
         entry = {"step": step, "val_ppl": ppl, "train_loss": None if loss is None else float(loss)}
         logged = {"val_ppl": ppl}
+        changed = self.codes_changed(pl_module)
+        if changed is not None:
+            entry["codes_changed"] = logged["codes_changed"] = changed
         if self.test_every_n_steps and (step % self.test_every_n_steps == 0 or at_end):
             entry["wikitext2_ppl_test_probe"] = self._perplexity(trainer, pl_module, dm.test_windows())
             logged["wikitext2_ppl_test_probe"] = entry["wikitext2_ppl_test_probe"]
@@ -153,6 +180,7 @@ class HeldOutEarlyStopping(L.Callback):
             "best_val_ppl": self.best_ppl,
             "stopped_early_at": self.stopped_step,
             "restored_step": self.restored_step,
+            "codes_reference_step": self.codes_reference_step,
             "points": self.curve,
         }
 

@@ -14,7 +14,6 @@ import lightning as L
 import pytest
 import torch
 import transformers
-from lit_cb.kernels import dispatch
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -25,6 +24,7 @@ from lit_cb.cli import load_recipe, main
 from lit_cb.compress import CompressionConfig, bits_per_weight, capture_block_inputs, compress_model, run_block
 from lit_cb.config import RunConfig, load_config
 from lit_cb.hessian import attach_hessian_hooks, remove_hooks
+from lit_cb.kernels import dispatch
 from lit_cb.layers import CodebookLinear
 from lit_cb.models import EMBEDDED_FAMILIES, decoder_layers
 from lit_cb.recovery import RecoveryConfig, RecoveryModule, lora_target_names

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from lit_cb.kernels import dispatch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lit_cb.compress import CompressionConfig, compress_model
 from lit_cb.generate import encode_prompt, generate, main
+from lit_cb.kernels import dispatch
 from lit_cb.layers import CodebookFormat, CodebookLinear
 from lit_cb.serialization import save_compressed
 

@@ -15,7 +15,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
-import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -26,27 +25,7 @@ from lit_cb.layers import CodebookFormat, CodebookLinear, pack_codes  # noqa: E4
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _ensure_kernels_package() -> None:
-    """Make ``lit_cb.kernels`` importable from a plain checkout (pyproject maps it to ./kernels when
-    installed; CI may run the tests from the source tree without installing)."""
-    try:
-        importlib.import_module("lit_cb.kernels")
-        return
-    except ModuleNotFoundError:
-        pass
-    spec = importlib.util.spec_from_file_location(
-        "lit_cb.kernels", REPO / "kernels" / "__init__.py", submodule_search_locations=[str(REPO / "kernels")]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["lit_cb.kernels"] = module
-    spec.loader.exec_module(module)
-    import lit_cb
-
-    lit_cb.kernels = module
-
-
 def _kernel_modules():
-    _ensure_kernels_package()
     from triton.runtime.interpreter import InterpretedFunction
 
     codebook = importlib.import_module("lit_cb.kernels.codebook")

@@ -1,4 +1,4 @@
-"""The dispatcher's per-shape tiles (kernels/ops.py GEMV_TILES / MM_DECODE_TILES / DEQUANT_TILES) against the
+"""The dispatcher's per-shape tiles (lit_cb/kernels/ops.py GEMV_TILES / MM_DECODE_TILES / DEQUANT_TILES) against the
 H100 sweep they were read from (bench/results/kernels_sweep_h100.json), and each chosen tile run in the
 Triton CPU interpreter against float64 at a small shape with the same config parameters."""
 

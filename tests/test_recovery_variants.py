@@ -25,7 +25,8 @@ def test_variants_recover_one_compressed_model_their_own_ways(tmp_path, tiny_tok
     tiny = {**TINY_RUN, "recovery.lora_r": 0, "recovery.train_codebooks": True, "recovery.train_norms": True}
     save_config(load_config(None, [f"{k}={v}" for k, v in tiny.items()]), config)
     runs = tmp_path / "runs"
-    env = {**os.environ, "RUNS": str(runs), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    env = {**os.environ, "RUNS": str(runs), "PARALLEL": "2", "PATH": path}
     common = f"model.name={tmp_path / 'model'} recovery.max_steps=3 data.num_teacher_samples=0"
     done = subprocess.run(
         ["bash", str(ROOT / "bench" / "recovery_variants.sh"), str(config), "1", common,
@@ -33,7 +34,9 @@ def test_variants_recover_one_compressed_model_their_own_ways(tmp_path, tiny_tok
         env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "ended rc=0" in done.stdout and "rc=1" not in done.stdout, done.stdout
+    # Two lanes: each variant's log, and its last line (the end) echoed when all are done.
+    assert done.stdout.count("ended rc=0") == 2 and "rc=1" not in done.stdout, done.stdout
+    assert "ended rc=0" in (runs / "ste_s1.log").read_text()
     blocks = sorted(p.name for p in (runs / "base_s1" / "blocks").glob("block_*.safetensors"))
     saved = {}
     for name in ("plain", "ste"):

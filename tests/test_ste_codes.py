@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 from lit_cb.config import load_config
 from lit_cb.layers import CodebookFormat, CodebookLinear, nearest_codes, unpack_codes
 from lit_cb.pipeline import run
+from lit_cb.serialization import load_compressed
 
 from .conftest import TINY_RUN, resume_equals, save_tiny_model
 from .test_code_update import _compressed_tiny, _fit, _loss
@@ -190,15 +192,30 @@ def test_ste_recovery_resumed_after_a_crash_equals_an_uninterrupted_run(tmp_path
 def test_ste_codes_change_the_codes_in_a_real_run(tmp_path, tiny_tokenizer):
     """The same config without ste_codes keeps the compressed codes; with it, some move."""
     save_tiny_model(tmp_path / "model", tiny_tokenizer)
-    saved = {}
+    saved, curves, loaded = {}, {}, {}
     for ste in (False, True):
-        values = {**STE_RUN, "recovery.ste_codes": ste, "output_dir": str(tmp_path / str(ste))}
+        values = {
+            **STE_RUN,
+            "recovery.ste_codes": ste,
+            "recovery.val_every_n_steps": 6,
+            "output_dir": str(tmp_path / str(ste)),
+        }
         cfg = load_config(None, [f"{k}={v}" for k, v in {**values, "model.name": str(tmp_path / "model")}.items()])
         run(cfg)
         saved[ste] = load_file(str(cfg.run_dir / "model" / "model.safetensors"))
+        curves[ste] = json.loads((cfg.run_dir / "recovery_curve.json").read_text())
+        model, _, _ = load_compressed(cfg.run_dir / "model")
+        loaded[ste] = {n: m.codes for n, m in model.named_modules() if isinstance(m, CodebookLinear)}
     codes = [k for k in saved[False] if k.endswith(".codes")]
     assert codes
     assert sum(int((saved[False][k] != saved[True][k]).sum()) for k in codes) > 0
+    # The curve's codes_changed: the share of codes (one per group; packed several to a byte on
+    # disk) that differ from those at the start of training, the frozen run's.
+    changed = sum(int((loaded[False][n] != loaded[True][n]).sum()) for n in loaded[False])
+    total = sum(c.numel() for c in loaded[False].values())
+    assert curves[False]["points"][-1]["codes_changed"] == 0.0
+    assert curves[True]["points"][-1]["codes_changed"] == pytest.approx(changed / total, abs=0)
+    assert curves[True]["codes_reference_step"] == 0
 
 
 # -- config --------------------------------------------------------------------------------------

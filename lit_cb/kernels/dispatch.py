@@ -19,7 +19,7 @@ import torch
 
 # Best kernel family by token count, per format ("MxB_gG") with a default: a list of (max_tokens, algo),
 # first match wins, "dense" beyond the last. The tile each family runs with is chosen per shape class in
-# kernels/ops.py (GEMV_TILES, MM_DECODE_TILES, DEQUANT_TILES).
+# lit_cb/kernels/ops.py (GEMV_TILES, MM_DECODE_TILES, DEQUANT_TILES).
 ALGO_TABLE: dict[str, list[tuple[int, str]]] = {
     "default": [(2, "gemv"), (64, "mm")],
     # bench/kernels.py --tune, H100, 11008x4096 (bench/results/kernels_h100.json "tune"): mm is flat at
