@@ -248,8 +248,8 @@ def main() -> None:
         args.no_baselines = True
     elif not torch.cuda.is_available():
         sys.exit("no GPU: use --smoke on a CPU")
-    # bench/kernels.py, loaded by path: "kernels" is also a package that transformers imports
-    spec = importlib.util.spec_from_file_location("bench_kernels", REPO / "bench" / "kernels.py")
+    # bench/kernel_bench.py, loaded by path (bench/ is not a package)
+    spec = importlib.util.spec_from_file_location("bench_kernels", REPO / "bench" / "kernel_bench.py")
     bench_kernels = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_kernels)
     bench_kernels.ensure_kernels_package()
@@ -267,7 +267,7 @@ def main() -> None:
             skipped["bnb_nf4"] = repr(e)[:300]
         try:
             t0 = time.time()
-            bench_kernels.load_aqlm()  # JIT build (cached on the machine after bench/kernels.py)
+            bench_kernels.load_aqlm()  # JIT build (cached on the machine after bench/kernel_bench.py)
             import aqlm
 
             versions["aqlm"] = getattr(aqlm, "__version__", "unknown")

@@ -6,7 +6,7 @@ AQLM's CUDA 2x8 kernel (JIT-built in a background thread while the rest runs).
     python bench/kernels_sweep_gpu.py --out $OUT/kernels_sweep_h100.json            # at most about 7 minutes
     TRITON_INTERPRET=1 python bench/kernels_sweep_gpu.py --smoke --out /tmp/s.json  # CPU, tiny shapes
 
-Timing as in bench/kernels.py: one CUDA graph of calls over enough weight copies to defeat the 50 MB L2,
+Timing as in bench/kernel_bench.py: one CUDA graph of calls over enough weight copies to defeat the 50 MB L2,
 median over replays. Every variant runs in its own try: a failure (compile error, wrong result) is recorded
 with its message and the run goes on; the JSON is rewritten after every row, so a timeout still leaves
 everything measured so far. ``--budget-s`` skips the remaining phases (recorded) once that much time passed.
@@ -42,7 +42,7 @@ def _load(name: str, file: str):
     return module
 
 
-BK = _load("bench_kernels", "kernels.py")  # graph timing, rotation, AQLM loader
+BK = _load("bench_kernels", "kernel_bench.py")  # graph timing, rotation, AQLM loader
 BK.ensure_kernels_package()
 from lit_cb.kernels import codebook as K  # noqa: E402
 from lit_cb.kernels import dispatch, ops  # noqa: E402
@@ -450,7 +450,7 @@ def main() -> None:
         "gluon_shared_gather": _has_gluon_smem_gather(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "timing": "CUDA-graph median per call over weight copies rotated past the 50 MB L2 (bench/kernels.py)",
+        "timing": "CUDA-graph median per call over weight copies rotated past the 50 MB L2 (bench/kernel_bench.py)",
         "phases_skipped": [],
     }
     rec = Recorder(args.out, doc)

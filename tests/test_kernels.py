@@ -189,7 +189,7 @@ def test_dtypes(dtype):
     y = K.codebook_gemv(x, codes, codebooks, scales, bias, 8, K.GemvConfig(block_n=8, block_g=8, num_stages=1))
     assert y.dtype == dtype and rel_err(y, ref) < TOL[dtype]
     if dtype == torch.bfloat16:
-        # the interpreter's tl.dot has no bf16 (numpy does not): bench/kernels.py checks bf16 mm on the GPU
+        # the interpreter's tl.dot has no bf16 (numpy does not): bench/kernel_bench.py checks bf16 mm on the GPU
         return
     cfg = K.MMConfig(block_m=16, block_n=16, block_g=2, num_stages=1)
     y = K.codebook_mm(x, codes, codebooks, scales, bias, 8, cfg)

@@ -22,7 +22,8 @@ from tests.test_kernels import (  # noqa: F401  (_poison_empty: NaN-filled outpu
     rel_err,
 )
 
-SWEEP = pathlib.Path(__file__).resolve().parents[1] / "bench" / "results" / "kernels_sweep_h100.json"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SWEEP = ROOT / "bench" / "results" / "kernels_sweep_h100.json"
 FORMATS = {"2x8_g8": (2, 8, 8), "1x8_g4": (1, 8, 4)}  # the sweep's formats: (M, B, g)
 ALGO_BY_BATCH = {1: "gemv", 16: "mm", 2048: "dense"}  # dispatch.ALGO_TABLE at the sweep's token counts
 NEAR_TIE = 1.05  # the class rule may run another tile than a row's winner only if measured within 5% of it
@@ -153,7 +154,7 @@ def test_unknown_algo_is_refused():
 
 
 def test_bench_scripts_smoke_run_and_record_the_dispatch(tmp_path):
-    """bench/kernels.py and bench/decode_7b.py --smoke (the H100 scripts at toy CPU sizes), as processes."""
+    """bench/kernel_bench.py and bench/decode_7b.py --smoke (the H100 scripts at toy CPU sizes), as processes."""
     import os
     import subprocess
     import sys
@@ -161,7 +162,7 @@ def test_bench_scripts_smoke_run_and_record_the_dispatch(tmp_path):
     root = pathlib.Path(__file__).resolve().parents[1]
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = tmp_path / "kernels.json"
-    cmd = [sys.executable, "bench/kernels.py", "--smoke", "--formats", "1x8_g4", "--out", str(out)]
+    cmd = [sys.executable, "bench/kernel_bench.py", "--smoke", "--formats", "1x8_g4", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(out.read_text())
@@ -187,3 +188,11 @@ def test_bench_scripts_smoke_run_and_record_the_dispatch(tmp_path):
     assert all("tok_s" in r for r in doc["results"]), doc["results"]
     names = {r["variant"] for r in doc["results"]}
     assert names == {"fp16", "floor_no_projections", "2x8_g8", "2x8_g8+fused", "1x8_g4", "1x8_g4+fused"}
+
+
+def test_no_folder_on_a_script_path_shadows_the_kernels_package():
+    """transformers (>= 5.25) imports the hub's ``kernels`` package when it loads a model; a
+    ``kernels`` module in the repository root or in ``bench/`` (sys.path[0] of ``python
+    bench/x.py``) was found first and broke every model load from a checkout."""
+    for folder in (ROOT, ROOT / "bench", ROOT / "scripts", ROOT / "recipes"):
+        assert not (folder / "kernels").exists() and not (folder / "kernels.py").exists(), folder

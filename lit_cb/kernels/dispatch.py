@@ -2,7 +2,7 @@
 
 ``select_kernel(fmt, x)`` returns a callable ``(x, codes, codebooks, scales, bias, fmt) -> y`` or None,
 in which case the layer runs its PyTorch reference. The choice by token count comes from
-``bench/kernels.py --tune`` on the H100 (bench/results/kernels_h100.json), confirmed by the issue-10
+``bench/kernel_bench.py --tune`` on the H100 (bench/results/kernels_h100.json), confirmed by the issue-10
 sweep (bench/results/kernels_sweep_h100.json): the FMA matvec for the fewest tokens, the
 decode-into-``tl.dot`` kernel where it beats the rest, and a transient dense W + cuBLAS beyond, where
 cuBLAS's tensor-core pipeline outweighs writing and re-reading the dense copy.
@@ -22,7 +22,7 @@ import torch
 # lit_cb/kernels/ops.py (GEMV_TILES, MM_DECODE_TILES, DEQUANT_TILES).
 ALGO_TABLE: dict[str, list[tuple[int, str]]] = {
     "default": [(2, "gemv"), (64, "mm")],
-    # bench/kernels.py --tune, H100, 11008x4096 (bench/results/kernels_h100.json "tune"): mm is flat at
+    # bench/kernel_bench.py --tune, H100, 11008x4096 (bench/results/kernels_h100.json "tune"): mm is flat at
     # 55-70 us from 2 to 64 tokens; its 128-token tile (pipelined) loses to dense by 5x, so dense above 64.
     # The issue-10 sweep (bench/results/kernels_sweep_h100.json "layers") agrees on all four shapes: at 16
     # tokens mm (15-209 us) beats dense (27-410 us) and gemv (87-1590 us).

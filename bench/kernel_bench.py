@@ -2,9 +2,9 @@
 bitsandbytes NF4 and AQLM's CUDA kernels in the same run (H100; CUDA-graph medians; weights rotated over
 enough copies to defeat the 50 MB L2), plus fused q/k/v and gate/up against separate launches.
 
-    python bench/kernels.py --out $OUT/kernels_h100.json                    # about 2 minutes on the H100
-    python bench/kernels.py --sweep --shapes 11008x4096 --batches 1,16      # tile variants, for dispatch
-    TRITON_INTERPRET=1 python bench/kernels.py --smoke --out /tmp/k.json     # CPU, tiny shapes
+    python bench/kernel_bench.py --out $OUT/kernels_h100.json                    # about 2 minutes on the H100
+    python bench/kernel_bench.py --sweep --shapes 11008x4096 --batches 1,16      # tile variants, for dispatch
+    TRITON_INTERPRET=1 python bench/kernel_bench.py --smoke --out /tmp/k.json     # CPU, tiny shapes
 
 Each row runs ``dispatch.choose_algo``'s family with ``ops.kernel_config``'s tile (recorded in the row) and
 is timed as one CUDA graph of ``R`` calls, call ``i`` on weight copy ``i % copies``; the reported time is the
