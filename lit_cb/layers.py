@@ -180,10 +180,14 @@ def _code_segments(codes: torch.Tensor, nbits: int) -> list[tuple[torch.Tensor, 
     flat = unpack_codes(codes, nbits).reshape(-1, codes.shape[-1])
     order_dtype = torch.int32 if flat.shape[0] < 2**31 else torch.int64
     segments = []
+    # Each code's segment end is found in the sorted codes (searchsorted) rather than by bincount,
+    # whose output size depends on the data: on CUDA it reads the maximum back to the host, a
+    # synchronisation per layer per step where the codes change every step (ste_codes).
+    bounds = torch.arange(1, 2**nbits + 1, device=codes.device)
     for m in range(flat.shape[1]):
-        order = torch.argsort(flat[:, m], stable=True).to(order_dtype)
-        ends = torch.bincount(flat[:, m], minlength=2**nbits).cumsum(0)
-        segments.append((order, ends))
+        ordered, order = torch.sort(flat[:, m], stable=True)
+        ends = torch.searchsorted(ordered, bounds)  # number of groups with a code below k + 1
+        segments.append((order.to(order_dtype), ends))
     if id(codes) not in _SEGMENT_CACHE:
         weakref.finalize(codes, _SEGMENT_CACHE.pop, id(codes), None)
     _SEGMENT_CACHE[id(codes)] = (key, segments)
