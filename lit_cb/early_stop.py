@@ -5,8 +5,8 @@ perplexity turns is not known in advance. :class:`HeldOutEarlyStopping` measures
 the held-out C4 windows (documents disjoint from the training ones) every ``val_every_n_steps``
 optimizer steps and at the last step, records ``(step, val_ppl, train_loss)`` in
 ``recovery_curve.json`` (plotted to ``recovery_curve.png``; with ``codes_changed``, the share of
-codes, one per group and codebook, that differ from those at the start of training in this
-process, where the model has codes: whether code training moves any), stops training when the perplexity has
+codes, one per group and codebook, that differ from those at the start of training, where the
+model has codes: whether code training moves any), stops training when the perplexity has
 not improved by ``min_delta`` for ``patience`` evaluations, and at the end of training puts back the
 trainable tensors (and the codes, which code-updating recovery may change) of the best evaluation,
 so the saved model is the best one. Optionally it also records WikiText-2 perplexity every
@@ -14,9 +14,9 @@ so the saved model is the best one. Optionally it also records WikiText-2 perple
 
 It evaluates in ``on_train_batch_end``, after the optimizer step and before the periodic
 ``ModelCheckpoint`` of the same step (Lightning runs checkpoint callbacks last), and keeps its whole
-state (curve, best value and step, patience counter, best tensors on the CPU) in the checkpoint: a
-run resumed from any checkpoint continues exactly as the uninterrupted run. Evaluation runs in eval
-mode (no dropout) and draws no random numbers, so it does not disturb the training RNG stream.
+state (curve, best value and step, patience counter, best tensors and the starting codes on the CPU) in
+the checkpoint: a run resumed from any checkpoint continues exactly as the uninterrupted run. Evaluation
+runs in eval mode (no dropout) and draws no random numbers, so it does not disturb the training RNG stream.
 """
 
 from __future__ import annotations
@@ -102,9 +102,17 @@ class HeldOutEarlyStopping(L.Callback):
         return {name: b for name, b in pl_module.named_buffers() if name.rsplit(".", 1)[-1] == "codes"}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # A copy on the model's device (one byte per 4-8 weights at 2 bits); not checkpointed, so a
-        # resumed run counts from its resume step, which the curve names (codes_reference_step).
-        self.codes_at_start = {name: b.detach().clone() for name, b in self._codes(pl_module).items()}
+        # The reference is a copy on the model's device (one byte per 4-8 weights at 2 bits). It is
+        # checkpointed (state_dict), so a resumed run keeps counting from the first start, as the
+        # uninterrupted run does: the codes in a checkpoint are the ones training has moved already.
+        codes = self._codes(pl_module)
+        if self.codes_at_start:  # restored by load_state_dict, before this hook
+            missing = sorted(set(self.codes_at_start) - set(codes))
+            if missing:
+                raise RuntimeError(f"the checkpoint's reference codes name buffers the model lacks: {missing[:5]}")
+            self.codes_at_start = {name: ref.to(codes[name].device) for name, ref in self.codes_at_start.items()}
+            return
+        self.codes_at_start = {name: b.detach().clone() for name, b in codes.items()}
         self.codes_reference_step = trainer.global_step
 
     @torch.no_grad()
@@ -202,6 +210,8 @@ class HeldOutEarlyStopping(L.Callback):
             "last_eval_step": self.last_eval_step,
             "stopped_step": self.stopped_step,
             "best_weights": self.best_weights,
+            "codes_at_start": {name: t.detach().to("cpu", copy=True) for name, t in self.codes_at_start.items()},
+            "codes_reference_step": self.codes_reference_step,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -212,6 +222,8 @@ class HeldOutEarlyStopping(L.Callback):
         self.last_eval_step = int(state_dict.get("last_eval_step", 0))
         self.stopped_step = state_dict.get("stopped_step")
         self.best_weights = dict(state_dict.get("best_weights", {}))
+        self.codes_at_start = dict(state_dict.get("codes_at_start", {}))
+        self.codes_reference_step = state_dict.get("codes_reference_step")
 
 
 def plot_curve(summary: dict, out: Path, title: str = "recovery") -> Path:
