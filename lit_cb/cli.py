@@ -33,9 +33,10 @@ COMMANDS: dict[str, str] = {
     "report": "comparison report: fp16, bitsandbytes NF4/FP4, QLoRA, RTN and GPTQ rows under one protocol",
     "export": "export a compressed model to another format (lit_cb.export)",
     "generate": "generate text with a saved model (lit_cb.generate)",
+    "chat": "chat with a saved model, one message per input line (lit_cb.chat)",
 }
 # Commands that hand their whole argument list to another module's ``main(argv) -> int``.
-DELEGATED = {"export": "lit_cb.export", "generate": "lit_cb.generate"}
+DELEGATED = {"export": "lit_cb.export", "generate": "lit_cb.generate", "chat": "lit_cb.chat"}
 EXAMPLES = """\
 examples:
   {prog} run recipes/smollm2_codebook.py                      the CPU demo (SmolLM2-135M, codebook, LoRA)

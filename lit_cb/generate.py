@@ -103,7 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="model folder (lit_cb output or plain Hugging Face), or the embedded name 'smollm2'")
     p.add_argument("--prompt", required=True, help="the user message (or raw text with --no-chat-template)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    add_decoding_arguments(p, max_new_tokens=128)
+    p.add_argument("--no-chat-template", action="store_true", help="tokenize the prompt as raw text")
+    p.add_argument("--no-stream", action="store_true", help="print the reply at the end instead of streaming it")
+    return p
+
+
+def add_decoding_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """The options ``generate`` and ``chat`` share: how many tokens, how they are picked, and where and
+    how the model runs (read back by :func:`prepare`)."""
+    p.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens)
     p.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling mass when sampling (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
@@ -126,9 +135,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="run q/k/v and gate/up CodebookLinears as one fused layer each (one kernel launch); auto = on a GPU "
         "unless --compile is inductor/cudagraphs",
     )
-    p.add_argument("--no-chat-template", action="store_true", help="tokenize the prompt as raw text")
-    p.add_argument("--no-stream", action="store_true", help="print the reply at the end instead of streaming it")
-    return p
 
 
 def resolve_device(name: str) -> torch.device:
@@ -602,21 +608,19 @@ def generate(
     return new, stats
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``lit_cb generate``; returns the exit status (0 ok, 1 bad model or input; argparse exits 2)."""
-    args = build_parser().parse_args(argv)
+def warn(message: str) -> None:
+    """How the commands report a fallback they took: one line on stderr."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
-    def warn(message: str) -> None:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
 
-    try:
-        device = resolve_device(args.device)
-        dtype = resolve_dtype(args.dtype, device)
-        model, tokenizer = load(args.model, device, dtype)
-        input_ids = encode_prompt(tokenizer, args.prompt, chat_template=not args.no_chat_template)
-    except (ValueError, FileNotFoundError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+def prepare(args: argparse.Namespace) -> tuple:
+    """``(model, tokenizer, compile_backend)`` from the options of :func:`add_decoding_arguments` and
+    ``args.model``: the model loaded on its device, fused where that applies, and the decode path the
+    options and the device call for. Bad options or a missing model raise ValueError/FileNotFoundError/
+    OSError before anything runs."""
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    model, tokenizer = load(args.model, device, dtype)
     if args.compile == "auto":
         compile_backend = "graph" if device.type == "cuda" else None
     else:
@@ -633,6 +637,18 @@ def main(argv: list[str] | None = None) -> int:
             fuse_codebook_projections(model)  # inference only: this model is not saved from here
     if compile_backend == "graph" and device.type != "cuda":
         warn("CUDA graphs need a GPU; running the same static-cache decode loop eagerly")
+    return model, tokenizer, compile_backend
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``lit_cb generate``; returns the exit status (0 ok, 1 bad model or input; argparse exits 2)."""
+    args = build_parser().parse_args(argv)
+    try:
+        model, tokenizer, compile_backend = prepare(args)
+        input_ids = encode_prompt(tokenizer, args.prompt, chat_template=not args.no_chat_template)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     new, stats = generate(
         model,
         tokenizer,

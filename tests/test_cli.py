@@ -154,7 +154,7 @@ def test_every_command_has_its_own_help(helps, command):
 
 def test_top_level_help_is_written_for_users(helps):
     text = helps[""]["text"]
-    for command in ("run", "compress", "recover", "evaluate", "report", "export", "generate"):
+    for command in ("run", "compress", "recover", "evaluate", "report", "export", "generate", "chat"):
         assert re.search(rf"^  {command} +\S", text, re.M), command
     assert "``" not in text and ":class:" not in text and ":func:" not in text
 
@@ -298,15 +298,20 @@ def test_each_field_rejects_a_wrong_type_and_an_out_of_range_value_by_name(key, 
 # -- commands -------------------------------------------------------------------------------------
 
 
-def test_export_and_generate_dispatch_to_their_modules(monkeypatch, capsys):
+def test_export_generate_and_chat_dispatch_to_their_modules(monkeypatch, capsys):
     calls = []
-    for name in ("export", "generate"):
+    for name in ("export", "generate", "chat"):
         stand_in = types.ModuleType(f"lit_cb.{name}")
         stand_in.main = lambda argv, name=name: calls.append((name, argv)) or 7
         monkeypatch.setitem(sys.modules, f"lit_cb.{name}", stand_in)
     assert cli.main(["export", "outputs/run/model", "--format", "gguf"]) == 7
     assert cli.main(["generate", "--help"]) == 7
-    assert calls == [("export", ["outputs/run/model", "--format", "gguf"]), ("generate", ["--help"])]
+    assert cli.main(["chat", "smollm2", "--system", "hi"]) == 7
+    assert calls == [
+        ("export", ["outputs/run/model", "--format", "gguf"]),
+        ("generate", ["--help"]),
+        ("chat", ["smollm2", "--system", "hi"]),
+    ]
 
 
 def test_missing_delegated_module_is_a_clear_error(monkeypatch, capsys):
