@@ -51,11 +51,9 @@ def evaluate_saved(cfg) -> dict:
 
     from lit_cb.configs.data import DataConfig
     from lit_cb.data.datamodule import CompressionDataModule
-    from lit_cb.serialization import load_compressed
+    from lit_cb.serialization import load_compressed, model_folder
 
-    model_dir = Path(cfg.model_dir)
-    if (model_dir / "model" / "compression.json").is_file():
-        model_dir = model_dir / "model"
+    model_dir = model_folder(cfg.model_dir)
     if cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("accelerator asks for a GPU but torch sees none")

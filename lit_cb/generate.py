@@ -170,7 +170,9 @@ def load(model: str, device: torch.device, dtype: torch.dtype):
         from lit_cb.models import load_model
 
         return load_model(model, str(dtype).removeprefix("torch."), device)
-    path = Path(model).expanduser()
+    from lit_cb.serialization import model_folder, read_quantization_config
+
+    path = model_folder(Path(model).expanduser())  # a run folder stands for its model/
     if not path.is_dir():
         raise FileNotFoundError(
             f"model {model!r}: no such folder; give a model folder (a lit_cb output's model/ or a Hugging Face "
@@ -179,7 +181,6 @@ def load(model: str, device: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import lit_cb  # noqa: F401  registers quant_method lit_cb with transformers
-    from lit_cb.serialization import read_quantization_config
 
     read_quantization_config(path)  # clear errors for a missing or unreadable config.json
     if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():

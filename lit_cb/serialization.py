@@ -101,6 +101,13 @@ def save_compressed(model: nn.Module, directory: str | Path, tokenizer=None, ext
     return out
 
 
+def model_folder(path: str | Path) -> Path:
+    """The model folder a user means by ``path``: a run folder (``outputs/<run>``, whose saved model is
+    ``model/``) stands for its ``model/``; any other path is itself."""
+    path = Path(path)
+    return path / "model" if (path / "model" / "compression.json").is_file() else path
+
+
 def read_quantization_config(directory: str | Path) -> dict | None:
     """``quantization_config`` of a model folder's config.json (None for a float model), with clear
     errors for a missing or unreadable config."""

@@ -90,6 +90,14 @@ def test_each_reply_equals_generate_on_the_whole_templated_history(chat_dir, cap
     assert replies == [first, second]  # the empty line was no message
 
 
+def test_a_run_folder_stands_for_its_saved_model(chat_dir, tmp_path, capsys):
+    run = tmp_path / "outputs" / "run"
+    shutil.copytree(chat_dir, run / "model")  # as a run leaves it: outputs/<run>/model/compression.json
+    rc, replies, err = _chat(run, [FIRST], capsys)
+    assert rc == 0, err
+    assert replies == [_reply(chat_dir, [_user(FIRST)])]
+
+
 def test_the_system_message_leads_every_turn(chat_dir, capsys):
     rc, replies, err = _chat(chat_dir, [FIRST, SECOND], capsys, "--system", "new york")
     assert rc == 0, err
