@@ -1,10 +1,12 @@
 """``lit_cb export <model dir> --format {aqlm,lit_cb} --out DIR``: convert between model folders.
 
 * a lit_cb model folder ``--format aqlm``: the folder stock transformers loads
-  with the ``aqlm`` package (see :mod:`lit_cb.interop.aqlm`); refused, naming the layer, when
-  AQLM cannot express the model (merged low-rank slot, RTN/GPTQ layers, mixed formats, ...);
+  with the ``aqlm`` package (see :mod:`lit_cb.interop.aqlm`), with the low-rank slots of merged LoRA
+  adapters as a peft adapter in ``lora/``; refused, naming the layer, when AQLM cannot express the
+  model (RTN/GPTQ layers, mixed formats, ...);
 * an AQLM folder (``quantization_config.quant_method == "aqlm"``) ``--format lit_cb``: a lit_cb
-  folder with the same tensors in CodebookLinear layers (recoverable, servable by lit_cb's kernels).
+  folder with the same tensors in CodebookLinear layers (recoverable, servable by lit_cb's kernels),
+  an adapter in its ``lora/`` merged into their low-rank slots.
 
 ``--out`` must not exist or be an empty folder; it appears only once complete.
 """
@@ -65,6 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"wrote {args.format} folder {out}")
+    from lit_cb.interop.aqlm import ADAPTER_DIR
+
+    adapter = Path(out) / ADAPTER_DIR
+    if args.format == "aqlm" and adapter.is_dir():
+        print(
+            f"the low-rank slots are the peft LoRA adapter {adapter}: put it on the loaded model with "
+            f"PeftModel.from_pretrained(model, '{adapter}') or model.load_adapter('{adapter}')"
+        )
     return 0
 
 

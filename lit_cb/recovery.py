@@ -4,7 +4,7 @@ Codes stay frozen unless ``code_update_every > 0`` (then :class:`lit_cb.code_upd
 CodeUpdateCallback` re-assigns them every that many steps). What trains is chosen by
 :class:`RecoveryConfig`: LoRA adapters (peft) on the
 dense linears that remain, optionally LoRA on compressed linears too (through a small peft
-dispatcher, :class:`CodebookLoraLinear`), and optionally the codebooks, scales and norms
+dispatcher, :class:`lit_cb.lora.CodebookLoraLinear`), and optionally the codebooks, scales and norms
 themselves (AQLM's end-to-end tuning). The loss is causal-LM cross-entropy, optionally mixed
 with KL distillation from the float teacher's logits.
 """
@@ -19,7 +19,6 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
-from peft.tuners.lora import LoraLayer
 from torch import nn
 from torchmetrics.text import Perplexity
 
@@ -29,42 +28,7 @@ from lit_cb.configs.recovery import RecoveryConfig  # noqa: F401 (re-exported: t
 from lit_cb.distillation import kl_to_teacher, next_token_cross_entropy
 from lit_cb.evaluate import causal_lm_perplexity_update
 from lit_cb.layers import CodebookLinear
-
-
-class CodebookLoraLinear(nn.Module, LoraLayer):
-    """peft LoRA around a :class:`CodebookLinear`, registered with peft's custom-module
-    dispatcher. Codebooks cannot absorb an adapter, so merging moves it into the layer's
-    low-rank correction slot (``merge_and_unload`` then yields plain CodebookLinears)."""
-
-    def __init__(self, base_layer: CodebookLinear, adapter_name: str, config: LoraConfig, r: int = 0, **kwargs):
-        super().__init__()
-        LoraLayer.__init__(self, base_layer)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, lora_alpha=kwargs.get("lora_alpha", 1), config=config)
-
-    @torch.no_grad()
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        for name in adapter_names or self.active_adapters:
-            if name in self.lora_A and name not in self.merged_adapters:
-                a = self.lora_A[name].weight  # [r, in]
-                b = self.lora_B[name].weight * self.scaling[name]  # [out, r]
-                self.get_base_layer().add_low_rank(a, b)
-                self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        raise NotImplementedError("a LoRA merged into a CodebookLinear's low-rank slot cannot be unmerged")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        if self.disable_adapters or self.merged:
-            return result
-        for name in self.active_adapters:
-            if name not in self.lora_A:
-                continue
-            a, b = self.lora_A[name], self.lora_B[name]
-            out = b(a(self.lora_dropout[name](x.to(a.weight.dtype))))
-            result = result + (out * self.scaling[name]).to(result.dtype)
-        return result
+from lit_cb.lora import CodebookLoraLinear, register_dispatcher  # noqa: F401 (re-exported)
 
 
 def lora_target_names(model: nn.Module, config: RecoveryConfig) -> list[str]:
@@ -99,7 +63,7 @@ def apply_lora(model: nn.Module, config: RecoveryConfig) -> nn.Module:
         target_modules=targets,
         bias="none",
     )
-    lora_cfg._register_custom_module({CodebookLinear: CodebookLoraLinear})
+    register_dispatcher(lora_cfg)
     with warnings.catch_warnings():
         # peft warns about any base layer it does not know; CodebookLinear is handled by the dispatcher above.
         warnings.filterwarnings("ignore", message="Unsupported layer type")

@@ -263,12 +263,83 @@ def _export_error(tmp_path, model, capsys) -> str:
     return capsys.readouterr().err
 
 
-def test_merged_low_rank_slot_is_refused_naming_the_layer(tmp_path, capsys):
+def _with_slots(model: LlamaForCausalLM, seed: int = 5) -> dict[str, int]:
+    """Low-rank slots (as merged LoRA adapters leave them, fp16) on some compressed layers of ``model``,
+    of two ranks; returns name -> rank."""
+    gen = torch.Generator().manual_seed(seed)
+    ranks = {
+        "model.layers.0.self_attn.q_proj": 2,
+        "model.layers.0.mlp.down_proj": 2,
+        "model.layers.1.self_attn.o_proj": 4,
+    }
+    for name, rank in ranks.items():
+        layer = model.get_submodule(name)
+        layer.add_low_rank(torch.randn(rank, 64, generator=gen) * 0.3, torch.randn(64, rank, generator=gen) * 0.3)
+    return ranks
+
+
+def test_low_rank_slots_export_as_a_peft_adapter_that_restores_the_function(tmp_path, tiny_tokenizer, capsys):
+    """A recovered model whose LoRA adapters were merged into compressed layers: AQLM's QuantizedLinear
+    has no slot, so the slots go to <out>/lora as a peft adapter; stock transformers + aqlm + peft
+    then compute lit_cb's logits, and without the adapter they do not."""
+    from peft import PeftModel
+
     model = _codebook_model(2, 8)
-    layer = model.model.layers[1].self_attn.o_proj
-    layer.add_low_rank(torch.randn(4, 64), torch.randn(64, 4))
-    err = _export_error(tmp_path, model, capsys)
-    assert "model.layers.1.self_attn.o_proj" in err and "low-rank" in err
+    ranks = _with_slots(model)
+    lit_dir, aqlm_dir = tmp_path / "lit", tmp_path / "aqlm"
+    save_compressed(model, lit_dir, tiny_tokenizer)
+    assert export_cli.main([str(lit_dir), "--format", "aqlm", "--out", str(aqlm_dir)]) == 0
+    assert "peft LoRA adapter" in capsys.readouterr().out
+
+    assert not [k for k in load_file(str(aqlm_dir / "model.safetensors")) if "low_rank" in k]
+    adapter = load_file(str(aqlm_dir / "lora" / "adapter_model.safetensors"))
+    assert len(adapter) == 2 * len(ranks)
+    for name in ranks:  # the slot's factors as they are: scaling alpha / r = 1
+        layer = model.get_submodule(name)
+        assert torch.equal(adapter[f"base_model.model.{name}.lora_A.weight"], layer.low_rank_a.detach())
+        assert torch.equal(adapter[f"base_model.model.{name}.lora_B.weight"], layer.low_rank_b.detach())
+
+    lit, _, _ = load_compressed(lit_dir)
+    ids = _ids()
+    with torch.no_grad():
+        lit_fp32 = nn.Module.float(lit)(ids).logits
+        hf = AutoModelForCausalLM.from_pretrained(aqlm_dir, dtype=torch.float32)
+        without = hf(ids).logits
+        peft_model = PeftModel.from_pretrained(hf, aqlm_dir / "lora").eval()
+        for name, rank in ranks.items():
+            wrapped = peft_model.base_model.model.get_submodule(name)
+            assert isinstance(wrapped.base_layer, aqlm.QuantizedLinear) and wrapped.r["default"] == rank
+            assert wrapped.scaling["default"] == 1.0
+        with_adapter = peft_model(ids).logits
+    scale = float(lit_fp32.abs().max())
+    assert (without - lit_fp32).abs().max() > 1e-2 * scale  # the slots matter at this size
+    torch.testing.assert_close(with_adapter, lit_fp32, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_import_merges_the_adapter_back_into_the_same_slots(tmp_path, tiny_tokenizer):
+    original = _codebook_model(2, 8, seed=3)
+    _with_slots(original)
+    lit_dir, aqlm_dir = tmp_path / "lit", tmp_path / "aqlm"
+    save_compressed(original, lit_dir, tiny_tokenizer)
+    export_aqlm(lit_dir, aqlm_dir)
+    assert export_cli.main([str(aqlm_dir), "--format", "lit_cb", "--out", str(tmp_path / "back")]) == 0
+    back, _, _ = load_compressed(tmp_path / "back")
+    _assert_same_tensors(back.state_dict(), original.state_dict())  # slots included, bit for bit
+    save_aqlm(back, tmp_path / "again")
+    for part in ("model.safetensors", "lora/adapter_model.safetensors"):
+        _assert_same_tensors(load_file(str(tmp_path / "again" / part)), load_file(str(aqlm_dir / part)))
+
+
+def test_an_adapter_that_is_not_plain_lora_is_refused_on_import(tmp_path, tiny_tokenizer):
+    model = _codebook_model(2, 8)
+    _with_slots(model)
+    save_compressed(model, tmp_path / "lit", tiny_tokenizer)
+    export_aqlm(tmp_path / "lit", tmp_path / "aqlm")
+    cfg_path = tmp_path / "aqlm" / "lora" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "use_dora": True}))
+    with pytest.raises(ValueError, match="use_dora=True; a low-rank slot holds a plain LoRA"):
+        import_aqlm(tmp_path / "aqlm")
 
 
 def test_rtn_layer_is_refused_naming_the_layer(tmp_path, capsys):
@@ -380,9 +451,16 @@ def test_aqlm_compressed_model_round_trips_and_recovers(tmp_path, capsys):
     module, before, after = _recover(imported, cfg, ids)
     assert after < before - 0.05, (before, after)
     merged = module.merged_model()
-    # The merged adapters live in low-rank slots, which AQLM cannot hold: refused, naming a layer.
-    with pytest.raises(AQLMFormatError, match=r"model\.layers\.0\.self_attn\.q_proj: has a merged low-rank slot"):
-        save_aqlm(merged, tmp_path / "lora_out")
+    # The merged adapters live in low-rank slots, which AQLM cannot hold: they export as the peft
+    # adapter lora/, and stock transformers + aqlm + peft compute the recovered model's logits.
+    from peft import PeftModel
+
+    save_aqlm(merged, tmp_path / "lora_out")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "lora_out", dtype=torch.float32)
+    served = PeftModel.from_pretrained(hf, tmp_path / "lora_out" / "lora").eval()
+    with torch.no_grad():
+        ref = nn.Module.float(merged)(ids).logits
+        torch.testing.assert_close(served(ids).logits, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
 
     # Codebooks/scales/norms only: still AQLM-expressible; the recovered model exports and loads.
     imported, _ = import_aqlm(tmp_path / "aqlm")

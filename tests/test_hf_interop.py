@@ -174,14 +174,13 @@ def test_peft_lora_on_the_loaded_model_lowers_the_loss(saved):
     """peft LoRA on compressed linears through lit_cb's dispatcher; codes and codebooks stay frozen."""
     from peft import LoraConfig, get_peft_model
 
-    from lit_cb.recovery import CodebookLoraLinear
+    from lit_cb.lora import register_dispatcher
 
     _, folder = saved["aqlm"]
     loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     codes_before = loaded.model.layers[0].mlp.up_proj.codes.clone()
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
-    cfg._register_custom_module({CodebookLinear: CodebookLoraLinear})
-    peft_model = get_peft_model(loaded, cfg)
+    peft_model = get_peft_model(loaded, register_dispatcher(cfg))
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
     opt = torch.optim.Adam(trainable, lr=1e-2)

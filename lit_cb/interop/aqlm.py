@@ -13,9 +13,13 @@ safetensors with, for every quantized linear ``X``:
 
 That is lit_cb's :class:`~lit_cb.layers.CodebookLinear` layout except for the code dtype (lit_cb
 keeps uint8 for B <= 8 and wraps int16 only above 2**15), so conversion re-encodes codes and copies
-everything else bit for bit. What AQLM cannot express is refused, naming the layer: the quantization
-config is global (one format for every quantized linear), ``QuantizedLinear`` has no low-rank slot,
-only ``nn.Linear`` modules of the architecture are replaced and their bias follows the architecture.
+everything else bit for bit. ``QuantizedLinear`` has no low-rank slot, so the slots that merged LoRA
+adapters landed in (``recovery.lora_on_compressed``) go beside the checkpoint as a standard peft LoRA
+adapter, ``<folder>/lora/`` (:mod:`lit_cb.lora`): ``PeftModel.from_pretrained(model, folder / "lora")``
+on the AQLM model gives the lit_cb model's function, and an import merges ``lora/`` back into the slots.
+What AQLM cannot express is refused, naming the layer: the quantization config is global (one format
+for every quantized linear), only ``nn.Linear`` modules of the architecture are replaced and their bias
+follows the architecture.
 Dense linears are listed in ``linear_weights_not_to_quantize`` twice: as ``name.weight`` (the
 published convention, matched by transformers 4.x) and as ``name`` (transformers >= 5 matches
 module names).
@@ -33,10 +37,13 @@ from torch import nn
 
 from lit_cb.interop.outdir import check_new_output_dir, new_output_dir
 from lit_cb.layers import CodebookFormat, CodebookLinear, pack_codes, unpack_codes
+from lit_cb.lora import is_adapter_dir, merge_adapter_into_slots, save_slots_as_adapter
 from lit_cb.serialization import load_compressed, save_compressed
 
 FORMAT_FIELDS = ("in_group_size", "out_group_size", "num_codebooks", "nbits_per_codebook")
 QUANT_METHOD = "aqlm"
+ADAPTER_DIR = "lora"  # the low-rank slots as a peft LoRA adapter, inside the AQLM folder
+LOW_RANK_PARTS = ("low_rank_a", "low_rank_b")
 
 
 class AQLMFormatError(ValueError):
@@ -96,11 +103,6 @@ def aqlm_quantization_config(model: nn.Module) -> dict:
                     f"layer {name}: the architecture has {kind} there, not nn.Linear; "
                     "AQLM replaces only nn.Linear modules"
                 )
-            if module.rank:
-                raise AQLMFormatError(
-                    f"layer {name}: has a merged low-rank slot (rank {module.rank}); AQLM's QuantizedLinear "
-                    "has no low-rank correction (export before merging LoRA into compressed layers)"
-                )
             has_bias = module.bias is not None
             if has_bias != (ref.bias is not None):
                 raise AQLMFormatError(
@@ -136,16 +138,18 @@ def aqlm_quantization_config(model: nn.Module) -> dict:
 
 
 def aqlm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors of the AQLM checkpoint: the model's state with codes re-encoded. A tensor that
-    aliases an earlier one (tied embeddings) is left out when the config ties them (transformers
-    re-ties on load) and written as a copy otherwise."""
+    """The tensors of the AQLM checkpoint: the model's state with codes re-encoded and without the
+    low-rank slots (they go to the adapter). A tensor that aliases an earlier one (tied embeddings) is
+    left out when the config ties them (transformers re-ties on load) and written as a copy otherwise."""
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    nbits = {
-        f"{name}.codes": m.fmt.nbits_per_codebook for name, m in model.named_modules() if isinstance(m, CodebookLinear)
-    }
+    compressed = {name: m for name, m in model.named_modules() if isinstance(m, CodebookLinear)}
+    nbits = {f"{name}.codes": m.fmt.nbits_per_codebook for name, m in compressed.items()}
+    slots = {f"{name}.{part}" for name in compressed for part in LOW_RANK_PARTS}
     out: dict[str, torch.Tensor] = {}
     seen: set[tuple] = set()
     for key, t in model.state_dict().items():
+        if key in slots:
+            continue
         alias = (t.device, t.data_ptr(), tuple(t.shape), t.dtype) if t.numel() else None  # before .cpu() copies
         t = t.detach().cpu()
         if alias is not None and alias in seen:
@@ -158,8 +162,9 @@ def aqlm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_aqlm(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
-    """Write ``model`` (with CodebookLinear layers) as an AQLM folder; ``out_dir`` must be new or
-    empty. Everything is checked before anything is written."""
+    """Write ``model`` (with CodebookLinear layers) as an AQLM folder, plus ``lora/`` when low-rank
+    slots hold something; ``out_dir`` must be new or empty. Everything is checked before anything is
+    written, and the folder appears only once complete."""
     quant_config = aqlm_quantization_config(model)
     tensors = aqlm_state_dict(model)
     config = model.config.to_dict()
@@ -170,6 +175,7 @@ def save_aqlm(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        save_slots_as_adapter(model, tmp / ADAPTER_DIR)
     return out
 
 
@@ -232,7 +238,8 @@ def _dense_dtype(tensors: dict[str, torch.Tensor], quantized: list[str]) -> torc
 
 def import_aqlm(aqlm_dir: str | Path):
     """Load an AQLM folder as a transformers model whose quantized linears are lit_cb
-    CodebookLinears holding the same tensors; returns ``(model, tokenizer | None)``.
+    CodebookLinears holding the same tensors; returns ``(model, tokenizer | None)``. A LoRA adapter in
+    ``<aqlm_dir>/lora/`` is merged into the low-rank slots of the layers it adapts.
 
     Every tensor keeps the dtype it has in the folder (a float16 AQLM model stays float16), so a
     re-export writes identical tensors."""
@@ -298,6 +305,8 @@ def import_aqlm(aqlm_dir: str | Path):
         raise AQLMFormatError(
             f"{src}: checkpoint does not match the architecture (missing {missing}, unexpected {unexpected})"
         )
+    if is_adapter_dir(src / ADAPTER_DIR):
+        model = merge_adapter_into_slots(model, src / ADAPTER_DIR)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(src) if (src / "tokenizer_config.json").is_file() else None
     return model, tokenizer
