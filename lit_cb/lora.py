@@ -31,6 +31,8 @@ from lit_cb.layers import CodebookLinear
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# What an adapter must say to be B @ A and nothing else (a low-rank slot holds just that).
+PLAIN_LORA = {"use_dora": False, "lora_bias": False, "bias": "none", "modules_to_save": None}
 
 
 class CodebookLoraLinear(nn.Module, LoraLayer):
@@ -124,9 +126,15 @@ def merge_adapter_into_slots(model: nn.Module, adapter_dir: str | Path) -> nn.Mo
     raw = json.loads((src / ADAPTER_CONFIG).read_text())
     if raw.get("peft_type") != "LORA":
         raise ValueError(f"{src}: peft_type {raw.get('peft_type')!r}; only LoRA adapters merge into low-rank slots")
-    for key, plain in (("use_dora", False), ("bias", "none"), ("modules_to_save", None)):
-        if raw.get(key, plain) not in (plain, [], None if plain is None else plain):
-            raise ValueError(f"{src}: {key}={raw[key]!r}; a low-rank slot holds a plain LoRA ({key}={plain!r})")
+    found = {
+        "use_dora": bool(raw.get("use_dora")),
+        "lora_bias": bool(raw.get("lora_bias")),
+        "bias": raw.get("bias", "none"),
+        "modules_to_save": raw.get("modules_to_save") or None,  # [] and None alike: nothing else trained
+    }
+    for key, plain in PLAIN_LORA.items():
+        if found[key] != plain:
+            raise ValueError(f"{src}: {key}={found[key]!r}; a low-rank slot holds a plain LoRA ({key}={plain!r})")
     config = register_dispatcher(LoraConfig.from_pretrained(str(src)))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Unsupported layer type")

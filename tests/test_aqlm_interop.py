@@ -330,15 +330,18 @@ def test_import_merges_the_adapter_back_into_the_same_slots(tmp_path, tiny_token
         _assert_same_tensors(load_file(str(tmp_path / "again" / part)), load_file(str(aqlm_dir / part)))
 
 
-def test_an_adapter_that_is_not_plain_lora_is_refused_on_import(tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize(
+    "key,value", [("use_dora", True), ("lora_bias", True), ("bias", "all"), ("modules_to_save", ["lm_head"])]
+)
+def test_an_adapter_that_is_not_plain_lora_is_refused_on_import(tmp_path, tiny_tokenizer, key, value):
     model = _codebook_model(2, 8)
     _with_slots(model)
     save_compressed(model, tmp_path / "lit", tiny_tokenizer)
     export_aqlm(tmp_path / "lit", tmp_path / "aqlm")
     cfg_path = tmp_path / "aqlm" / "lora" / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg_path.write_text(json.dumps({**cfg, "use_dora": True}))
-    with pytest.raises(ValueError, match="use_dora=True; a low-rank slot holds a plain LoRA"):
+    cfg_path.write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(ValueError, match=rf"{key}={value!r}; a low-rank slot holds a plain LoRA".replace("[", r"\[")):
         import_aqlm(tmp_path / "aqlm")
 
 
