@@ -163,7 +163,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def load(model: str, device: torch.device, dtype: torch.dtype):
     """``(model, tokenizer)`` for a model folder (lit_cb or plain, any quant_method transformers
-    knows) or an embedded name; the model in eval mode on ``device``."""
+    knows; a peft adapter in its ``lora/``, as an AQLM export of a LoRA-recovered model has, put on)
+    or an embedded name; the model in eval mode on ``device``."""
     from lit_cb.models import EMBEDDED_MODELS
 
     if model in EMBEDDED_MODELS:
@@ -187,6 +188,10 @@ def load(model: str, device: torch.device, dtype: torch.dtype):
         raise FileNotFoundError(f"{path} has no tokenizer (tokenizer_config.json / tokenizer.json)")
     loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=str(device))
     tokenizer = AutoTokenizer.from_pretrained(path)
+    from lit_cb.lora import ADAPTER_SUBDIR, is_adapter_dir, with_adapter
+
+    if is_adapter_dir(path / ADAPTER_SUBDIR):  # an AQLM export's low-rank slots (lit_cb export --format aqlm)
+        loaded = with_adapter(loaded, path / ADAPTER_SUBDIR)
     return loaded.eval(), tokenizer
 
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from lit_cb.layers import CodebookLinear
 
+ADAPTER_SUBDIR = "lora"  # where a model folder without low-rank slots (AQLM) keeps them as an adapter
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # What an adapter must say to be B @ A and nothing else (a low-rank slot holds just that).
@@ -116,6 +117,15 @@ def save_slots_as_adapter(model: nn.Module, out_dir: str | Path) -> list[str]:
 
 def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def with_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """``model`` with the LoRA adapter of ``adapter_dir`` put on, unmerged (AQLM's layers cannot absorb
+    one): the transformers model itself, its adapted linears wrapped in place by peft, so everything
+    that calls the model (generate, a static-cache decode loop) sees the adapted function."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unsupported layer type")
+        return PeftModel.from_pretrained(model, str(adapter_dir)).get_base_model().eval()
 
 
 def merge_adapter_into_slots(model: nn.Module, adapter_dir: str | Path) -> nn.Module:

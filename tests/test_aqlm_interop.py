@@ -316,6 +316,30 @@ def test_low_rank_slots_export_as_a_peft_adapter_that_restores_the_function(tmp_
     torch.testing.assert_close(with_adapter, lit_fp32, rtol=1e-4, atol=1e-5 * scale)
 
 
+def test_lit_cb_generate_serves_the_export_with_its_adapter(tmp_path, tiny_tokenizer, capsys):
+    """lit_cb generate (and chat, through the same load) on an AQLM export puts lora/ on the model."""
+    from lit_cb.generate import load, main
+
+    model = _codebook_model(2, 8)
+    ranks = _with_slots(model)
+    lit_dir, aqlm_dir = tmp_path / "lit", tmp_path / "aqlm"
+    save_compressed(model, lit_dir, tiny_tokenizer)
+    export_aqlm(lit_dir, aqlm_dir)
+    served, _ = load(str(aqlm_dir), torch.device("cpu"), torch.float32)
+    for name in ranks:
+        layer = served.get_submodule(name)
+        assert isinstance(layer.base_layer, aqlm.QuantizedLinear) and "default" in layer.lora_A
+    ids = _ids()
+    with torch.no_grad():
+        ref = nn.Module.float(load_compressed(lit_dir)[0])(ids).logits
+        torch.testing.assert_close(served(ids).logits, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    texts = []
+    for folder in (lit_dir, aqlm_dir):
+        assert main([str(folder), "--prompt", "the state of", "--max-new-tokens", "6", "--no-chat-template"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1]
+
+
 def test_import_merges_the_adapter_back_into_the_same_slots(tmp_path, tiny_tokenizer):
     original = _codebook_model(2, 8, seed=3)
     _with_slots(original)

@@ -37,12 +37,12 @@ from torch import nn
 
 from lit_cb.interop.outdir import check_new_output_dir, new_output_dir
 from lit_cb.layers import CodebookFormat, CodebookLinear, pack_codes, unpack_codes
-from lit_cb.lora import is_adapter_dir, merge_adapter_into_slots, save_slots_as_adapter
+from lit_cb.lora import ADAPTER_SUBDIR, is_adapter_dir, merge_adapter_into_slots, save_slots_as_adapter
 from lit_cb.serialization import load_compressed, save_compressed
 
 FORMAT_FIELDS = ("in_group_size", "out_group_size", "num_codebooks", "nbits_per_codebook")
 QUANT_METHOD = "aqlm"
-ADAPTER_DIR = "lora"  # the low-rank slots as a peft LoRA adapter, inside the AQLM folder
+ADAPTER_DIR = ADAPTER_SUBDIR  # the low-rank slots as a peft LoRA adapter, inside the AQLM folder
 LOW_RANK_PARTS = ("low_rank_a", "low_rank_b")
 
 
