@@ -13,6 +13,10 @@ that share on real SmolLM2-135M layers: the embedded model, H from ``--windows``
 codebook method (g4 B8, GPTVQ weighting) against its own H; plus the plain SVD of ``ΔW`` (LoftQ-style,
 no activations) judged in the same H norm. Float64 throughout; no GPU needed, the figures are the same
 on any device. Every row also gives the correction's cost in bits per weight (fp16 factors).
+
+A still cheaper correction is a bias: with ``μ`` the mean input, ``E||x ΔWᵀ||² = ||μ ΔWᵀ||² + tr(ΔW Σ
+ΔWᵀ)``, and a bias of ``-μ ΔWᵀ`` (``out`` fp16 values, ``16 / in`` bits per weight) removes the first
+term exactly (bias correction, Nagel et al. 2019). ``mean_shift_share`` is that term's share of the error.
 """
 
 from __future__ import annotations
@@ -76,12 +80,14 @@ def main() -> None:
         for name in LINEARS:
             linear = layers[b].get_submodule(name)
             key = f"{b}.{name}"
-            sums[key] = [torch.zeros(linear.in_features, linear.in_features, dtype=torch.float64), 0]
+            n = linear.in_features
+            sums[key] = [torch.zeros(n, n, dtype=torch.float64), 0, torch.zeros(n, dtype=torch.float64)]
 
             def hook(module, inputs, output, key=key):
                 x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
                 sums[key][0] += x.T @ x
                 sums[key][1] += x.shape[0]
+                sums[key][2] += x.sum(0)
 
             hooks.append(linear.register_forward_hook(hook))
     with torch.no_grad():
@@ -93,7 +99,8 @@ def main() -> None:
     cfg = CodebookConfig(in_group_size=4, nbits=8, weighting="gptvq", kmeans_iters=args.kmeans_iters)
     doc = {
         "what": "share of each layer's output error tr(dW H dW^T) left after a rank-r correction "
-        "(activation-aware: truncated SVD of dW L, H = L L^T; plain: truncated SVD of dW)",
+        "(activation-aware: truncated SVD of dW L, H = L L^T; plain: truncated SVD of dW), and the share "
+        "that is the mean shift ||mu dW^T||^2 (what a bias of -mu dW^T would remove)",
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "environment": run_environment(torch.device("cpu")),
@@ -102,7 +109,7 @@ def main() -> None:
         "method": cfg.__dict__ | {"note": "each linear against its own H, not sequentially"},
         "rows": [],
     }
-    for key, (total, count) in sums.items():
+    for key, (total, count, first) in sums.items():
         block, name = key.split(".", 1)
         weight = layers[int(block)].get_submodule(name).weight.detach().float()
         hessian = total / count
@@ -112,17 +119,21 @@ def main() -> None:
         dw = weight.double() - w_hat.double()
         chol = torch.linalg.cholesky(damped_hessian(hessian, cfg.damp))
         rel = float(((dw @ chol) ** 2).sum() / ((weight.double() @ chol) ** 2).sum())
+        # E||x dWᵀ||² = ||μ dWᵀ||² + tr(dW Σ dWᵀ): a bias of -μ dWᵀ removes the first term exactly
+        mean_shift = float(((first / count) @ dw.T).square().sum() / torch.trace(dw @ hessian @ dw.T))
         out_f, in_f = weight.shape
         row = {
             "layer": key,
             "shape": [out_f, in_f],
             "relative_error": rel,
+            "mean_shift_share": mean_shift,
             "error_left": error_left(dw, hessian, damp=cfg.damp),
             "bits_per_weight": {r: 16 * r * (in_f + out_f) / (in_f * out_f) for r in RANKS},
             "seconds": time.time() - t0,
         }
         doc["rows"].append(row)
-        print(f"{key}: rank-2 leaves {row['error_left']['weighted'][2]:.3f} of the error", flush=True)
+        left = row["error_left"]["weighted"][2]
+        print(f"{key}: rank-2 leaves {left:.3f} of the error; the mean shift is {mean_shift:.3f} of it", flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(doc, indent=1))
 
