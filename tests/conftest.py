@@ -97,6 +97,19 @@ TINY_RUN = {
 }
 
 
+def load_script(relative_path: str):
+    """A script of the repository (``bench/x.py``, ``scripts/x.py``: folders that are no packages) as a
+    module, loaded by path so its functions can be tested."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def save_tiny_model(folder, tokenizer, num_layers: int = 2):
     """The tiny Llama with ``tokenizer``'s vocabulary, saved with it as a model folder (``model.name``)."""
     model = tiny_llama(num_layers=num_layers, vocab=len(tokenizer))

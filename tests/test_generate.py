@@ -171,15 +171,19 @@ def test_bad_numbers_are_refused_by_the_parser(flag, value, compressed_dir, caps
     assert flag in capsys.readouterr().err
 
 
-def test_help_is_fast_and_imports_no_torch():
+@pytest.mark.parametrize(
+    "command,options",
+    [("generate", ["--temperature", "--max-new-tokens"]), ("chat", ["--system", "/reset", "--temperature"])],
+)
+def test_help_is_fast_and_imports_no_torch(command, options):
     code = (
-        "import sys\nfrom lit_cb.generate import main\n"
+        f"import sys\nfrom lit_cb.{command} import main\n"
         "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
-    assert "--temperature" in proc.stdout and "--max-new-tokens" in proc.stdout
+    assert all(option in proc.stdout for option in options), proc.stdout
 
 
 def test_compiled_static_cache_decoding_matches_eager(compressed_dir):

@@ -4,19 +4,13 @@ never worse than the plain one in the H norm (it is the optimum there)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import load_script
 
 
 def _probe():
-    spec = importlib.util.spec_from_file_location("lowrank_probe", ROOT / "bench" / "lowrank_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/lowrank_probe.py")
 
 
 def _hessian(n: int, seed: int) -> torch.Tensor:

@@ -5,14 +5,12 @@ writes a metrics.json, so no model is loaded."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import load_script
 
 CHILD = """
 import json, os, sys, time
@@ -27,10 +25,7 @@ json.dump({"wikitext2_ppl": {"float": 10.0 + int(sys.argv[3])}}, open(os.path.jo
 
 
 def _driver():
-    spec = importlib.util.spec_from_file_location("quality_smollm2", ROOT / "bench" / "quality_smollm2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/quality_smollm2.py")
 
 
 def test_children_get_a_share_of_the_threads_and_start_staggered(tmp_path, monkeypatch):
