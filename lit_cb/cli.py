@@ -45,6 +45,7 @@ examples:
   {prog} recover --config configs/smollm2_codebook.yaml recovery.max_steps=100
   {prog} evaluate outputs/smollm2_codebook                    perplexity of the saved model
   {prog} report --config configs/smollm2_report.yaml
+  {prog} chat outputs/smollm2_codebook                        talk to the saved model (/reset, /exit)
 """
 
 
