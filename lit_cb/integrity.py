@@ -78,8 +78,15 @@ def write_manifest(directory: str | Path) -> Path:
         files[rel] = {"sha256": file_sha256(p), "bytes": p.stat().st_size}
         if p.suffix == ".safetensors":
             tensors[rel] = _safetensors_tensor_hashes(p)
-    atomic_write_text(root / MANIFEST, json.dumps({"files": files, "tensors": tensors}, indent=1))
+    body = {"files": files, "tensors": tensors}
+    atomic_write_text(root / MANIFEST, json.dumps({**body, "self_sha256": _manifest_digest(body)}, indent=1))
     return root / MANIFEST
+
+
+def _manifest_digest(body: dict) -> str:
+    """sha256 of the manifest's own records (canonical JSON): a damaged record that still parses (one hex
+    digit of a tensor hash, which only a changed file would consult) is caught too."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _describe_tensor_changes(path: Path, expected: dict[str, str]) -> str:
@@ -115,6 +122,9 @@ def verify_model_dir(directory: str | Path) -> None:
         manifest = json.loads(manifest_path.read_text())
         files = {rel: (int(e["bytes"]), str(e["sha256"])) for rel, e in manifest["files"].items()}
         tensor_hashes = dict(manifest.get("tensors", {}))
+        stated = manifest.get("self_sha256")  # absent in manifests written before it existed
+        if stated is not None and stated != _manifest_digest({"files": manifest["files"], "tensors": tensor_hashes}):
+            raise ValueError("its records do not match its own sha256")
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
         raise IntegrityError(
             f"{manifest_path} is corrupt ({type(err).__name__}: {err}); restore the folder from a copy or save "

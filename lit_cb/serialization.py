@@ -85,7 +85,8 @@ def compressed_specs(model: nn.Module) -> dict[str, dict]:
 def save_compressed(model: nn.Module, directory: str | Path, tokenizer=None, extra: dict | None = None) -> Path:
     """Write ``model`` as a lit_cb Hugging Face folder (``save_pretrained`` with ``quant_method: "lit_cb"``,
     see :mod:`lit_cb.hf_quantizer`) plus ``compression.json`` holding ``extra`` (how the model was made:
-    run config, perplexities); returns the folder."""
+    run config, perplexities) and a model card, ``README.md`` (:mod:`lit_cb.model_card`); returns the
+    folder."""
     from lit_cb.hf_quantizer import attached
 
     out = Path(directory)
@@ -97,6 +98,9 @@ def save_compressed(model: nn.Module, directory: str | Path, tokenizer=None, ext
     (out / RUN_INFO).write_text(json.dumps(extra or {}, indent=1, default=str))
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    from lit_cb.model_card import lit_cb_card, write_card
+
+    write_card(out, lit_cb_card(out, json.loads((out / RUN_INFO).read_text())))  # from the files as written
     write_manifest(out)  # last: sha256 of every file and tensor, verified by load_compressed
     return out
 

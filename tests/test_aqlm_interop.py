@@ -16,6 +16,9 @@ on a scale of 0.6. The tests therefore run it on one numba thread.
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 
 import aqlm
 import numba
@@ -314,6 +317,15 @@ def test_low_rank_slots_export_as_a_peft_adapter_that_restores_the_function(tmp_
     scale = float(lit_fp32.abs().max())
     assert (without - lit_fp32).abs().max() > 1e-2 * scale  # the slots matter at this size
     torch.testing.assert_close(with_adapter, lit_fp32, rtol=1e-4, atol=1e-5 * scale)
+
+    # The export's card says so, and its code (transformers + aqlm + peft) runs as written.
+    card = (aqlm_dir / "README.md").read_text()
+    assert "An AQLM model (2x8 g8, out group 1)" in card and "low-rank corrections of 3 compressed layers" in card
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    check = "\nassert type(model).__name__.startswith('Peft')"
+    check += "\nassert len(model.peft_config['default'].target_modules) == 3\n"
+    proc = subprocess.run([sys.executable, "-c", code + check], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_lit_cb_generate_serves_the_export_with_its_adapter(tmp_path, tiny_tokenizer, capsys):

@@ -387,6 +387,24 @@ def test_every_file_of_the_model_folder_is_checked(model_copy):
             path.write_bytes(original)
 
 
+def test_a_damaged_manifest_record_that_still_parses_is_caught(model_copy):
+    """A tensor hash is consulted only when its file changed; the manifest's own digest catches a damaged
+    one anyway. A manifest written before that digest existed still loads."""
+    from lit_cb.integrity import IntegrityError
+
+    path = model_copy / "manifest.json"
+    manifest, intact = json.loads(path.read_text()), json.loads(path.read_text())
+    name = next(iter(manifest["tensors"]["model.safetensors"]))
+    digest = manifest["tensors"]["model.safetensors"][name]
+    manifest["tensors"]["model.safetensors"][name] = ("0" if digest[0] != "0" else "1") + digest[1:]
+    path.write_text(json.dumps(manifest, indent=1))
+    with pytest.raises(IntegrityError, match="manifest.json is corrupt.*do not match its own sha256"):
+        load_compressed(model_copy)
+    del intact["self_sha256"]
+    path.write_text(json.dumps(intact, indent=1))
+    load_compressed(model_copy)
+
+
 def test_swapped_tensors_of_the_same_shape_are_refused_naming_them(model_copy):
     from lit_cb.integrity import IntegrityError
 

@@ -38,6 +38,7 @@ from torch import nn
 from lit_cb.interop.outdir import check_new_output_dir, new_output_dir
 from lit_cb.layers import CodebookFormat, CodebookLinear, pack_codes, unpack_codes
 from lit_cb.lora import ADAPTER_SUBDIR, is_adapter_dir, merge_adapter_into_slots, save_slots_as_adapter
+from lit_cb.model_card import aqlm_card, write_card
 from lit_cb.serialization import load_compressed, save_compressed
 
 FORMAT_FIELDS = ("in_group_size", "out_group_size", "num_codebooks", "nbits_per_codebook")
@@ -175,7 +176,8 @@ def save_aqlm(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_slots_as_adapter(model, tmp / ADAPTER_DIR)
+        adapted = save_slots_as_adapter(model, tmp / ADAPTER_DIR)
+        write_card(tmp, aqlm_card(out, quant_config, adapted))
     return out
 
 
