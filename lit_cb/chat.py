@@ -81,6 +81,29 @@ class Conversation:
             dropped += 1
 
 
+def check_chat_template(model: str) -> None:
+    """Refuse a model folder whose tokenizer has no chat template, loading only the tokenizer (the
+    embedded models have one)."""
+    from pathlib import Path
+
+    from lit_cb.models import EMBEDDED_MODELS
+
+    if model in EMBEDDED_MODELS:
+        return
+    from lit_cb.serialization import model_folder
+
+    folder = model_folder(Path(model).expanduser())
+    if not (folder / "tokenizer_config.json").is_file():
+        return  # not a model folder with a tokenizer: loading the model says what is wrong
+    from transformers import AutoTokenizer
+
+    if not getattr(AutoTokenizer.from_pretrained(folder), "chat_template", None):
+        raise ValueError(
+            f"{model}: its tokenizer has no chat template, so there is no conversation format; "
+            "use `lit_cb generate --no-chat-template` for raw text"
+        )
+
+
 def context_length(model) -> int | None:
     """The longest sequence the model was built for (None: its config does not say)."""
     return getattr(model.config, "max_position_embeddings", None)
@@ -151,12 +174,8 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
     args = build_parser().parse_args(argv)
     stdin = sys.stdin if stdin is None else stdin
     try:
+        check_chat_template(args.model)  # before the model loads: a 7B takes a minute to
         model, tokenizer, compile_backend = prepare(args)
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
-                f"{args.model}: its tokenizer has no chat template, so there is no conversation format; "
-                "use `lit_cb generate --no-chat-template` for raw text"
-            )
         chat(
             model,
             tokenizer,

@@ -650,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
     """``lit_cb generate``; returns the exit status (0 ok, 1 bad model or input; argparse exits 2)."""
     args = build_parser().parse_args(argv)
     try:
+        if not args.prompt.strip():
+            raise ValueError("--prompt is empty; give the text to answer or continue")
         model, tokenizer, compile_backend = prepare(args)
         input_ids = encode_prompt(tokenizer, args.prompt, chat_template=not args.no_chat_template)
     except (ValueError, FileNotFoundError, OSError) as err:

@@ -141,7 +141,14 @@ def test_sampling_is_seeded_per_turn(chat_dir, capsys):
     assert runs[0][2] != runs[0][0]
 
 
-def test_a_tokenizer_without_a_chat_template_is_refused(compressed_dir, capsys):  # noqa: F811
+def test_a_tokenizer_without_a_chat_template_is_refused_before_the_model_loads(
+    compressed_dir,  # noqa: F811
+    capsys,
+    monkeypatch,
+):
+    import lit_cb.generate
+
+    monkeypatch.setattr(lit_cb.generate, "load", lambda *a: pytest.fail("the model was loaded"))
     rc, replies, err = _chat(compressed_dir, [FIRST], capsys)
     assert (rc, replies) == (1, [])
     assert "has no chat template" in err and "lit_cb generate --no-chat-template" in err

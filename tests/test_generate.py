@@ -152,13 +152,21 @@ def test_embedded_smollm2_generates_with_its_chat_template(capsys):
         (["{tmp}", "--prompt", "x"], "config.json is missing"),
         (["{compressed}", "--prompt", "x", "--device", "cuda"], "torch sees none"),
         (["{compressed}", "--prompt", "x", "--device", "tpu9"], "not a device"),
-        (["{compressed}", "--prompt", ""], "no tokens"),
+        (["{compressed}", "--prompt", " "], "--prompt is empty"),
     ],
 )
 def test_bad_inputs_get_clear_errors(argv, match, compressed_dir, tmp_path, capsys):
     argv = [a.format(tmp=tmp_path, compressed=compressed_dir) for a in argv]
     assert main(argv) == 1
     assert match in capsys.readouterr().err
+
+
+def test_an_empty_prompt_is_refused_before_the_model_loads(monkeypatch, capsys):
+    import lit_cb.generate
+
+    monkeypatch.setattr(lit_cb.generate, "load", lambda *a: pytest.fail("the model was loaded"))
+    assert main(["smollm2", "--prompt", "  "]) == 1
+    assert "--prompt is empty" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
