@@ -29,7 +29,7 @@ COMMANDS: dict[str, str] = {
     "run": "run a recipe end to end: compress, recover, evaluate, save (what `lightning run` does)",
     "compress": "compress a model and save it, without recovery (recovery.max_steps=0)",
     "recover": "fine-tune a compressed run: resumes from its finished blocks (and last.ckpt), then saves",
-    "evaluate": "perplexity of a saved model folder (the saving run's protocol by default)",
+    "evaluate": "perplexity of a lit_cb, AQLM or any HF model folder, by one protocol (a run's own by default)",
     "report": "comparison report: fp16, bitsandbytes NF4/FP4, QLoRA, RTN and GPTQ rows under one protocol",
     "export": "export a compressed model to another format (lit_cb.export)",
     "generate": "generate text with a saved model (lit_cb.generate)",
@@ -242,7 +242,7 @@ def _cmd_recover(prog: str, argv: list[str]) -> int:
 
 def _cmd_evaluate(prog: str, argv: list[str]) -> int:
     parser = _config_parser(f"{prog} evaluate", COMMANDS["evaluate"] + ".", None, example="max_eval_windows=0")
-    parser.usage = f"{prog} evaluate <model folder> [--config X.yaml] [--verbose] [key=value ...]"
+    parser.usage = f"{prog} evaluate <model folder or smollm2> [--config X.yaml] [--verbose] [key=value ...]"
     positional, rest = [], []
     for i, a in enumerate(argv):
         after_option = i > 0 and argv[i - 1] == "--config"

@@ -39,11 +39,40 @@ def perplexity(
     return float(metric.compute())
 
 
+def load_for_evaluation(name: str, device: torch.device) -> tuple[nn.Module, object, dict]:
+    """``(model, tokenizer, meta)`` for whatever ``lit_cb evaluate`` is pointed at, so every model is
+    measured by one protocol: a lit_cb folder (or the run folder holding it; ``meta`` is its
+    compression.json), an AQLM folder (imported into lit_cb's layers, its ``lora/`` adapter merged), any
+    other Hugging Face causal-LM folder transformers loads (float or quantized by its own method), or an
+    embedded model's name (float). ``meta`` is empty for all but lit_cb folders."""
+    from pathlib import Path
+
+    from lit_cb.interop.aqlm import import_aqlm, is_aqlm_dir
+    from lit_cb.models import EMBEDDED_MODELS, load_model
+    from lit_cb.serialization import RUN_INFO, load_compressed, model_folder, read_quantization_config
+
+    if name in EMBEDDED_MODELS:
+        model, tokenizer = load_model(name, "float32", device)
+        return model, tokenizer, {}
+    folder = model_folder(Path(name).expanduser())
+    qc = read_quantization_config(folder)  # clear errors for a missing folder or config.json
+    if is_aqlm_dir(folder):
+        model, tokenizer = import_aqlm(folder)
+        return model.to(device), tokenizer, {}
+    lit_cb_folder = (qc or {}).get("quant_method") == "lit_cb" or (qc is None and (folder / RUN_INFO).is_file())
+    if lit_cb_folder:
+        return load_compressed(folder, device)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32 if qc is None else "auto")
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(folder), {}
+
+
 def evaluate_saved(cfg) -> dict:
-    """``lit_cb evaluate``: the perplexity of a model saved by a run (:func:`lit_cb.serialization.save_compressed`),
-    under the saving run's protocol unless ``cfg`` (an :class:`lit_cb.configs.evaluate.EvaluateConfig`)
-    says otherwise; returns (and optionally writes) ``{"model_dir", "protocol", "perplexity",
-    "stored_ppl", "seconds"}``."""
+    """``lit_cb evaluate``: the perplexity of a saved model (see :func:`load_for_evaluation` for what
+    it may be), under the saving run's protocol for a lit_cb folder unless ``cfg`` (an
+    :class:`lit_cb.configs.evaluate.EvaluateConfig`) says otherwise; returns (and optionally writes)
+    ``{"model_dir", "protocol", "perplexity", "stored_ppl", "seconds"}``."""
     import contextlib
     import json
     import time
@@ -51,9 +80,10 @@ def evaluate_saved(cfg) -> dict:
 
     from lit_cb.configs.data import DataConfig
     from lit_cb.data.datamodule import CompressionDataModule
-    from lit_cb.serialization import load_compressed, model_folder
+    from lit_cb.models import EMBEDDED_MODELS
+    from lit_cb.serialization import model_folder
 
-    model_dir = model_folder(cfg.model_dir)
+    model_dir = cfg.model_dir if cfg.model_dir in EMBEDDED_MODELS else model_folder(cfg.model_dir)
     if cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("accelerator asks for a GPU but torch sees none")
@@ -61,7 +91,7 @@ def evaluate_saved(cfg) -> dict:
     else:
         device = torch.device("cpu")
     t = time.perf_counter()
-    model, tokenizer, meta = load_compressed(model_dir, device)
+    model, tokenizer, meta = load_for_evaluation(str(model_dir), device)
     if tokenizer is None:
         raise FileNotFoundError(f"{model_dir} holds no tokenizer: it cannot be evaluated on text")
     saved = (meta.get("run_config") or {}).get("data", {})

@@ -11,7 +11,8 @@ from lit_cb.configs.run import AUTOCAST, Accelerator, AutocastDtype
 @dataclass
 class EvaluateConfig:
     model_dir: str = ""
-    """A saved lit_cb model folder (<run>/model) or a run folder that holds one."""
+    """What to measure: a lit_cb model folder (<run>/model) or its run folder, an AQLM folder, any Hugging Face
+    causal-LM folder, or an embedded model's name (smollm2)."""
     eval_source: str | None = None
     """Evaluation text (a shipped name or a file; null: the one the saving run used, else wikitext2)."""
     eval_seqlen: int | None = None
