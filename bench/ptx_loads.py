@@ -1,0 +1,155 @@
+"""What the batch-1 kernels load, read from their PTX: cross-compiled for an H100 (sm_90) on any machine.
+
+    python bench/ptx_loads.py --out bench/results/ptx_loads_sm90.json     # CPU, ~1 minute, no GPU needed
+    python bench/ptx_loads.py --formats 1x8_g4 --shapes 11008x4096 --out /tmp/p.json   # one kernel
+
+Issue 10 is bound by the gathers of codewords (bench/README.md, "What bounds it, measured"). Whether a
+kernel change alters those loads can be seen without a GPU: Triton compiles for a named target on a
+CPU. This script calls the real launcher (``codebook_gemv`` with the tile the dispatcher picks for the
+shape) with a recorder in place of the kernel, so the arguments, constexprs and warps are exactly the
+launch's, gives the compiler the runtime's specialisation (every pointer 16-byte aligned, every
+integer argument that is a multiple of 16 marked so: what Triton's launcher does for these shapes),
+compiles to PTX for ``cuda:90`` and counts the load instructions by kind (cache hints dropped). One
+codeword is one ``ld.global.v2.b32`` (1x8 g4: 8 bytes) or ``ld.global.v4.b32`` (2x8 g8: 16 bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import os
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192))  # (out, in)
+FORMATS = {"1x8_g4": (1, 8, 4), "2x8_g8": (2, 8, 8)}  # (M, B, g)
+TARGET = ("cuda", 90, 32)
+_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.uint8: "u8"}
+_TYPES.update({torch.int16: "i16", torch.int32: "i32", torch.int64: "i64"})
+
+
+class _Recorder:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` records the call."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+        self.calls: list[tuple[tuple, dict]] = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((args, kwargs))
+
+
+def compile_recorded(kernel, args: tuple, kwargs: dict, target=TARGET) -> str:
+    """PTX of ``kernel`` for the recorded launch ``kernel[grid](*args, **kwargs)``, specialised as the
+    runtime specialises it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = kernel.arg_names
+    declared = {p.name for p in kernel.params if p.is_constexpr}
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    values = [*args, *[kwargs[n] for n in names[len(args) :]]]
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (name, value) in enumerate(zip(names, values, strict=True)):
+        if name in declared:
+            signature[name], constexprs[name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TYPES[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # torch's allocations are 16-byte aligned
+        elif isinstance(value, int):
+            if value == 1:  # the runtime specialises 1 as a constant
+                signature[name], constexprs[name] = "constexpr", 1
+                continue
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            raise TypeError(f"argument {name}={value!r}: not a tensor, int or constexpr")
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget(*target), options=options).asm["ptx"]
+
+
+def load_counts(ptx: str) -> dict[str, dict[str, int]]:
+    """Load instructions of ``ptx`` by the source line they come from (the last ``.loc`` before them, as
+    ``file.py:line``) and kind, cache-hint qualifiers dropped (``ld.global.v2.b32`` ...)."""
+    files = dict(re.findall(r'^\s*\.file\s+(\d+)\s+"([^"]+)"', ptx, re.M))
+    where = "?"
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for line in ptx.splitlines():
+        loc = re.match(r"\s*\.loc\s+(\d+)\s+(\d+)", line)
+        if loc:
+            where = f"{Path(files.get(loc.group(1), '?')).name}:{loc.group(2)}"
+            continue
+        for kind in re.findall(r"\b(ld\.(?:global|shared|local)[\w.:]*)", line):
+            counts[where][re.sub(r"\.L[12]::[\w]+|\.nc", "", kind)] += 1
+    return {k: dict(v) for k, v in sorted(counts.items())}
+
+
+def gemv_ptx(num_out: int, in_features: int, fmt: str) -> tuple[str, dict]:
+    """PTX of the batch-1 kernel the dispatcher runs for this shape and format, and its tile."""
+    from lit_cb.kernels import codebook as K
+    from lit_cb.kernels import ops
+
+    m, b, g = FORMATS[fmt]
+    codes = torch.zeros(num_out, in_features // g, m, dtype=torch.uint8)
+    codebooks = torch.zeros(m, 2**b, 1, g, dtype=torch.float16)
+    scales = torch.ones(num_out, 1, 1, 1, dtype=torch.float16)
+    x = torch.zeros(1, in_features, dtype=torch.float16)
+    cfg = ops._gemv_config(num_out, in_features, g)
+    recorder, real = _Recorder(K._cb_gemv_kernel), K._cb_gemv_kernel
+    K._cb_gemv_kernel = recorder
+    try:
+        K.codebook_gemv(x, codes, codebooks, scales, None, b, cfg)
+    finally:
+        K._cb_gemv_kernel = real
+    ((args, kwargs),) = recorder.calls
+    tile = {"block_n": cfg.block_n, "block_g": cfg.block_g, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    return compile_recorded(real, args, dict(kwargs)), tile
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated, of {list(FORMATS)}")
+    p.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i in SHAPES), help="OUTxIN,...")
+    args = p.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("TRITON_INTERPRET=1 makes the kernels Python functions: unset it to compile them")
+    import triton
+
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    rows = []
+    for fmt in args.formats.split(","):
+        for num_out, in_features in shapes:
+            ptx, tile = gemv_ptx(num_out, in_features, fmt)
+            rows.append(
+                {
+                    "kernel": "gemv",
+                    "format": fmt,
+                    "shape": f"{num_out}x{in_features}",
+                    "tile": tile,
+                    "loads": load_counts(ptx),
+                }
+            )
+            print(rows[-1], flush=True)
+    doc = {
+        "what": "load instructions in the PTX of the batch-1 gemv kernel, cross-compiled for sm_90",
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "versions": {"triton": triton.__version__, "torch": torch.__version__},
+        "target": ":".join(map(str, TARGET)),
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1))
+
+
+if __name__ == "__main__":
+    main()

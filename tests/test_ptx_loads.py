@@ -1,0 +1,36 @@
+"""The batch-1 kernel's codeword gathers, cross-compiled for sm_90 on this CPU (bench/ptx_loads.py, in its
+own process: the tests' TRITON_INTERPRET=1 makes kernels Python functions): one vector load per codeword
+(8 bytes for 1x8 g4, 16 for 2x8 g8), never one 2-byte load per weight. A change that breaks the
+vectorisation (an offset whose alignment Triton cannot prove) fails here, without a GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FORMATS = {"1x8_g4": ("ld.global.v2.b32", 1), "2x8_g8": ("ld.global.v4.b32", 2)}  # vector load, codebooks
+
+
+def test_codewords_are_gathered_with_one_vector_load_each(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
+    out = tmp_path / "ptx.json"
+    cmd = [sys.executable, "bench/ptx_loads.py", "--formats", ",".join(FORMATS), "--shapes", "11008x4096"]
+    proc = subprocess.run([*cmd, "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["format"] for r in rows] == list(FORMATS)
+    for row in rows:
+        vector, codebooks = FORMATS[row["format"]]
+        kinds: dict[str, int] = {}
+        for per_line in row["loads"].values():
+            for kind, n in per_line.items():
+                kinds[kind] = kinds.get(kind, 0) + n
+        assert "ld.global.b16" not in kinds, row  # no scalar fp16 loads: codewords and x come whole
+        tile = row["tile"]
+        # each K step, the tile's codewords (block_n rows x block_g groups x M codebooks) spread over its threads
+        per_thread = tile["block_n"] * tile["block_g"] * codebooks // (32 * tile["num_warps"])
+        assert kinds.get(vector, 0) >= per_thread, (row, per_thread)
