@@ -52,9 +52,9 @@ class Conversation:
     system: str | None = None
     turns: list[dict[str, str]] = field(default_factory=list)  # user and assistant messages, alternating
 
-    def messages(self, first_turn: int = 0) -> list[dict[str, str]]:
+    def messages(self) -> list[dict[str, str]]:
         head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + self.turns[first_turn:]
+        return head + self.turns
 
     def reset(self) -> None:
         self.turns.clear()
@@ -63,7 +63,8 @@ class Conversation:
         """``([1, T] input ids, exchanges dropped)``: the templated conversation with a generation prompt,
         the oldest user/assistant exchanges left out (and forgotten) until it is at most ``max_tokens``
         long. Raises ValueError if the last user message alone is longer; that message is then taken
-        back, so the conversation can go on."""
+        back and the history kept as it was, so the conversation can go on."""
+        history = self.turns[:-1]
         dropped = 0
         while True:
             ids = tokenizer.apply_chat_template(
@@ -72,7 +73,7 @@ class Conversation:
             if ids.shape[-1] <= max_tokens:
                 return ids, dropped
             if len(self.turns) <= 1:
-                self.turns.clear()
+                self.turns = history
                 raise ValueError(
                     f"the message takes {ids.shape[-1]} tokens with the template, and at most {max_tokens} fit "
                     "the model's context next to --max-new-tokens; shorten it or lower --max-new-tokens"

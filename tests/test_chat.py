@@ -133,6 +133,15 @@ def test_a_message_too_long_alone_is_refused_and_the_chat_goes_on(short_dir, cap
     assert replies == [_reply(short_dir, [_user(SECOND)])]  # the refused message left no trace
 
 
+def test_a_refused_message_keeps_the_history_it_found(chat_dir, capsys):
+    long = " ".join(["the"] * 600)  # longer than the whole 512-position context
+    rc, replies, err = _chat(chat_dir, [FIRST, long, SECOND], capsys)
+    assert rc == 0, err
+    assert "error: the message takes 602 tokens with the template" in err
+    first = _reply(chat_dir, [_user(FIRST)])
+    assert replies == [first, _reply(chat_dir, [_user(FIRST), _assistant(first), _user(SECOND)])]
+
+
 def test_sampling_is_seeded_per_turn(chat_dir, capsys):
     sampled = ["--temperature", "1.3", "--top-p", "0.9"]
     runs = [_chat(chat_dir, [FIRST, FIRST, "/reset", FIRST], capsys, *sampled, "--seed", s)[1] for s in "556"]
