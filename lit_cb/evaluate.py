@@ -47,6 +47,7 @@ def load_for_evaluation(name: str, device: torch.device) -> tuple[nn.Module, obj
     embedded model's name (float). ``meta`` is empty for all but lit_cb folders."""
     from pathlib import Path
 
+    from lit_cb.hf_quantizer import QUANT_METHOD
     from lit_cb.interop.aqlm import import_aqlm, is_aqlm_dir
     from lit_cb.models import EMBEDDED_MODELS, load_model
     from lit_cb.serialization import RUN_INFO, load_compressed, model_folder, read_quantization_config
@@ -59,7 +60,7 @@ def load_for_evaluation(name: str, device: torch.device) -> tuple[nn.Module, obj
     if is_aqlm_dir(folder):
         model, tokenizer = import_aqlm(folder)
         return model.to(device), tokenizer, {}
-    lit_cb_folder = (qc or {}).get("quant_method") == "lit_cb" or (qc is None and (folder / RUN_INFO).is_file())
+    lit_cb_folder = (qc or {}).get("quant_method") == QUANT_METHOD or (qc is None and (folder / RUN_INFO).is_file())
     if lit_cb_folder:
         return load_compressed(folder, device)
     from transformers import AutoModelForCausalLM, AutoTokenizer

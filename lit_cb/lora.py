@@ -123,9 +123,11 @@ def with_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     """``model`` with the LoRA adapter of ``adapter_dir`` put on, unmerged (AQLM's layers cannot absorb
     one): the transformers model itself, its adapted linears wrapped in place by peft, so everything
     that calls the model (generate, a static-cache decode loop) sees the adapted function."""
+    config = register_dispatcher(LoraConfig.from_pretrained(str(adapter_dir)))  # CodebookLinears too
     with warnings.catch_warnings():
+        # peft warns about any base layer it does not know, even one the dispatcher handles
         warnings.filterwarnings("ignore", message="Unsupported layer type")
-        return PeftModel.from_pretrained(model, str(adapter_dir)).get_base_model().eval()
+        return PeftModel.from_pretrained(model, str(adapter_dir), config=config).get_base_model().eval()
 
 
 def merge_adapter_into_slots(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
