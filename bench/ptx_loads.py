@@ -1,15 +1,16 @@
-"""What the batch-1 kernels load, read from their PTX: cross-compiled for an H100 (sm_90) on any machine.
+"""What the decode kernels load, read from their PTX: cross-compiled for an H100 (sm_90) on any machine.
 
     python bench/ptx_loads.py --out bench/results/ptx_loads_sm90.json     # CPU, ~1 minute, no GPU needed
     python bench/ptx_loads.py --formats 1x8_g4 --shapes 11008x4096 --out /tmp/p.json   # one kernel
 
 Issue 10 is bound by the gathers of codewords (bench/README.md, "What bounds it, measured"). Whether a
 kernel change alters those loads can be seen without a GPU: Triton compiles for a named target on a
-CPU. This script calls the real launcher (``codebook_gemv`` with the tile the dispatcher picks for the
-shape) with a recorder in place of the kernel, so the arguments, constexprs and warps are exactly the
-launch's, gives the compiler the runtime's specialisation (every pointer 16-byte aligned, every
-integer argument that is a multiple of 16 marked so: what Triton's launcher does for these shapes),
-compiles to PTX for ``cuda:90`` and counts the load instructions by kind (cache hints dropped). One
+CPU. This script calls the real launcher (``codebook_gemv`` for 1 token, ``codebook_mm`` for more,
+with the tile the dispatcher picks for the shape) with a recorder in place of the kernel, so the
+arguments, constexprs and warps are exactly the launch's; gives the compiler the runtime's
+specialisation (every pointer 16-byte aligned, every integer argument that is a multiple of 16
+marked so: what Triton's launcher does for these shapes); compiles to PTX for ``cuda:90``; and counts
+the load instructions by the source line they come from and by kind (cache hints dropped). One
 codeword is one ``ld.global.v2.b32`` (1x8 g4: 8 bytes) or ``ld.global.v4.b32`` (2x8 g8: 16 bytes).
 """
 
@@ -114,11 +115,38 @@ def gemv_ptx(num_out: int, in_features: int, fmt: str) -> tuple[str, dict]:
     return compile_recorded(real, args, dict(kwargs)), tile
 
 
+def mm_ptx(num_out: int, in_features: int, fmt: str, tokens: int = 16, num_sms: int = 132) -> tuple[str, dict]:
+    """PTX of the tensor-core kernel the dispatcher runs for ``tokens`` tokens (an H100's 132 SMs for
+    its split-K choice), and its tile."""
+    from lit_cb.kernels import codebook as K
+    from lit_cb.kernels import ops
+
+    m, b, g = FORMATS[fmt]
+    codes = torch.zeros(num_out, in_features // g, m, dtype=torch.uint8)
+    codebooks = torch.zeros(m, 2**b, 1, g, dtype=torch.float16)
+    scales = torch.ones(num_out, 1, 1, 1, dtype=torch.float16)
+    x = torch.zeros(tokens, in_features, dtype=torch.float16)
+    cfg = ops._mm_config(tokens, num_out, in_features, g, in_features // g, num_sms)
+    recorder, real = _Recorder(K._cb_mm_kernel), K._cb_mm_kernel
+    K._cb_mm_kernel = recorder
+    try:
+        K.codebook_mm(x, codes, codebooks, scales, None, b, cfg)
+    except Exception:
+        if not recorder.calls:  # the split-K epilogue runs a second (real) kernel after the recorded one
+            raise
+    finally:
+        K._cb_mm_kernel = real
+    args, kwargs = recorder.calls[0]
+    tile = {k: getattr(cfg, k) for k in ("block_m", "block_n", "block_g", "num_warps", "num_stages", "split_k")}
+    return compile_recorded(real, args, dict(kwargs)), tile
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated, of {list(FORMATS)}")
     p.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i in SHAPES), help="OUTxIN,...")
+    p.add_argument("--tokens", default="1,16", help="1: the gemv kernel; 2-64: the tensor-core (mm) kernel")
     args = p.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("TRITON_INTERPRET=1 makes the kernels Python functions: unset it to compile them")
@@ -128,19 +156,18 @@ def main() -> None:
     rows = []
     for fmt in args.formats.split(","):
         for num_out, in_features in shapes:
-            ptx, tile = gemv_ptx(num_out, in_features, fmt)
-            rows.append(
-                {
-                    "kernel": "gemv",
-                    "format": fmt,
-                    "shape": f"{num_out}x{in_features}",
-                    "tile": tile,
-                    "loads": load_counts(ptx),
-                }
-            )
-            print(rows[-1], flush=True)
+            for tokens in (int(t) for t in args.tokens.split(",")):
+                if tokens == 1:
+                    kernel, (ptx, tile) = "gemv", gemv_ptx(num_out, in_features, fmt)
+                else:
+                    kernel, (ptx, tile) = "mm", mm_ptx(num_out, in_features, fmt, tokens)
+                shape = f"{num_out}x{in_features}"
+                row = {"kernel": kernel, "tokens": tokens, "format": fmt, "shape": shape, "tile": tile}
+                rows.append({**row, "loads": load_counts(ptx)})
+                print(rows[-1], flush=True)
     doc = {
-        "what": "load instructions in the PTX of the batch-1 gemv kernel, cross-compiled for sm_90",
+        "what": "load instructions in the PTX of the dispatched gemv (1 token) and mm (16 tokens) kernels, by "
+        "source line, cross-compiled for sm_90",
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "versions": {"triton": triton.__version__, "torch": torch.__version__},
