@@ -20,7 +20,10 @@ Format version 2 stores codes bit-packed: a module whose spec says ``"codes_pack
 ``codes`` saved as the 1-D uint8 stream of :mod:`lit_cb.bitpack` (B bits per code) instead of one
 uint8/int16 element per code; that is every codebook width but 8 and 16 and RTN/GPTQ codes of 2-4 bits,
 so a file holds the bits/weight its format counts. Loading unpacks them into the in-memory layout the
-kernels read. Version-1 folders (codes unpacked, no such key) load as before.
+kernels read. Version-1 folders (codes unpacked, no such key) load as before. A low-rank slot of a
+module whose spec says ``"low_rank_bits": 8`` is saved as int8 ``low_rank_a``/``low_rank_b`` next to fp16
+``low_rank_a_scale``/``low_rank_b_scale`` (:meth:`lit_cb.layers.CodebookLinear.round_low_rank`) and loads
+back into the identical float slot.
 """
 
 from __future__ import annotations
@@ -144,6 +147,37 @@ def unpack_loaded_codes(model: nn.Module) -> None:
         module.codes = unpack_bits(module.codes, bits, count).to(dtype).reshape(shape)
 
 
+_INT8_SLOT = "_lit_cb_int8_low_rank"  # module attribute between the two loading hooks: the slot's float dtype
+
+
+def _stores_int8_slot(module: nn.Module) -> bool:
+    return getattr(module, "rank", 0) > 0 and getattr(module, "low_rank_bits", 16) == 8
+
+
+def expect_int8_low_rank(module: nn.Module) -> None:
+    """Give an empty module int8 low-rank factors, so the checkpoint's int8 tensors load into them by name;
+    :func:`dequantize_loaded_low_rank` turns them into the float slot afterwards."""
+    a, b = module.low_rank_a, module.low_rank_b
+    setattr(module, _INT8_SLOT, a.dtype)
+    module.low_rank_a = nn.Parameter(torch.empty(a.shape, dtype=torch.int8, device=a.device), requires_grad=False)
+    module.low_rank_b = nn.Parameter(torch.empty(b.shape, dtype=torch.int8, device=b.device), requires_grad=False)
+
+
+def dequantize_loaded_low_rank(model: nn.Module) -> None:
+    """The float slot (int8 values times their scales) of every module :func:`expect_int8_low_rank` prepared."""
+    from lit_cb.layers import dequantize_low_rank
+
+    for module in model.modules():
+        dtype = module.__dict__.pop(_INT8_SLOT, None)
+        if dtype is None:
+            continue
+        a, b = dequantize_low_rank(
+            module.low_rank_a, module.low_rank_b, module.low_rank_a_scale, module.low_rank_b_scale
+        )
+        module.low_rank_a = nn.Parameter(a.to(dtype), requires_grad=False)
+        module.low_rank_b = nn.Parameter(b.to(dtype), requires_grad=False)
+
+
 def swap_in_compressed_modules(model: nn.Module, modules: dict[str, dict]) -> None:
     """Replace each named module of ``model`` by an empty compressed module built from its spec (on
     whatever device the surrounding context sets, the meta device during ``from_pretrained``)."""
@@ -187,12 +221,15 @@ class LitCbHfQuantizer(HfQuantizer):
         for name, spec in self.quantization_config.modules.items():
             if spec.get(CODES_PACKED):
                 expect_packed_codes(model.get_submodule(name), name)
+            if _stores_int8_slot(model.get_submodule(name)):
+                expect_int8_low_rank(model.get_submodule(name))
         # The per-module markers are for loaders that do not know lit_cb; here they are expected and dropped.
         patterns = {rf"^{re.escape(name)}\.weight$" for name in self.quantization_config.modules}
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | patterns
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         unpack_loaded_codes(model)
+        dequantize_loaded_low_rank(model)
         return model
 
     def get_state_dict_and_metadata(self, model):
@@ -216,6 +253,8 @@ class LitCbHfQuantizer(HfQuantizer):
             if _stores_packed(module):
                 state[f"{name}.codes"] = pack_bits(module.codes, code_bits(module))
                 specs[name] = {**specs[name], CODES_PACKED: True}
+            if _stores_int8_slot(module):  # the spec says low_rank_bits: 8 (serialization.module_spec)
+                state[f"{name}.low_rank_a"], state[f"{name}.low_rank_b"] = module.low_rank_int8()
         self.quantization_config.modules = specs
         self.quantization_config.format_version = FORMAT_VERSION
         return state, {"lit_cb_format_version": str(FORMAT_VERSION)}

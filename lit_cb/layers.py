@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_cb.configs.format import ALLOWED_GROUP_SIZES, MAX_NBITS, MIN_NBITS
+from lit_cb.configs.format import ALLOWED_GROUP_SIZES, LOW_RANK_BITS, MAX_NBITS, MIN_NBITS
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,15 @@ class CodebookFormat:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def dequantize_low_rank(
+    qa: torch.Tensor, qb: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 factors of an 8-bit low-rank slot: ``A[k, :] = qa[k, :] * a_scale[k]`` and ``B[:, k] =
+    qb[:, k] * b_scale[k]``. The one formula rounding and loading share, so a loaded slot is
+    bit-identical to the one evaluated before saving."""
+    return qa.float() * a_scale.float()[:, None], qb.float() * b_scale.float()[None, :]
 
 
 def unpack_codes(codes: torch.Tensor, nbits: int) -> torch.Tensor:
@@ -272,6 +281,9 @@ class CodebookLinear(nn.Module):
         )
         self.low_rank_a: nn.Parameter | None = None  # [rank, in_features]
         self.low_rank_b: nn.Parameter | None = None  # [out_features, rank]
+        self.low_rank_bits = 16  # 8: the slot holds int8 values times the scales below (round_low_rank)
+        self.low_rank_a_scale: torch.Tensor | None = None  # [rank] fp16 (8-bit slots only)
+        self.low_rank_b_scale: torch.Tensor | None = None  # [rank] fp16
         self.latent: nn.Parameter | None = None  # [out_features, in_features] float32: ste_codes training only
         self.use_kernels = True
 
@@ -279,16 +291,32 @@ class CodebookLinear(nn.Module):
     def rank(self) -> int:
         return 0 if self.low_rank_a is None else self.low_rank_a.shape[0]
 
-    def init_low_rank(self, rank: int) -> None:
+    def init_low_rank(self, rank: int, bits: int = 16) -> None:
         """Give the layer an (empty) low-rank correction W = dequant(codes) + B @ A, the slot that
-        merged LoRA adapters land in (codebooks cannot absorb them)."""
+        merged LoRA adapters land in (codebooks cannot absorb them); ``bits=8`` with its scales."""
         dev, dtype = self.codebooks.device, self.codebooks.dtype
         self.low_rank_a = nn.Parameter(torch.zeros(rank, self.in_features, device=dev, dtype=dtype), False)
         self.low_rank_b = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=dtype), False)
+        self._set_low_rank_bits(
+            bits, torch.ones(rank, device=dev, dtype=dtype), torch.ones(rank, device=dev, dtype=dtype)
+        )
+
+    def _set_low_rank_bits(self, bits: int, a_scale: torch.Tensor | None, b_scale: torch.Tensor | None) -> None:
+        if bits not in LOW_RANK_BITS:
+            raise ValueError(f"low-rank slot bits={bits} is not allowed; use one of {LOW_RANK_BITS}")
+        self.low_rank_bits = bits
+        for name, scale in (("low_rank_a_scale", a_scale), ("low_rank_b_scale", b_scale)):
+            self._buffers.pop(name, None)
+            self.__dict__.pop(name, None)
+            if bits == 8:
+                self.register_buffer(name, scale)  # saved and loaded with the module, moved with it
+            else:
+                self.__dict__[name] = None
 
     @torch.no_grad()
     def add_low_rank(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Append ``b @ a`` (``a`` [r, in], ``b`` [out, r]) to the low-rank correction."""
+        """Append ``b @ a`` (``a`` [r, in], ``b`` [out, r]) to the low-rank correction (an 8-bit slot
+        becomes a 16-bit one: the new part is not rounded; :meth:`round_low_rank` again if wanted)."""
         dtype = self.codebooks.dtype
         a, b = a.to(self.codebooks.device, dtype), b.to(self.codebooks.device, dtype)
         if self.low_rank_a is not None:
@@ -296,6 +324,32 @@ class CodebookLinear(nn.Module):
             b = torch.cat([self.low_rank_b.data, b], dim=1)
         self.low_rank_a = nn.Parameter(a.contiguous(), requires_grad=False)
         self.low_rank_b = nn.Parameter(b.contiguous(), requires_grad=False)
+        self._set_low_rank_bits(16, None, None)
+
+    @torch.no_grad()
+    def round_low_rank(self, bits: int = 8) -> None:
+        """Store the low-rank slot in ``bits`` (8: symmetric int8 with one fp16 scale per rank component,
+        ``A[k, :] = qa[k, :] * sa[k]`` and ``B[:, k] = qb[:, k] * sb[k]``), rounding its values in place so
+        that what is evaluated is what is saved. Half the bits of fp16 factors, so twice the rank fits
+        the same bits/weight; the rounding moves each factor entry by at most half its scale."""
+        if bits == 16 or self.low_rank_a is None or self.low_rank_bits == bits:
+            return  # nothing to round, or rounded already (rounding again could move an entry by an ulp)
+        if bits != 8:
+            raise ValueError(f"low-rank slot bits={bits} is not allowed; use one of {LOW_RANK_BITS}")
+        dtype = self.low_rank_a.dtype
+        a, b = self.low_rank_a.float(), self.low_rank_b.float()
+        a_scale = (a.abs().amax(dim=1) / 127).to(dtype)  # [r]
+        b_scale = (b.abs().amax(dim=0) / 127).to(dtype)  # [r]
+        a_scale, b_scale = torch.where(a_scale == 0, 1.0, a_scale), torch.where(b_scale == 0, 1.0, b_scale)
+        self._set_low_rank_bits(8, a_scale, b_scale)
+        a, b = dequantize_low_rank(*self.low_rank_int8(), a_scale, b_scale)
+        self.low_rank_a.data, self.low_rank_b.data = a.to(dtype), b.to(dtype)
+
+    def low_rank_int8(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int8 values of an 8-bit slot (what a saved folder stores), from the slot and its scales."""
+        qa = torch.round(self.low_rank_a.float() / self.low_rank_a_scale.float()[:, None]).clamp(-127, 127)
+        qb = torch.round(self.low_rank_b.float() / self.low_rank_b_scale.float()[None, :]).clamp(-127, 127)
+        return qa.to(torch.int8), qb.to(torch.int8)
 
     @torch.no_grad()
     def start_latent_training(self) -> None:
@@ -357,8 +411,11 @@ class CodebookLinear(nn.Module):
         return self.dequantize()
 
     def bits_per_weight(self) -> float:
-        """Codes, codebooks and scales, plus the fp16 low-rank correction if there is one."""
-        low_rank = 16 * self.rank * (self.in_features + self.out_features)
+        """Codes, codebooks and scales, plus the low-rank correction if there is one (its factors at
+        ``low_rank_bits``, and an 8-bit slot's two fp16 scales per rank component)."""
+        low_rank = self.low_rank_bits * self.rank * (self.in_features + self.out_features)
+        if self.low_rank_bits == 8:
+            low_rank += 2 * 16 * self.rank
         return self.fmt.bits_per_weight() + low_rank / (self.in_features * self.out_features)
 
     def dequantize(self) -> torch.Tensor:

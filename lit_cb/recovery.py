@@ -278,10 +278,11 @@ class RecoveryModule(L.LightningModule):
 
     def merged_model(self) -> nn.Module:
         """The plain transformers model with every LoRA merged: into the weights of dense
-        linears, into the low-rank slot of compressed ones."""
+        linears, into the low-rank slot of compressed ones (stored at ``recovery.low_rank_bits``)."""
         model = self.model.merge_and_unload() if hasattr(self.model, "merge_and_unload") else self.model
         for m in model.modules():
             if isinstance(m, CodebookLinear):
                 m.finish_latent_training()  # ste_codes: the codes the latent points at, then no latent
                 m.half()  # back to the fp16 storage format
+                m.round_low_rank(self.config.low_rank_bits)  # 8: what is evaluated next is what is saved
         return model

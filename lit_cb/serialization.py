@@ -27,7 +27,7 @@ from lit_cb.layers import CodebookFormat, CodebookLinear
 def _build_codebook_linear(spec: dict) -> CodebookLinear:
     layer = CodebookLinear(CodebookFormat(**spec["format"]), dtype=_dtype(spec))
     if spec.get("low_rank", 0):
-        layer.init_low_rank(spec["low_rank"])
+        layer.init_low_rank(spec["low_rank"], spec.get("low_rank_bits", 16))
     return layer
 
 
@@ -53,6 +53,7 @@ def module_spec(module: nn.Module) -> dict:
             "format": module.fmt.to_dict(),
             "dtype": str(module.codebooks.dtype).removeprefix("torch."),
             "low_rank": module.rank,
+            **({"low_rank_bits": module.low_rank_bits} if module.rank and module.low_rank_bits != 16 else {}),
         }
     if hasattr(module, "spec"):
         return module.spec()

@@ -6,6 +6,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from lit_cb.architectures import DEFAULT_LORA_TARGETS
+from lit_cb.configs.format import LOW_RANK_BITS
 
 
 @dataclass
@@ -30,6 +31,9 @@ class RecoveryConfig:
     """Regular expression selecting the linears that get LoRA adapters."""
     lora_on_compressed: bool = False
     """Put LoRA on compressed linears too (merged into their low-rank slot afterwards)."""
+    low_rank_bits: int = 16
+    """Bits of each merged low-rank slot entry: 16 (fp16) or 8 (int8, one fp16 scale per rank component,
+    half the bits, so twice the rank fits the same bits/weight; the recovered model is evaluated rounded)."""
     train_codebooks: bool = False
     """Train the codebooks and scales of compressed linears (codes stay frozen unless code_update_every > 0)."""
     train_norms: bool = False
@@ -83,6 +87,8 @@ class RecoveryConfig:
                 raise ValueError(f"recovery.{name}={getattr(self, name)} must be > 0")
         if self.lora_r < 0:
             raise ValueError(f"recovery.lora_r={self.lora_r} must be >= 0 (0 disables LoRA)")
+        if self.low_rank_bits not in LOW_RANK_BITS:
+            raise ValueError(f"recovery.low_rank_bits={self.low_rank_bits} is not allowed; use one of {LOW_RANK_BITS}")
         if not 0.0 <= self.distill_alpha <= 1.0:
             raise ValueError(f"recovery.distill_alpha={self.distill_alpha} must lie in [0, 1]")
         if self.distill_temperature <= 0:

@@ -44,7 +44,7 @@ from lit_cb.serialization import load_compressed, save_compressed
 FORMAT_FIELDS = ("in_group_size", "out_group_size", "num_codebooks", "nbits_per_codebook")
 QUANT_METHOD = "aqlm"
 ADAPTER_DIR = ADAPTER_SUBDIR  # the low-rank slots as a peft LoRA adapter, inside the AQLM folder
-LOW_RANK_PARTS = ("low_rank_a", "low_rank_b")
+LOW_RANK_PARTS = ("low_rank_a", "low_rank_b", "low_rank_a_scale", "low_rank_b_scale")  # all go to the adapter
 
 
 class AQLMFormatError(ValueError):
