@@ -11,6 +11,7 @@ in Lightning checkpoints loaded with ``weights_only=True`` and in ``compression.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable
@@ -155,12 +156,25 @@ def compression_scope(fp: dict) -> dict:
     }
 
 
+@functools.cache
+def config_defaults() -> dict[str, Any]:
+    """Every config key path with its default value (flattened like a fingerprint's config)."""
+    from lit_cb.configs.run import RunConfig
+
+    return flatten(RunConfig().to_dict())
+
+
 def differences(stored: dict, current: dict, ignore: Iterable[str] = RESUMABLE_KEYS) -> list[str]:
-    """Human-readable lines naming what differs between two fingerprints (empty if nothing)."""
+    """Human-readable lines naming what differs between two fingerprints (empty if nothing). A key the
+    stored fingerprint lacks counts as its default: a run made before lit_cb had the key ran as the
+    default does (new keys default to the old behaviour), so it still resumes after an upgrade."""
     lines = []
     a, b = stored.get("config", {}), current.get("config", {})
+    defaults = config_defaults()
     for key in sorted(set(a) | set(b)):
         if _matches(key, ignore):
+            continue
+        if key not in a and key in defaults and b.get(key) == defaults[key]:
             continue
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
             lines.append(f"config {key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")

@@ -477,3 +477,17 @@ def test_cli_prints_a_refusal_without_traceback(finished, capsys):
     err = capsys.readouterr().err
     assert "resume=false would overwrite" in err and "Traceback" not in err
     assert _tree_hashes(run_dir) == before
+
+
+def test_a_key_added_to_lit_cb_after_a_run_does_not_stop_it_resuming():
+    """A run saved before recovery.low_rank_bits existed ran as its default (16) does: resumable with
+    the default, refused with another value, naming the key."""
+    from lit_cb.fingerprint import config_defaults, differences
+
+    current = {"config": dict(config_defaults())}
+    stored = {"config": {k: v for k, v in current["config"].items() if k != "recovery.low_rank_bits"}}
+    assert differences(stored, current) == []
+    changed = {"config": {**current["config"], "recovery.low_rank_bits": 8}}
+    assert differences(stored, changed) == ["config recovery.low_rank_bits: '<absent>' -> 8"]
+    # a key the current config lacks (removed from lit_cb) is still a difference
+    assert differences(current, stored) == ["config recovery.low_rank_bits: 16 -> '<absent>'"]
