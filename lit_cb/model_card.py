@@ -35,13 +35,13 @@ def _layer_formats(modules: dict) -> str:
             og = f" og{f['out_group_size']}" if f.get("out_group_size", 1) != 1 else ""
             kinds[f"CodebookLinear {f['num_codebooks']}x{f['nbits_per_codebook']} g{f['in_group_size']}{og}"] += 1
             if spec.get("low_rank"):
-                ranks[spec["low_rank"]] += 1
+                ranks[(spec["low_rank"], spec.get("low_rank_bits", 16))] += 1
         else:
             kinds[str(spec.get("type", "unknown"))] += 1
     text = ", ".join(f"{n} x {kind}" for kind, n in kinds.most_common())
     if ranks:
-        slots = ", ".join(f"rank {r}: {n}" for r, n in sorted(ranks.items()))
-        text += f"; fp16 low-rank slots holding merged LoRA adapters ({slots})"
+        slots = ", ".join(f"rank {r} in {bits} bits: {n}" for (r, bits), n in sorted(ranks.items()))
+        text += f"; low-rank slots holding merged LoRA adapters ({slots})"
     return text
 
 

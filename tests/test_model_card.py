@@ -42,7 +42,7 @@ def test_the_card_states_the_folders_own_figures(tmp_path, tiny_tokenizer):
     assert card.count("\n---\n") == 1  # the front matter closes once
     assert "# tiny_card" in card
     # 2 blocks x 7 linears, all 1x4 g4; one of them carries a rank-2 slot
-    assert "14 x CodebookLinear 1x4 g4; fp16 low-rank slots holding merged LoRA adapters (rank 2: 1)" in card
+    assert "14 x CodebookLinear 1x4 g4; low-rank slots holding merged LoRA adapters (rank 2 in 16 bits: 1)" in card
     bits = bits_per_weight_on_disk(folder)
     assert f"**{bits['compressed_linears']:.3f}** over the compressed linears" in card
     assert f"{bits['whole_model']:.3f} over the whole model" in card
