@@ -115,6 +115,15 @@ def save_slots_as_adapter(model: nn.Module, out_dir: str | Path) -> list[str]:
     return sorted(slots)
 
 
+def _peft_model(model: nn.Module, adapter_dir: str | Path) -> PeftModel:
+    """``model`` wrapped with the adapter of ``adapter_dir``, CodebookLinears included (the dispatcher)."""
+    config = register_dispatcher(LoraConfig.from_pretrained(str(adapter_dir)))
+    with warnings.catch_warnings():
+        # peft warns about any base layer it does not know, even one the dispatcher handles
+        warnings.filterwarnings("ignore", message="Unsupported layer type")
+        return PeftModel.from_pretrained(model, str(adapter_dir), config=config)
+
+
 def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
@@ -123,11 +132,7 @@ def with_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     """``model`` with the LoRA adapter of ``adapter_dir`` put on, unmerged (AQLM's layers cannot absorb
     one): the transformers model itself, its adapted linears wrapped in place by peft, so everything
     that calls the model (generate, a static-cache decode loop) sees the adapted function."""
-    config = register_dispatcher(LoraConfig.from_pretrained(str(adapter_dir)))  # CodebookLinears too
-    with warnings.catch_warnings():
-        # peft warns about any base layer it does not know, even one the dispatcher handles
-        warnings.filterwarnings("ignore", message="Unsupported layer type")
-        return PeftModel.from_pretrained(model, str(adapter_dir), config=config).get_base_model().eval()
+    return _peft_model(model, adapter_dir).get_base_model().eval()
 
 
 def merge_adapter_into_slots(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
@@ -147,8 +152,4 @@ def merge_adapter_into_slots(model: nn.Module, adapter_dir: str | Path) -> nn.Mo
     for key, plain in PLAIN_LORA.items():
         if found[key] != plain:
             raise ValueError(f"{src}: {key}={found[key]!r}; a low-rank slot holds a plain LoRA ({key}={plain!r})")
-    config = register_dispatcher(LoraConfig.from_pretrained(str(src)))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Unsupported layer type")
-        peft_model = PeftModel.from_pretrained(model, str(src), config=config)
-    return peft_model.merge_and_unload()
+    return _peft_model(model, src).merge_and_unload()
