@@ -49,6 +49,11 @@ class _Recorder:
 def compile_recorded(kernel, args: tuple, kwargs: dict, target=TARGET) -> str:
     """PTX of ``kernel`` for the recorded launch ``kernel[grid](*args, **kwargs)``, specialised as the
     runtime specialises it."""
+    return compile_launch(kernel, args, kwargs, target).asm["ptx"]
+
+
+def compile_launch(kernel, args: tuple, kwargs: dict, target=TARGET):
+    """The compiled kernel (``.asm``, ``.metadata``) of :func:`compile_recorded`."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -74,19 +79,22 @@ def compile_recorded(kernel, args: tuple, kwargs: dict, target=TARGET) -> str:
         else:
             raise TypeError(f"argument {name}={value!r}: not a tensor, int or constexpr")
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget(*target), options=options).asm["ptx"]
+    return triton.compile(src, target=GPUTarget(*target), options=options)
 
 
-def load_counts(ptx: str) -> dict[str, dict[str, int]]:
+def load_counts(ptx: str, span: tuple[int, int] | None = None) -> dict[str, dict[str, int]]:
     """Load instructions of ``ptx`` by the source line they come from (the last ``.loc`` before them, as
-    ``file.py:line``) and kind, cache-hint qualifiers dropped (``ld.global.v2.b32`` ...)."""
+    ``file.py:line``) and kind, cache-hint qualifiers dropped (``ld.global.v2.b32`` ...); with ``span``
+    (first, last PTX line index) only the loads on those lines."""
     files = dict(re.findall(r'^\s*\.file\s+(\d+)\s+"([^"]+)"', ptx, re.M))
     where = "?"
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for line in ptx.splitlines():
+    for i, line in enumerate(ptx.splitlines()):
         loc = re.match(r"\s*\.loc\s+(\d+)\s+(\d+)", line)
         if loc:
             where = f"{Path(files.get(loc.group(1), '?')).name}:{loc.group(2)}"
+            continue
+        if span is not None and not span[0] <= i <= span[1]:
             continue
         for kind in re.findall(r"\b(ld\.(?:global|shared|local)[\w.:]*)", line):
             counts[where][re.sub(r"\.L[12]::[\w]+|\.nc", "", kind)] += 1
@@ -139,6 +147,93 @@ def mm_ptx(num_out: int, in_features: int, fmt: str, tokens: int = 16, num_sms: 
     args, kwargs = recorder.calls[0]
     tile = {k: getattr(cfg, k) for k in ("block_m", "block_n", "block_g", "num_warps", "num_stages", "split_k")}
     return compile_recorded(real, args, dict(kwargs)), tile
+
+
+def smem_gemv_compiled(num_out: int, in_features: int, fmt: str, config=None):
+    """The shared-table gemv (lit_cb/kernels/smem_table.py) as the launcher would run it for this shape: its
+    shared-memory plan from the probe and real compiles, and the real compiled kernel."""
+    from lit_cb.kernels import smem_table as S
+
+    m, b, g = FORMATS[fmt]
+    cfg = config or S.smem_config(g)
+    codes = torch.zeros(num_out, in_features // g, m, dtype=torch.uint8)
+    codebooks = torch.zeros(m, 2**b, 1, g, dtype=torch.float16)
+    scales = torch.ones(num_out, 1, 1, 1, dtype=torch.float16)
+    x = torch.zeros(1, in_features, dtype=torch.float16)
+    out = torch.empty(1, num_out, dtype=torch.float16)
+    args, kwargs = S.kernel_args(x, codes, codebooks, scales, None, b, out, cfg)
+    last = {}
+
+    def compile_shared(overrides: dict) -> int:
+        last["kernel"] = compile_launch(S._cb_gemv_smem_kernel, args, {**kwargs, **overrides})
+        return last["kernel"].metadata.shared
+
+    plan = S.plan_shared(compile_shared, S.table_bytes(m, b, g, kwargs["NCOPIES"]))
+    tile = {"block_n": cfg.block_n, "block_g": cfg.block_g, "num_warps": cfg.num_warps, "ncopies": kwargs["NCOPIES"]}
+    return last["kernel"], plan, tile
+
+
+def inline_asm_lines(ptx: str) -> list[bool]:
+    """Per PTX line: whether it lies inside an inline-asm block (``// begin inline asm`` .. ``// end``)."""
+    inside, flags = False, []
+    for line in ptx.splitlines():
+        if "// begin inline asm" in line:
+            inside = True
+        flags.append(inside)
+        if "// end inline asm" in line:
+            inside = False
+    return flags
+
+
+_SHARED_OPS = re.compile(r"\b(ld\.shared|st\.shared|ldmatrix|stmatrix|cp\.async|atom\.shared|red\.shared)")
+
+
+def innermost_loop(lines: list[str]) -> tuple[int, int]:
+    """(header line, back-branch line) of the deepest loop, from LLVM's ``Loop Header: Depth=d`` comments."""
+    best, label_at = None, None
+    for i, line in enumerate(lines):
+        if m := re.match(r"^(\$L__BB\d+_\d+):", line):
+            label_at = (i, m.group(1))
+        depth = re.search(r"Loop Header: Depth=(\d+)", line)  # on the label's line or the next
+        if depth and label_at and (best is None or int(depth.group(1)) > best[0]):
+            best = (int(depth.group(1)), *label_at)
+    if best is None:
+        raise ValueError("no loop in this PTX")
+    _, start, label = best
+    back = [
+        i
+        for i, line in enumerate(lines)
+        if i > start and re.search(r"\bbra(?:\.uni)?\s+" + re.escape(label) + ";", line)
+    ]
+    return start, max(back)
+
+
+def smem_report(ptx: str) -> dict:
+    """What the shared-table kernel's PTX does, for tests/test_smem_table.py: loads of its innermost loop (the
+    smallest backward-branch span) by source line and kind; its own barriers (inside inline asm); and the
+    shared-memory instructions Triton emits itself after the table is complete (the release barrier, the last
+    barrier in inline asm), which must be none when the table sits at offset 0."""
+    lines = ptx.splitlines()
+    in_asm = inline_asm_lines(ptx)
+    start, stop = innermost_loop(lines)
+    asm_barriers = [i for i, line in enumerate(lines) if in_asm[i] and re.search(r"\bbar\.sync\b", line)]
+    release = asm_barriers[-1] if asm_barriers else len(lines)
+    triton_shared_after = [
+        lines[i].strip() for i in range(release, len(lines)) if not in_asm[i] and _SHARED_OPS.search(lines[i])
+    ]
+    staged = [i for i, line in enumerate(lines) if in_asm[i] and "st.shared" in line]
+    gathers = [i for i, line in enumerate(lines) if in_asm[i] and "ld.shared" in line]
+    return {
+        "inner_loop_loads": load_counts(ptx, (start, stop)),
+        "inner_loop_lines": [start, stop],
+        "asm_barriers": len(asm_barriers),
+        "barriers_total": sum(bool(re.search(r"\bbar\.sync\b", line)) for line in lines),
+        "staging_stores": len(staged),
+        "staging_before_release": bool(staged) and max(staged) < release,
+        "gathers_after_release": bool(gathers) and min(gathers) > release,
+        "gathers_in_inner_loop": sum(start <= i <= stop for i in gathers),
+        "triton_shared_after_release": triton_shared_after,
+    }
 
 
 def main() -> None:
