@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import datetime
 import json
 import os
@@ -173,16 +174,28 @@ def smem_gemv_compiled(num_out: int, in_features: int, fmt: str, config=None):
     return last["kernel"], plan, tile
 
 
-def inline_asm_lines(ptx: str) -> list[bool]:
-    """Per PTX line: whether it lies inside an inline-asm block (``// begin inline asm`` .. ``// end``)."""
-    inside, flags = False, []
+def inline_asm_tags(ptx: str) -> list[str | None]:
+    """Per PTX line: ``None`` outside inline asm, else the block's ``// lcb:<tag>`` (``"asm"`` if untagged)."""
+    tag, tags = None, []
     for line in ptx.splitlines():
         if "// begin inline asm" in line:
-            inside = True
-        flags.append(inside)
+            tag = "asm"
+        elif tag is not None and (m := re.search(r"// lcb:([\w-]+)", line)):
+            tag = m.group(1)
+        tags.append(tag)
         if "// end inline asm" in line:
-            inside = False
-    return flags
+            tag = None
+    return tags
+
+
+def loads_by_tag(ptx: str, span: tuple[int, int]) -> dict[str, dict[str, int]]:
+    """Load kinds on PTX lines ``span`` by who emits them: an lit_cb asm tag, other asm, or ``triton``."""
+    tags = inline_asm_tags(ptx)
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for i, line in enumerate(ptx.splitlines()[span[0] : span[1] + 1], start=span[0]):
+        for kind in re.findall(r"\b(ld\.(?:global|shared|local)[\w.:]*)", line):
+            counts[tags[i] or "triton"][re.sub(r"\.L[12]::[\w]+|\.nc", "", kind)] += 1
+    return {k: dict(v) for k, v in sorted(counts.items())}
 
 
 _SHARED_OPS = re.compile(r"\b(ld\.shared|st\.shared|ldmatrix|stmatrix|cp\.async|atom\.shared|red\.shared)")
@@ -209,30 +222,31 @@ def innermost_loop(lines: list[str]) -> tuple[int, int]:
 
 
 def smem_report(ptx: str) -> dict:
-    """What the shared-table kernel's PTX does, for tests/test_smem_table.py: loads of its innermost loop (the
-    smallest backward-branch span) by source line and kind; its own barriers (inside inline asm); and the
-    shared-memory instructions Triton emits itself after the table is complete (the release barrier, the last
-    barrier in inline asm), which must be none when the table sits at offset 0."""
+    """What the shared-table kernel's PTX does, for tests/test_smem_table.py: the loads of its innermost loop
+    by emitter (``gather``, ``x``: its asm blocks; ``triton``: the codes); its asm barriers (``acquire``,
+    ``release``) and whether staging stores / gathers sit before / after the release barrier; and every
+    shared-memory instruction Triton emits itself after that barrier (none may, with the table at offset 0)."""
     lines = ptx.splitlines()
-    in_asm = inline_asm_lines(ptx)
+    tags = inline_asm_tags(ptx)
     start, stop = innermost_loop(lines)
-    asm_barriers = [i for i, line in enumerate(lines) if in_asm[i] and re.search(r"\bbar\.sync\b", line)]
-    release = asm_barriers[-1] if asm_barriers else len(lines)
-    triton_shared_after = [
-        lines[i].strip() for i in range(release, len(lines)) if not in_asm[i] and _SHARED_OPS.search(lines[i])
-    ]
-    staged = [i for i, line in enumerate(lines) if in_asm[i] and "st.shared" in line]
-    gathers = [i for i, line in enumerate(lines) if in_asm[i] and "ld.shared" in line]
+    at = collections.defaultdict(list)
+    for i, line in enumerate(lines):
+        if tags[i] and re.search(r"\b(bar\.sync|st\.shared|ld\.shared)\b", line):
+            at[f"{tags[i]}:{re.search(r'bar.sync|st.shared|ld.shared', line).group(0)}"].append(i)
+    release = at["release:bar.sync"][-1] if at["release:bar.sync"] else len(lines)
     return {
-        "inner_loop_loads": load_counts(ptx, (start, stop)),
+        "inner_loop_loads": loads_by_tag(ptx, (start, stop)),
         "inner_loop_lines": [start, stop],
-        "asm_barriers": len(asm_barriers),
+        "asm_barriers": {t: len(at[f"{t}:bar.sync"]) for t in ("acquire", "release")},
         "barriers_total": sum(bool(re.search(r"\bbar\.sync\b", line)) for line in lines),
-        "staging_stores": len(staged),
-        "staging_before_release": bool(staged) and max(staged) < release,
-        "gathers_after_release": bool(gathers) and min(gathers) > release,
-        "gathers_in_inner_loop": sum(start <= i <= stop for i in gathers),
-        "triton_shared_after_release": triton_shared_after,
+        "staging_stores": len(at["stage-store:st.shared"]),
+        "staging_after_acquire": min(at["stage-store:st.shared"], default=-1) > max(at["acquire:bar.sync"], default=0),
+        "staging_before_release": max(at["stage-store:st.shared"], default=len(lines)) < release,
+        "gathers_after_release": min(at["gather:ld.shared"], default=-1) > release,
+        "gathers_in_inner_loop": sum(start <= i <= stop for i in at["gather:ld.shared"]),
+        "triton_shared_after_release": [
+            lines[i].strip() for i in range(release, len(lines)) if not tags[i] and _SHARED_OPS.search(lines[i])
+        ],
     }
 
 
@@ -242,6 +256,7 @@ def main() -> None:
     p.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated, of {list(FORMATS)}")
     p.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i in SHAPES), help="OUTxIN,...")
     p.add_argument("--tokens", default="1,16", help="1: the gemv kernel; 2-64: the tensor-core (mm) kernel")
+    p.add_argument("--smem", action="store_true", help="1 token: the shared-table gemv prototype (smem_table.py)")
     args = p.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("TRITON_INTERPRET=1 makes the kernels Python functions: unset it to compile them")
@@ -252,13 +267,18 @@ def main() -> None:
     for fmt in args.formats.split(","):
         for num_out, in_features in shapes:
             for tokens in (int(t) for t in args.tokens.split(",")):
-                if tokens == 1:
+                extra = {}
+                if tokens == 1 and args.smem:
+                    compiled, plan, tile = smem_gemv_compiled(num_out, in_features, fmt)
+                    kernel, ptx = "gemv_smem", compiled.asm["ptx"]
+                    extra = {"shared_plan": dataclasses.asdict(plan), "smem": smem_report(ptx)}
+                elif tokens == 1:
                     kernel, (ptx, tile) = "gemv", gemv_ptx(num_out, in_features, fmt)
                 else:
                     kernel, (ptx, tile) = "mm", mm_ptx(num_out, in_features, fmt, tokens)
                 shape = f"{num_out}x{in_features}"
                 row = {"kernel": kernel, "tokens": tokens, "format": fmt, "shape": shape, "tile": tile}
-                rows.append({**row, "loads": load_counts(ptx)})
+                rows.append({**row, "loads": load_counts(ptx), **extra})
                 print(rows[-1], flush=True)
     doc = {
         "what": "load instructions in the PTX of the dispatched gemv (1 token) and mm (16 tokens) kernels, by "

@@ -191,6 +191,11 @@ def run_algo(
     num_sms = _num_sms(x2d.device) if algo == "mm" else 0
     cfg = kernel_config(algo, tokens, num_out, in_features, g, codes.shape[2], num_sms)
     if algo == "gemv":
+        if part_sizes is None and _smem_tables(x2d, codes, codebooks, nbits):
+            from . import smem_table
+
+            smem_cfg = smem_table.smem_config(g)
+            return smem_table.codebook_gemv_smem(x2d, codes, codebooks, scales, bias, nbits, smem_cfg)
         return K.codebook_gemv(x2d, codes, codebooks, scales, bias, nbits, cfg, part_sizes)
     if algo == "lut":
         return K.codebook_lut_gemv(x2d, codes, codebooks, scales, bias, nbits, cfg)
@@ -199,6 +204,14 @@ def run_algo(
     if algo == "dense":
         return K.codebook_dense(x2d, codes, codebooks, scales, bias, nbits, cfg, part_sizes)
     return K.codebook_dense_chunked(x2d, codes, codebooks, scales, bias, nbits, cfg)
+
+
+def _smem_tables(x2d: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, nbits: int) -> bool:
+    """Whether a ``gemv`` call runs the shared-memory-table prototype (lit_cb/kernels/smem_table.py): only when
+    opted in with ``LIT_CB_SMEM_TABLES=1``, on CUDA, never under TRITON_INTERPRET, for formats it takes."""
+    from . import smem_table
+
+    return smem_table.enabled() and x2d.is_cuda and smem_table.supports(x2d, codes, codebooks, nbits)
 
 
 @torch.library.custom_op("lit_cb::codebook_linear", mutates_args=())

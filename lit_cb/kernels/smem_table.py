@@ -129,8 +129,10 @@ def _vec(group_size: int) -> str:
     return "v4" if group_size == 8 else "v2"
 
 
-def _block(lines: list[str], regs: str) -> str:
-    return "{\n" + regs + "\n" + "\n".join(lines) + "\n}"
+def _block(lines: list[str], regs: str, tag: str) -> str:
+    """A PTX scope ``{ }`` (its registers are local, so the asm may be instantiated many times) that starts
+    with the comment ``// lcb:<tag>``, by which bench/ptx_loads.py tells the asm blocks apart in the PTX."""
+    return "{\n// lcb:" + tag + "\n" + regs + "\n" + "\n".join(lines) + "\n}"
 
 
 _TMP_REGS = ".reg .b32 %lcb_a, %lcb_t, %lcb_w<4>;\n.reg .b16 %lcb_h<2>;"
@@ -150,7 +152,7 @@ def gather_asm(group_size: int, ncopies: int, bf16: bool) -> tuple[str, str]:
         f"ld.shared.{_vec(group_size)}.b32 {{{', '.join(words)}}}, [%lcb_a];",
     ]
     lines += _unpack(words, [f"${j}" for j in range(group_size)], bf16)
-    return _block(lines, _TMP_REGS), "=f," * group_size + "r,r"
+    return _block(lines, _TMP_REGS, "gather"), "=f," * group_size + "r,r"
 
 
 def x_asm(group_size: int, bf16: bool) -> tuple[str, str]:
@@ -158,21 +160,24 @@ def x_asm(group_size: int, bf16: bool) -> tuple[str, str]:
     words = [f"%lcb_w{q}" for q in range(group_size // 2)]
     lines = [f"ld.global.nc.{_vec(group_size)}.b32 {{{', '.join(words)}}}, [${group_size}];"]
     lines += _unpack(words, [f"${j}" for j in range(group_size)], bf16)
-    return _block(lines, _TMP_REGS), "=f," * group_size + "l"
+    return _block(lines, _TMP_REGS, "x"), "=f," * group_size + "l"
 
 
 def load_words_asm(group_size: int) -> tuple[str, str]:
     """(asm, constraints): a codeword's raw 32-bit words from global memory (``$G/2``: its address)."""
     half = group_size // 2
     outs = ", ".join(f"${q}" for q in range(half))
-    return f"ld.global.nc.{_vec(group_size)}.b32 {{{outs}}}, [${half}];", "=r," * half + "l"
+    return f"// lcb:stage-load\nld.global.nc.{_vec(group_size)}.b32 {{{outs}}}, [${half}];", "=r," * half + "l"
 
 
 def store_words_asm(group_size: int) -> tuple[str, str]:
     """(asm, constraints): store words ``$2..`` at shared address ``$1``; ``$0`` is a dummy (0) output."""
     half = group_size // 2
     ins = ", ".join(f"${q + 2}" for q in range(half))
-    return f"st.shared.{_vec(group_size)}.b32 [$1], {{{ins}}};\nmov.u32 $0, 0;", "=r,r" + ",r" * half
+    return (
+        f"// lcb:stage-store\nst.shared.{_vec(group_size)}.b32 [$1], {{{ins}}};\nmov.u32 $0, 0;",
+        "=r,r" + ",r" * half,
+    )
 
 
 def acquire_asm(table_off: int, need_bytes: int) -> str:
@@ -188,11 +193,19 @@ def acquire_asm(table_off: int, need_bytes: int) -> str:
             f"add.u32 $0, $0, {table_off};",
         ],
         ".reg .pred %lcb_p;\n.reg .b32 %lcb_s;",
+        "acquire",
     )
 
 
-PROBE_ACQUIRE_ASM = "bar.sync 0;\nmov.u32 $0, 0;"  # the probe compile's stand-in (see plan_shared)
-RELEASE_ASM = tl.constexpr("bar.sync 0;\nmov.u32 $0, $1;")  # end of staging: the whole table is written
+PROBE_ACQUIRE_ASM = "// lcb:acquire\nbar.sync 0;\nmov.u32 $0, 0;"  # the probe compile's stand-in (see plan_shared)
+STORE_OUT_ASM = tl.constexpr(
+    _block(
+        ["setp.ne.b32 %lcb_p, $2, 0;", "@%lcb_p st.global.b16 [$1], $3;", "mov.u32 $0, 0;"],
+        ".reg .pred %lcb_p;",
+        "store-out",
+    )
+)  # $1 address, $2 mask, $3 the 16 bits
+RELEASE_ASM = tl.constexpr("// lcb:release\nbar.sync 0;\nmov.u32 $0, $1;")  # end of staging: the whole table is written
 
 
 # ---------------------------------------------------------------------------------------- the kernel
@@ -242,7 +255,7 @@ def _store_rows(ptrs, bits, mask):
     several lanes), and Triton would move them to a store layout through shared memory, under the table, on
     every row tile. Every holder of a row stores the same 16 bits instead (one transaction per address)."""
     tl.inline_asm_elementwise(
-        "{\n.reg .pred %lcb_p;\nsetp.ne.b32 %lcb_p, $2, 0;\n@%lcb_p st.global.b16 [$1], $3;\nmov.u32 $0, 0;\n}",
+        STORE_OUT_ASM,
         "=r,l,r,h",
         [ptrs, mask.to(tl.int32), bits],
         dtype=tl.int32,
