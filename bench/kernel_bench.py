@@ -5,18 +5,28 @@ enough copies to defeat the 50 MB L2), plus fused q/k/v and gate/up against sepa
     python bench/kernel_bench.py --out $OUT/kernels_h100.json                    # about 2 minutes on the H100
     python bench/kernel_bench.py --sweep --shapes 11008x4096 --batches 1,16      # tile variants, for dispatch
     TRITON_INTERPRET=1 python bench/kernel_bench.py --smoke --out /tmp/k.json     # CPU, tiny shapes
+    python bench/kernel_bench.py --smem --batches 1 --no-baselines --no-fused --out $OUT/smem.json  # issue 10 prototype
 
 Each row runs ``dispatch.choose_algo``'s family with ``ops.kernel_config``'s tile (recorded in the row) and
 is timed as one CUDA graph of ``R`` calls, call ``i`` on weight copy ``i % copies``; the reported time is the
 median over replays of (graph time / R). Shapes are ``out x in``. Before timing, every kernel family and
 each shape class's tiles are checked on the GPU against a float64 reference (fp16 and bf16 inputs). AQLM's
 kernels JIT-build in a background thread meanwhile and are timed last on the 2x8 rows up to 64 tokens.
+
+``--smem`` adds the shared-memory-table gemv prototype (lit_cb/kernels/smem_table.py, what
+``LIT_CB_SMEM_TABLES=1`` dispatches) to every row of at most 2 tokens in a format it takes: first checked
+against the dense dequantized float32 matmul on that row's own layer (``smem_rel_err``; a failure is recorded
+as ``smem_error`` and the variant is not timed), then timed like ``ours`` (``smem_us``, ``x_fp16_smem``,
+``smem_vs_ours``, with its shared-memory plan). ``--smem-sweep`` also checks and times a few tile / copy /
+residency variants per row (``smem_variants``). Before all rows, ``smem_check`` runs ragged shapes, bias and
+bf16 through the opt-in dispatcher path.
 """
 
 # ruff: noqa: B023  (every lambda here is timed or called within the loop iteration that makes it)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib
 import importlib.util
@@ -233,6 +243,109 @@ def _fused_rows(ops, dispatch, CodebookFormat, formats, batches, device, time_us
     return rows
 
 
+def dense_reference(x: torch.Tensor, idx: torch.Tensor, codebooks: torch.Tensor, scales, bias=None) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` in float32 with W dequantized densely from the int64 indices (independent of
+    the kernels): the reference the smem-table prototype must match before it is timed."""
+    n, groups, m = idx.shape
+    w = sum(codebooks.float()[mm, :, 0][idx[..., mm]] for mm in range(m)) * scales.float().reshape(n, 1, 1)
+    y = x.float() @ w.reshape(n, -1).T
+    return y if bias is None else y + bias.float()
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def smem_variants(S, g: int) -> dict:
+    """The prototype's default tile and a few variants: rows per program, copies per codeword (fewer copies,
+    smaller table, more resident CTAs, 2-way conflicts), resident CTAs per SM, warps."""
+    base = S.smem_config(g)
+    out = {"default": base}
+    for bn in (8, 32):
+        out[f"n{bn}"] = dataclasses.replace(base, block_n=bn)
+    out["copies_half"] = dataclasses.replace(base, ncopies=S.default_ncopies(g) // 2)
+    for c in (1, 2):
+        out[f"ctas{c}"] = dataclasses.replace(base, ctas_per_sm=c)
+    out["w8"] = dataclasses.replace(base, num_warps=8, block_n=2 * base.block_n)
+    return out
+
+
+def check_smem(S, ops, formats: list[str]) -> list[str]:
+    """The opt-in dispatcher path (``LIT_CB_SMEM_TABLES=1``, ops.run_algo "gemv") on ragged shapes (rows and
+    groups not multiples of the tile), with bias, fp16 and bf16, 1 and 2 tokens, vs float32. Returns failures."""
+    failures = []
+    torch.manual_seed(1)
+    previous = os.environ.get(S.ENV_FLAG)
+    os.environ[S.ENV_FLAG] = "1"
+    try:
+        for fname in formats:
+            m, b, g = FORMATS[fname]
+            for n, k in ((1000, 1040), (37, 8 * g), (4096, 4096)):
+                idx, codes, codebooks, scales = make_codebook_layers(n, k, m, b, g, 1)[0]
+                bias = torch.randn(n, device="cuda", dtype=torch.float16)
+                for dtype, tokens in ((torch.float16, 1), (torch.float16, 2), (torch.bfloat16, 1)):
+                    x = torch.randn(tokens, k, device="cuda", dtype=dtype)
+                    if not S.supports(x, codes, codebooks, b):
+                        continue
+                    name = f"{fname} {n}x{k} {dtype} T={tokens}"
+                    try:
+                        out = ops.run_algo(x, codes, codebooks, scales, bias.to(dtype), b, "gemv")
+                        torch.cuda.synchronize()
+                    except Exception as e:  # noqa: BLE001
+                        failures.append(f"{name}: {e!r}"[:400])
+                        continue
+                    err = rel_err(out, dense_reference(x, idx, codebooks, scales, bias.to(dtype)))
+                    if not err < (3e-3 if dtype == torch.float16 else 2e-2):
+                        failures.append(f"{name}: rel err {err:.2e}")
+    finally:
+        if previous is None:
+            os.environ.pop(S.ENV_FLAG, None)
+        else:
+            os.environ[S.ENV_FLAG] = previous
+    return failures
+
+
+def smem_entry(S, row: dict, layers: list, x: torch.Tensor, b: int, sweep: bool, time_us) -> None:
+    """Check, then time, the smem-table prototype on this row's layers; fields added to ``row``."""
+    idx, codes, codebooks, scales = layers[0]
+    if not S.supports(x, codes, codebooks, b):
+        row["smem_skipped"] = "format or dtype not taken by the prototype"
+        return
+    ref = dense_reference(x, idx, codebooks, scales)
+    configs = smem_variants(S, codebooks.shape[-1]) if sweep else {"default": S.smem_config(codebooks.shape[-1])}
+    variants = {}
+    for name, cfg in configs.items():
+        res = {"config": repr(cfg)}
+        try:
+            out = S.codebook_gemv_smem(x, codes, codebooks, scales, None, b, cfg)
+            torch.cuda.synchronize()
+            res["rel_err"] = rel_err(out, ref)
+            if not res["rel_err"] < 3e-3:
+                res["error"] = f"rel err {res['rel_err']:.2e} vs the dense float32 matmul: not timed"
+        except Exception as e:  # noqa: BLE001
+            res["error"] = f"{type(e).__name__}: {e}"[:600]
+        if "error" not in res:
+            fns = [lambda L=L, cfg=cfg: S.codebook_gemv_smem(x, L[1], L[2], L[3], None, b, cfg) for L in layers]
+            res["us"] = round(time_us(fns), 2)
+            res["plan"] = dataclasses.asdict(S.shared_plan(x, codes, codebooks, scales, None, b, cfg))
+        variants[name] = res
+        print("  smem", name, json.dumps(res), flush=True)
+    default = variants["default"]
+    row["smem_config"] = default["config"]
+    row["smem_plan"] = default.get("plan")
+    if "error" in default:
+        row["smem_error"] = default["error"]
+    else:
+        row["smem_rel_err"] = default["rel_err"]
+        row["smem_us"] = default["us"]
+        row["x_fp16_smem"] = round(row["fp16_us"] / default["us"], 3)
+        row["smem_vs_ours"] = round(row["ours_us"] / default["us"], 3)
+    if sweep:
+        row["smem_variants"] = variants
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default=",".join(SHAPES))
@@ -248,6 +361,8 @@ def main() -> None:
     p.add_argument("--tune", action="store_true", help="pick gemv/mm/dense per format and batch first")
     p.add_argument("--dump-asm", default=None, help="folder for PTX/SASS of the compiled kernels")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
+    p.add_argument("--smem", action="store_true", help="add the shared-memory-table gemv prototype (<= 2 tokens)")
+    p.add_argument("--smem-sweep", action="store_true", help="with --smem: also tile/copies/residency variants")
     args = p.parse_args()
     t_start = time.time()
     device = "cpu" if args.smoke else "cuda"
@@ -257,6 +372,8 @@ def main() -> None:
         args.shapes, args.batches, args.no_baselines = "48x64,96x32", "1,16,80", True
     elif not torch.cuda.is_available():
         sys.exit("no GPU: use --smoke (with TRITON_INTERPRET=1) on a CPU")
+    if args.smem and args.smoke:
+        sys.exit("--smem runs inline PTX, which the interpreter cannot: run it on a GPU")
     formats = args.formats.split(",")
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
@@ -267,6 +384,7 @@ def main() -> None:
 
     from lit_cb.kernels import codebook as K
     from lit_cb.kernels import dispatch, ops
+    from lit_cb.kernels import smem_table as S
     from lit_cb.layers import CodebookFormat
 
     versions = {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__}
@@ -288,6 +406,9 @@ def main() -> None:
             failures = check_gpu(K, ops, formats, device, args.smoke)
             result["check_failures"] = failures
             print("correctness vs float64:", "all passed" if not failures else failures, flush=True)
+        if args.smem:
+            result["smem_check"] = check_smem(S, ops, formats)
+            print("smem-table prototype vs float32:", result["smem_check"] or "all passed", flush=True)
         nf4_ok = False
         if not args.no_baselines:
             try:
@@ -339,6 +460,8 @@ def main() -> None:
                     moved = code_bytes + m * 2**b * g * 2 + batch * (k + n) * 2
                     row["ours_GBps"] = round(moved / ours / 1e3, 1)
                     row["ours_TFLOPs"] = round(2 * batch * n * k / ours / 1e6, 1)
+                    if args.smem and batch <= 2:
+                        smem_entry(S, row, layers, x, b, args.smem_sweep, time_us)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     if args.sweep:
@@ -415,6 +538,7 @@ def _aqlm_rows(thread: threading.Thread, state: dict, rows: list[dict], wait_s: 
 def summarize(rows: list[dict]) -> dict:
     """``"<shape> b<batch> <format>"`` -> ours, fp16 and AQLM microseconds and the speed-ups."""
     keep = ("algo", "ours_us", "fp16_us", "x_fp16", "aqlm_us", "x_aqlm", "code_read_floor_us")
+    keep += ("smem_us", "x_fp16_smem", "smem_vs_ours", "smem_error")
     return {f"{r['shape']} b{r['batch']} {r['format']}": {kk: r[kk] for kk in keep if kk in r} for r in rows}
 
 

@@ -150,7 +150,7 @@ def mm_ptx(num_out: int, in_features: int, fmt: str, tokens: int = 16, num_sms: 
     return compile_recorded(real, args, dict(kwargs)), tile
 
 
-def smem_gemv_compiled(num_out: int, in_features: int, fmt: str, config=None):
+def smem_gemv_compiled(num_out: int, in_features: int, fmt: str, config=None, dtype=torch.float16):
     """The shared-table gemv (lit_cb/kernels/smem_table.py) as the launcher would run it for this shape: its
     shared-memory plan from the probe and real compiles, and the real compiled kernel."""
     from lit_cb.kernels import smem_table as S
@@ -158,10 +158,10 @@ def smem_gemv_compiled(num_out: int, in_features: int, fmt: str, config=None):
     m, b, g = FORMATS[fmt]
     cfg = config or S.smem_config(g)
     codes = torch.zeros(num_out, in_features // g, m, dtype=torch.uint8)
-    codebooks = torch.zeros(m, 2**b, 1, g, dtype=torch.float16)
+    codebooks = torch.zeros(m, 2**b, 1, g, dtype=dtype)
     scales = torch.ones(num_out, 1, 1, 1, dtype=torch.float16)
-    x = torch.zeros(1, in_features, dtype=torch.float16)
-    out = torch.empty(1, num_out, dtype=torch.float16)
+    x = torch.zeros(1, in_features, dtype=dtype)
+    out = torch.empty(1, num_out, dtype=dtype)
     args, kwargs = S.kernel_args(x, codes, codebooks, scales, None, b, out, cfg)
     last = {}
 
@@ -257,6 +257,7 @@ def main() -> None:
     p.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i in SHAPES), help="OUTxIN,...")
     p.add_argument("--tokens", default="1,16", help="1: the gemv kernel; 2-64: the tensor-core (mm) kernel")
     p.add_argument("--smem", action="store_true", help="1 token: the shared-table gemv prototype (smem_table.py)")
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"], help="with --smem: codebooks and x")
     args = p.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("TRITON_INTERPRET=1 makes the kernels Python functions: unset it to compile them")
@@ -269,7 +270,8 @@ def main() -> None:
             for tokens in (int(t) for t in args.tokens.split(",")):
                 extra = {}
                 if tokens == 1 and args.smem:
-                    compiled, plan, tile = smem_gemv_compiled(num_out, in_features, fmt)
+                    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+                    compiled, plan, tile = smem_gemv_compiled(num_out, in_features, fmt, dtype=dtype)
                     kernel, ptx = "gemv_smem", compiled.asm["ptx"]
                     extra = {"shared_plan": dataclasses.asdict(plan), "smem": smem_report(ptx)}
                 elif tokens == 1:

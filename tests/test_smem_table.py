@@ -135,16 +135,34 @@ def test_supports_only_table_formats():
     assert not S.supports(x, u8[..., :1].to(torch.int16), torch.zeros(1, 65536, 1, 8, dtype=torch.float16), 16)
 
 
-def test_sm90_ptx_gathers_from_shared_memory_between_the_barriers(tmp_path):
+def _compile_rows(tmp_path, shapes: str, *extra: str) -> list[dict]:
+    """bench/ptx_loads.py --smem in its own process (the tests' TRITON_INTERPRET=1 makes kernels Python)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     out = tmp_path / "ptx.json"
-    cmd = [sys.executable, "bench/ptx_loads.py", "--smem", "--formats", ",".join(FORMATS), "--shapes", "11008x4096"]
-    cmd += ["--tokens", "1", "--out", str(out)]
+    cmd = [sys.executable, "bench/ptx_loads.py", "--smem", "--formats", ",".join(FORMATS), "--shapes", shapes]
+    cmd += ["--tokens", "1", "--out", str(out), *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [r["format"] for r in rows] == list(FORMATS)
+    return rows
+
+
+def test_sm90_ragged_bf16_layer_moves_the_table_above_tritons_in_loop_shared_memory(tmp_path):
+    """Rows and groups that are no multiples of 16 give byte-wise code loads and a layout conversion in the
+    loop (Triton's shared memory at [0, s)): the plan must see it in the probe and lift the table above it."""
+    for row in _compile_rows(tmp_path, "1000x1040", "--dtype", "bf16"):
+        plan, rep = row["shared_plan"], row["smem"]
+        assert plan["shared"] >= plan["table_off"] + plan["table_bytes"]
+        assert plan["table_off"] >= plan["probe_shared"]
+        if rep["triton_shared_after_release"]:  # Triton's own scratch under the loop: then it was measured
+            assert plan["probe_shared"] > 0, row
+        assert rep["inner_loop_loads"]["gather"] and rep["asm_barriers"] == {"acquire": 1, "release": 1}
+
+
+def test_sm90_ptx_gathers_from_shared_memory_between_the_barriers(tmp_path):
+    rows = _compile_rows(tmp_path, "11008x4096")
     for row in rows:
         m, b, g = FORMATS[row["format"]]
         tile, plan, rep = row["tile"], row["shared_plan"], row["smem"]

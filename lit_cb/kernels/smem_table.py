@@ -449,6 +449,34 @@ def _plan_key(args: tuple, kwargs: dict, device: torch.device) -> tuple:
     return (device, dtypes, scalars, tuple(sorted(kwargs.items())))
 
 
+def _plan(args: tuple, kwargs: dict, device: torch.device) -> SharedPlan:
+    """:func:`plan_shared` through ``warmup`` compiles (no launch), once per kernel specialisation."""
+    key = _plan_key(args, kwargs, device)
+    if key not in _PLANS:
+        num_cb, nbits, g = kwargs["NUM_CODEBOOKS"], kwargs["NBITS"], kwargs["G"]
+        warm = functools.partial(_cb_gemv_smem_kernel.warmup, *args, grid=(1,))
+        table = table_bytes(num_cb, nbits, g, kwargs["NCOPIES"])
+        _PLANS[key] = plan_shared(lambda over: warm(**kwargs, **over).metadata.shared, table)
+    return _PLANS[key]
+
+
+def shared_plan(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    nbits: int,
+    config: SmemGemvConfig | None = None,
+) -> SharedPlan:
+    """The shared-memory plan :func:`codebook_gemv_smem` launches this call with (benchmarks record it)."""
+    out = torch.empty(x.shape[0], codes.shape[0], dtype=x.dtype, device=x.device)
+    args, kwargs = kernel_args(
+        _aligned(x), codes, _aligned(codebooks), scales, bias, nbits, out, config or SmemGemvConfig()
+    )
+    return _plan(args, kwargs, x.device)
+
+
 def codebook_gemv_smem(
     x: torch.Tensor,
     codes: torch.Tensor,
@@ -469,12 +497,7 @@ def codebook_gemv_smem(
     if x.shape[0] == 0:
         return out
     args, kwargs = kernel_args(x, codes, codebooks, scales, bias, nbits, out, cfg)
-    key = _plan_key(args, kwargs, x.device)
-    plan = _PLANS.get(key)
-    if plan is None:
-        table = table_bytes(codes.shape[2], nbits, codebooks.shape[-1], kwargs["NCOPIES"])
-        warm = functools.partial(_cb_gemv_smem_kernel.warmup, *args, grid=(1,))
-        plan = _PLANS[key] = plan_shared(lambda over: warm(**kwargs, **over).metadata.shared, table)
+    plan = _plan(args, kwargs, x.device)
     from .codebook import _num_sms
 
     resident = max(1, min(cfg.ctas_per_sm, SMEM_PER_SM // (plan.shared + SMEM_PER_CTA_RESERVED)))
