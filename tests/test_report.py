@@ -167,3 +167,50 @@ def test_report_recipes_load_with_their_configs():
     full = load_config(ROOT / "configs" / "smollm2_report_full.yaml", cls=ReportConfig)
     assert set(full.methods) == set(METHODS)
     assert full.eval.dtype == "float16" and full.data.max_eval_windows is None
+
+
+def _finished_run(folder: Path, blocks_from: str | None, eval_seqlen: int = 2048) -> Path:
+    """A run folder as lit_cb writes it (metrics.json + run_config.yaml), with hand-set figures."""
+    import yaml
+
+    folder.mkdir(parents=True)
+    metrics = {
+        "run_name": folder.name,
+        "method": "codebook",
+        "wikitext2_ppl": {"float": 21.6, "compressed": 72.5, "recovered": 44.9},
+        "bits_per_weight": {"compressed_linears": 2.056, "whole_model": 4.99},
+        "bits_per_weight_recovered": {"compressed_linears": 2.148, "whole_model": 5.07},
+        "bits_per_weight_on_disk": {"compressed_linears": 2.148},
+        "stages": {"compress": {"seconds": 21.0}, "recover": {"seconds": 490.0}},
+    }
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    config = {
+        "model": {"name": "smollm2"},
+        "data": {"eval_source": "wikitext2", "eval_seqlen": eval_seqlen, "max_eval_windows": None},
+        "compression": {"blocks_from": blocks_from},
+    }
+    (folder / "run_config.yaml").write_text(yaml.safe_dump(config))
+    return folder
+
+
+def test_collected_rows_say_when_a_run_reused_compressed_blocks(tmp_path):
+    """A run started from another run's blocks (compression.blocks_from) spent seconds reading them, not
+    compressing: its rows say so, so the report's seconds column is not read as a compression time."""
+    from lit_cb.report.collected import CollectedRows
+
+    class Rows(CollectedRows):
+        config = ReportConfig()
+
+    reused = _finished_run(tmp_path / "l2e_s0", "/runs/base_s0")
+    own = _finished_run(tmp_path / "own", None, eval_seqlen=1024)
+    compressed, recovered = Rows().collect_rows(f"lora2={reused}")
+    assert (compressed["method"], compressed["wikitext2_ppl"], compressed["seconds"]) == ("lora2", 72.5, 21.0)
+    assert (recovered["method"], recovered["wikitext2_ppl"], recovered["seconds"]) == ("lora2_recovered", 44.9, 511.0)
+    # the adapters were merged into the compressed linears: the saved files measure the recovered model only
+    assert compressed["bits_per_weight_on_disk"] is None and recovered["bits_per_weight_on_disk"] == 2.148
+    for row in (compressed, recovered):
+        assert "compressed blocks reused from /runs/base_s0: seconds exclude compression" in row["notes"]
+        assert "PROTOCOL DIFFERS" not in row["notes"]
+    rows = Rows().collect_rows(str(own))
+    assert all("reused" not in (row.get("notes") or "") for row in rows)
+    assert all("PROTOCOL DIFFERS: data.eval_seqlen=1024" in row["notes"] for row in rows)

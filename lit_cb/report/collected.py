@@ -37,6 +37,7 @@ class CollectedRows:
             "compressed_linears"
         )
         mismatch = self._protocol_mismatch(path.parent / "run_config.yaml")
+        reused = _blocks_from(path.parent / "run_config.yaml")
         base = {
             "bits_per_weight": bpw.get("compressed_linears"),
             "bits_per_weight_whole_model": bpw.get("whole_model"),
@@ -72,6 +73,14 @@ class CollectedRows:
         if not rows:
             raise ValueError(f"collect: {path} holds no compressed or recovered perplexity")
         for row in rows:
+            if reused:
+                # The run loaded finished blocks (compression.blocks_from): its compress stage only read
+                # them, so its seconds would pass for a compression many times faster than it was.
+                row["notes"] = "; ".join(
+                    filter(
+                        None, [row.get("notes"), f"compressed blocks reused from {reused}: seconds exclude compression"]
+                    )
+                )
             if mismatch:
                 row["notes"] = "; ".join(filter(None, [row.get("notes"), f"PROTOCOL DIFFERS: {mismatch}"]))
         return rows
@@ -90,3 +99,13 @@ class CollectedRows:
             if (other.get("data") or {}).get(key) != mine[key]:
                 diffs.append(f"data.{key}={(other.get('data') or {}).get(key)}")
         return ", ".join(diffs)
+
+
+def _blocks_from(run_config: Path) -> str | None:
+    """The ``compression.blocks_from`` a run was started from (None when it compressed itself)."""
+    if not run_config.is_file():
+        return None
+    import yaml
+
+    other = yaml.safe_load(run_config.read_text()) or {}
+    return (other.get("compression") or {}).get("blocks_from") or None
