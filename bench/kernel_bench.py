@@ -6,6 +6,7 @@ enough copies to defeat the 50 MB L2), plus fused q/k/v and gate/up against sepa
     python bench/kernel_bench.py --sweep --shapes 11008x4096 --batches 1,16      # tile variants, for dispatch
     TRITON_INTERPRET=1 python bench/kernel_bench.py --smoke --out /tmp/k.json     # CPU, tiny shapes
     python bench/kernel_bench.py --smem --batches 1 --no-baselines --no-fused --out $OUT/smem.json  # issue 10 prototype
+    compute-sanitizer --tool racecheck python bench/kernel_bench.py --smem-check-only   # its barriers, first
 
 Each row runs ``dispatch.choose_algo``'s family with ``ops.kernel_config``'s tile (recorded in the row) and
 is timed as one CUDA graph of ``R`` calls, call ``i`` on weight copy ``i % copies``; the reported time is the
@@ -363,6 +364,11 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
     p.add_argument("--smem", action="store_true", help="add the shared-memory-table gemv prototype (<= 2 tokens)")
     p.add_argument("--smem-sweep", action="store_true", help="with --smem: also tile/copies/residency variants")
+    p.add_argument(
+        "--smem-check-only",
+        action="store_true",
+        help="only the prototype's correctness check (a few small launches: small enough for compute-sanitizer)",
+    )
     args = p.parse_args()
     t_start = time.time()
     device = "cpu" if args.smoke else "cuda"
@@ -372,6 +378,7 @@ def main() -> None:
         args.shapes, args.batches, args.no_baselines = "48x64,96x32", "1,16,80", True
     elif not torch.cuda.is_available():
         sys.exit("no GPU: use --smoke (with TRITON_INTERPRET=1) on a CPU")
+    args.smem = args.smem or args.smem_check_only
     if args.smem and args.smoke:
         sys.exit("--smem runs inline PTX, which the interpreter cannot: run it on a GPU")
     formats = args.formats.split(",")
@@ -402,6 +409,15 @@ def main() -> None:
         "dispatch": "algo from dispatch.choose_algo, tiles from ops.kernel_config (lit_cb/kernels/ops.py tile tables)",
     }
     with dispatch.interpreter_on_cpu(args.smoke):
+        if args.smem_check_only:
+            # A first run of an unproven kernel: a fault poisons the CUDA context, so nothing else shares
+            # the process, and the launches are few enough to run under compute-sanitizer's racecheck.
+            result["smem_check"] = check_smem(S, ops, formats)
+            print("smem-table prototype vs float32:", result["smem_check"] or "all passed", flush=True)
+            if args.out:
+                pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                pathlib.Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+            sys.exit(1 if result["smem_check"] else 0)
         if not args.no_check:
             failures = check_gpu(K, ops, formats, device, args.smoke)
             result["check_failures"] = failures
