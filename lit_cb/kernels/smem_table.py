@@ -250,6 +250,40 @@ def _stage_table(
 
 
 @triton.jit
+def _setup_table(
+    cb_ptr,
+    seed,
+    NE: tl.constexpr,
+    G: tl.constexpr,
+    NCOPIES: tl.constexpr,
+    RESERVE_WORDS: tl.constexpr,
+    ACQUIRE_ASM: tl.constexpr,
+    LOAD_ASM: tl.constexpr,
+    LOAD_CONS: tl.constexpr,
+    STORE_ASM: tl.constexpr,
+    STORE_CONS: tl.constexpr,
+):
+    """Reserve, acquire, stage, release (HAZARD rules 1-3): the table's base address, which every gather must
+    take as an operand so that it stays after the release barrier. ``RESERVE_WORDS == 0`` is the probe compile
+    (Triton's own shared memory only, see :func:`plan_shared`). Shared by the gemv and the mm kernels."""
+    if RESERVE_WORDS > 0:
+        ticket = _reserve_shared(seed, RESERVE_WORDS)
+    else:
+        ticket = seed * 0
+    base = tl.inline_asm_elementwise(ACQUIRE_ASM, "=r,r", [ticket], dtype=tl.int32, is_pure=False, pack=1)
+    _stage_table(cb_ptr, base, NE, G, NCOPIES, LOAD_ASM, LOAD_CONS, STORE_ASM, STORE_CONS)
+    return tl.inline_asm_elementwise(RELEASE_ASM, "=r,r", [base], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _gather(codes, base, G: tl.constexpr, GATHER_ASM: tl.constexpr, GATHER_CONS: tl.constexpr):
+    """Codewords of ``codes`` (any shape) from the table part at ``base``: a tuple of G fp32 tensors."""
+    return tl.inline_asm_elementwise(
+        GATHER_ASM, GATHER_CONS, [codes, base], dtype=(tl.float32,) * G, is_pure=True, pack=1
+    )
+
+
+@triton.jit
 def _store_rows(ptrs, bits, mask):
     """``tl.store`` without its layout conversion: the reduced rows sit in a slice layout (each row held by
     several lanes), and Triton would move them to a store layout through shared memory, under the table, on
@@ -303,15 +337,20 @@ def _cb_gemv_smem_kernel(
     program stages the table once and then walks row tiles ``pid, pid + P, ...``."""
     pid = tl.program_id(0)
     t = tl.program_id(1)
-    NE: tl.constexpr = NUM_CODEBOOKS << NBITS
     CB_BYTES: tl.constexpr = (1 << NBITS) * NCOPIES * 2 * G  # one codebook's part of the table
-    if RESERVE_WORDS > 0:
-        ticket = _reserve_shared(pid + N, RESERVE_WORDS)
-    else:  # the probe compile: Triton's own shared memory only
-        ticket = pid * 0
-    base = tl.inline_asm_elementwise(ACQUIRE_ASM, "=r,r", [ticket], dtype=tl.int32, is_pure=False, pack=1)
-    _stage_table(cb_ptr, base, NE, G, NCOPIES, LOAD_ASM, LOAD_CONS, STORE_ASM, STORE_CONS)
-    base = tl.inline_asm_elementwise(RELEASE_ASM, "=r,r", [base], dtype=tl.int32, is_pure=False, pack=1)
+    base = _setup_table(
+        cb_ptr,
+        pid + N,
+        NUM_CODEBOOKS << NBITS,
+        G,
+        NCOPIES,
+        RESERVE_WORDS,
+        ACQUIRE_ASM,
+        LOAD_ASM,
+        LOAD_CONS,
+        STORE_ASM,
+        STORE_CONS,
+    )
 
     offs_j = tl.arange(0, BLOCK_N)
     x_row = x_ptr + t.to(tl.int64) * stride_xt
@@ -334,9 +373,7 @@ def _cb_gemv_smem_kernel(
             )
             for m in tl.static_range(NUM_CODEBOOKS):
                 c = _load_codes(codes_ptr, offs_n, offs_g, mask, stride_cn, m, NUM_CODEBOOKS, NBITS, PACKED, WORD_BITS)
-                cw = tl.inline_asm_elementwise(
-                    GATHER_ASM, GATHER_CONS, [c, base + m * CB_BYTES], dtype=(tl.float32,) * G, is_pure=True, pack=1
-                )
+                cw = _gather(c, base + m * CB_BYTES, G, GATHER_ASM, GATHER_CONS)
                 for j in tl.static_range(G):
                     acc += cw[j] * tl.where(g_mask, xs[j], 0.0)[None, :]
         out = tl.sum(acc, axis=1) * tl.load(scales_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -386,6 +423,22 @@ def plan_shared(compile_shared, table: int) -> SharedPlan:
     return SharedPlan(table, probe, plan.table_off, reserve, shared)
 
 
+def table_constexprs(group_size: int, ncopies: int, bf16: bool) -> dict:
+    """The staging and gather asm constexprs every shared-table kernel takes (:func:`_setup_table`, :func:`_gather`)."""
+    gather, gather_cons = gather_asm(group_size, ncopies, bf16)
+    load, load_cons = load_words_asm(group_size)
+    store, store_cons = store_words_asm(group_size)
+    return dict(
+        NCOPIES=ncopies,
+        GATHER_ASM=gather,
+        GATHER_CONS=gather_cons,
+        LOAD_ASM=load,
+        LOAD_CONS=load_cons,
+        STORE_ASM=store,
+        STORE_CONS=store_cons,
+    )
+
+
 def kernel_args(
     x: torch.Tensor,
     codes: torch.Tensor,
@@ -406,10 +459,7 @@ def kernel_args(
     bf16_cb, bf16_x = codebooks.dtype == torch.bfloat16, x.dtype == torch.bfloat16
     args = (x, codes_l, codebooks, scales.reshape(-1), bias if bias is not None else scales.reshape(-1), out)
     args += (num_out, num_groups, triton.cdiv(num_out, cfg.block_n), x.stride(0), out.stride(0), stride_cn)
-    gather, gather_cons = gather_asm(g, ncopies, bf16_cb)
     xa, x_cons = x_asm(g, bf16_x)
-    load, load_cons = load_words_asm(g)
-    store, store_cons = store_words_asm(g)
     kwargs = dict(
         NUM_CODEBOOKS=num_cb,
         NBITS=nbits,
@@ -419,15 +469,9 @@ def kernel_args(
         HAS_BIAS=bias is not None,
         BLOCK_N=cfg.block_n,
         BLOCK_G=cfg.block_g,
-        NCOPIES=ncopies,
-        GATHER_ASM=gather,
-        GATHER_CONS=gather_cons,
         X_ASM=xa,
         X_CONS=x_cons,
-        LOAD_ASM=load,
-        LOAD_CONS=load_cons,
-        STORE_ASM=store,
-        STORE_CONS=store_cons,
+        **table_constexprs(g, ncopies, bf16_cb),
         num_warps=cfg.num_warps,
         num_stages=1,  # a pipelined loop would stage its loads through Triton's shared memory, under the table
     )
@@ -443,21 +487,32 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 _PLANS: dict[tuple, SharedPlan] = {}
 
 
-def _plan_key(args: tuple, kwargs: dict, device: torch.device) -> tuple:
-    scalars = tuple(v % 16 == 0 for v in args[6:] if isinstance(v, int))  # the runtime's divisibility hints
+def _plan_key(kernel, args: tuple, kwargs: dict, device: torch.device) -> tuple:
+    scalars = tuple((v % 16 == 0, v == 1) for v in args if isinstance(v, int))  # the runtime's specialisation
     dtypes = tuple(a.dtype for a in args if isinstance(a, torch.Tensor))
-    return (device, dtypes, scalars, tuple(sorted(kwargs.items())))
+    return (kernel.fn.__name__, device, dtypes, scalars, tuple(sorted(kwargs.items())))
 
 
-def _plan(args: tuple, kwargs: dict, device: torch.device) -> SharedPlan:
-    """:func:`plan_shared` through ``warmup`` compiles (no launch), once per kernel specialisation."""
-    key = _plan_key(args, kwargs, device)
+def plan_for(kernel, args: tuple, kwargs: dict, device: torch.device) -> SharedPlan:
+    """:func:`plan_shared` for one shared-table ``kernel`` through ``warmup`` compiles (no launch), once per
+    kernel specialisation; ``kwargs`` holds the kernel's table constexprs (``NUM_CODEBOOKS``, ``NBITS``, ...)."""
+    key = _plan_key(kernel, args, kwargs, device)
     if key not in _PLANS:
         num_cb, nbits, g = kwargs["NUM_CODEBOOKS"], kwargs["NBITS"], kwargs["G"]
-        warm = functools.partial(_cb_gemv_smem_kernel.warmup, *args, grid=(1,))
+        warm = functools.partial(kernel.warmup, *args, grid=(1,))
         table = table_bytes(num_cb, nbits, g, kwargs["NCOPIES"])
         _PLANS[key] = plan_shared(lambda over: warm(**kwargs, **over).metadata.shared, table)
     return _PLANS[key]
+
+
+def _plan(args: tuple, kwargs: dict, device: torch.device) -> SharedPlan:
+    return plan_for(_cb_gemv_smem_kernel, args, kwargs, device)
+
+
+def resident_ctas(plan: SharedPlan, cap: int) -> int:
+    """CTAs one SM holds with this plan's shared memory (each also costs the driver's 1 KB), at most ``cap``:
+    the persistent grid's size per SM."""
+    return max(1, min(cap, SMEM_PER_SM // (plan.shared + SMEM_PER_CTA_RESERVED)))
 
 
 def shared_plan(
@@ -500,7 +555,7 @@ def codebook_gemv_smem(
     plan = _plan(args, kwargs, x.device)
     from .codebook import _num_sms
 
-    resident = max(1, min(cfg.ctas_per_sm, SMEM_PER_SM // (plan.shared + SMEM_PER_CTA_RESERVED)))
+    resident = resident_ctas(plan, cfg.ctas_per_sm)
     programs = min(args[8], resident * _num_sms(x.device))
     _cb_gemv_smem_kernel[(programs, x.shape[0])](*args, **kwargs, **plan.constexprs())
     return out
