@@ -21,6 +21,7 @@ import collections
 import dataclasses
 import datetime
 import json
+import math
 import os
 import re
 import shlex
@@ -174,6 +175,32 @@ def smem_gemv_compiled(num_out: int, in_features: int, fmt: str, config=None, dt
     return last["kernel"], plan, tile
 
 
+def smem_mm_compiled(num_out: int, in_features: int, fmt: str, tokens: int = 16, config=None, dtype=torch.float16):
+    """The shared-table mm (lit_cb/kernels/smem_mm.py) as its launcher would run it for this shape and token
+    count: (real compiled kernel, plan, tile, probe compiled kernel)."""
+    from lit_cb.kernels import smem_mm as SM
+    from lit_cb.kernels import smem_table as S
+
+    m, b, g = FORMATS[fmt]
+    cfg = config or SM.mm_config(tokens, g)
+    codes = torch.zeros(num_out, in_features // g, m, dtype=torch.uint8)
+    codebooks = torch.zeros(m, 2**b, 1, g, dtype=dtype)
+    scales = torch.ones(num_out, 1, 1, 1, dtype=torch.float16)
+    x = torch.zeros(tokens, in_features, dtype=dtype)
+    out = torch.empty(tokens, num_out, dtype=dtype)
+    args, kwargs = SM.kernel_args(x, codes, codebooks, scales, None, b, out, cfg)
+    compiled = []
+
+    def compile_shared(overrides: dict) -> int:
+        compiled.append(compile_launch(SM._cb_mm_smem_kernel, args, {**kwargs, **overrides}))
+        return compiled[-1].metadata.shared
+
+    plan = S.plan_shared(compile_shared, S.table_bytes(m, b, g, kwargs["NCOPIES"]))
+    tile = {k: getattr(cfg, k) for k in ("block_m", "block_n", "block_g", "num_warps", "ctas_per_sm")}
+    tile["ncopies"] = kwargs["NCOPIES"]
+    return compiled[-1], plan, tile, compiled[0]
+
+
 def inline_asm_tags(ptx: str) -> list[str | None]:
     """Per PTX line: ``None`` outside inline asm, else the block's ``// lcb:<tag>`` (``"asm"`` if untagged)."""
     tag, tags = None, []
@@ -250,13 +277,98 @@ def smem_report(ptx: str) -> dict:
     }
 
 
+_DTYPE_BYTES = {"f16": 2, "bf16": 2, "f32": 4, "i32": 4, "i8": 1, "i16": 2}
+
+
+def shared_allocations(ttgir: str, capability: int = TARGET[1]) -> list[dict]:
+    """Triton's own shared-memory buffers in a compiled kernel's TTGIR, as its allocator places them: the
+    ``allocation.offset`` (and ``allocation.size`` where this Triton records it, else the ``memdesc`` size of a
+    ``local_alloc``) of every op, by running the backend's shared-memory allocation pass on the TTGIR (the
+    first passes of its ``make_llir``). ``after_acquire``: the op comes after the ``lcb:acquire`` asm, i.e. is
+    live while the table may be; the reservation's gather (and its reduce) come before."""
+    import tempfile
+
+    from triton._C.libtriton import ir, nvidia, passes
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+
+    ctx = ir.context()
+    ir.load_dialects(ctx)
+    make_backend(GPUTarget(*TARGET)).load_dialects(ctx)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "kernel.ttgir"
+        path.write_text(ttgir)
+        mod = ir.parse_mlir_module(str(path), ctx)
+    mod.context = ctx
+    pm = ir.pass_manager(ctx)
+    passes.ttgpuir.add_combine_tensor_select_and_if(pm)
+    passes.convert.add_scf_to_cf(pm)
+    passes.gluon.add_inliner(pm)
+    nvidia.passes.ttgpuir.add_allocate_shared_memory_nv(pm, capability, 80)
+    pm.run(mod, "lit_cb_shared_allocations")
+    rows, acquired = [], False
+    for line in str(mod).splitlines():
+        acquired = acquired or "lcb:acquire" in line
+        offset = re.search(r"allocation\.offset = (\d+)", line)
+        if not offset:
+            continue
+        op = re.search(r"\b(tt\.\w+|ttg\.\w+|ttng\.\w+|\"tt\.\w+\")", line)
+        size = re.search(r"allocation\.size = (\d+)", line)
+        if size is None and (desc := re.search(r"-> !ttg\.memdesc<([\dx]+)x(\w+),", line)):
+            dims = [int(v) for v in desc.group(1).split("x")]
+            size = [None, math.prod(dims) * _DTYPE_BYTES.get(desc.group(2), 4)]
+        rows.append(
+            {
+                "op": op.group(1).strip('"') if op else "reduce-or-region-op",
+                "offset": int(offset.group(1)),
+                "size": int(size[1]) if size else None,
+                "after_acquire": acquired,
+            }
+        )
+    return rows
+
+
+def smem_mm_report(compiled, probe, plan) -> dict:
+    """:func:`smem_report` plus where Triton's own buffers of the real compile lie (:func:`shared_allocations`):
+    those after the acquire asm must be the probe's, at the probe's offsets, and end at or below the table
+    (sizes that this Triton does not record are bounded by the probe's ``metadata.shared`` instead)."""
+    from lit_cb.kernels import smem_table as S
+
+    real = [a for a in shared_allocations(compiled.asm["ttgir"]) if a["after_acquire"]]
+    probed = [a for a in shared_allocations(probe.asm["ttgir"]) if a["after_acquire"]]
+    ends = [a["offset"] + a["size"] for a in real if a["size"] is not None]
+    return {
+        **smem_report(compiled.asm["ptx"]),
+        "triton_buffers_live_with_table": real,
+        "buffers_as_in_probe": [(a["op"], a["offset"]) for a in real] == [(a["op"], a["offset"]) for a in probed],
+        "buffers_below_table": all(a["offset"] < plan.table_off for a in real)
+        and max(ends, default=0) <= plan.table_off,
+        "ctas_per_sm": S.resident_ctas(plan, 64),  # by shared memory alone (the launcher caps it further)
+    }
+
+
+def per_thread_loads(tile: dict, fmt: str) -> dict:
+    """Codeword gathers per thread per K step the tile implies: ``block_n * block_g * M`` codewords over the
+    CTA's threads (what the PTX's inner loop should hold, one shared vector load each)."""
+    m, _, g = FORMATS[fmt]
+    threads = 32 * tile["num_warps"]
+    return {
+        "codeword_gathers": tile["block_n"] * tile["block_g"] * m // threads,
+        "inputs_per_k_step": tile["block_g"] * g,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated, of {list(FORMATS)}")
     p.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i in SHAPES), help="OUTxIN,...")
     p.add_argument("--tokens", default="1,16", help="1: the gemv kernel; 2-64: the tensor-core (mm) kernel")
-    p.add_argument("--smem", action="store_true", help="1 token: the shared-table gemv prototype (smem_table.py)")
+    p.add_argument(
+        "--smem",
+        action="store_true",
+        help="the shared-table prototypes: gemv (1 token, smem_table.py), mm (smem_mm.py)",
+    )
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"], help="with --smem: codebooks and x")
     args = p.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -274,6 +386,15 @@ def main() -> None:
                     compiled, plan, tile = smem_gemv_compiled(num_out, in_features, fmt, dtype=dtype)
                     kernel, ptx = "gemv_smem", compiled.asm["ptx"]
                     extra = {"shared_plan": dataclasses.asdict(plan), "smem": smem_report(ptx)}
+                elif args.smem:
+                    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+                    compiled, plan, tile, probe = smem_mm_compiled(num_out, in_features, fmt, tokens, dtype=dtype)
+                    kernel, ptx = "mm_smem", compiled.asm["ptx"]
+                    extra = {
+                        "shared_plan": dataclasses.asdict(plan),
+                        "smem": smem_mm_report(compiled, probe, plan),
+                        "per_thread_per_k_step": per_thread_loads(tile, fmt),
+                    }
                 elif tokens == 1:
                     kernel, (ptx, tile) = "gemv", gemv_ptx(num_out, in_features, fmt)
                 else:
