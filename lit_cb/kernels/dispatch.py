@@ -8,8 +8,9 @@ decode-into-``tl.dot`` kernel where it beats the rest, and a transient dense W +
 cuBLAS's tensor-core pipeline outweighs writing and re-reading the dense copy.
 
 ``LIT_CB_SMEM_TABLES=1`` (opt-in, CUDA only, ignored under TRITON_INTERPRET) makes the ``gemv`` family run the
-shared-memory-table prototype (lit_cb/kernels/smem_table.py) for the layers it takes (1x8_g4, 2x8_g8-like,
-unfused); everything else, and every call without the flag, runs as before.
+shared-memory-table prototype (lit_cb/kernels/smem_table.py), and the ``mm`` family its tensor-core variant
+(lit_cb/kernels/smem_mm.py, 3-64 tokens), for the layers they take (1x8_g4, 2x8_g8-like, unfused); everything
+else, and every call without the flag, runs as before.
 """
 
 from __future__ import annotations

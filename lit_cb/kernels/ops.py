@@ -200,6 +200,11 @@ def run_algo(
     if algo == "lut":
         return K.codebook_lut_gemv(x2d, codes, codebooks, scales, bias, nbits, cfg)
     if algo == "mm":
+        if part_sizes is None and _smem_tables_mm(x2d, codes, codebooks, nbits):
+            from . import smem_mm
+
+            smem_cfg = smem_mm.mm_config(tokens, g)
+            return smem_mm.codebook_mm_smem(x2d, codes, codebooks, scales, bias, nbits, smem_cfg)
         return K.codebook_mm(x2d, codes, codebooks, scales, bias, nbits, cfg, part_sizes)
     if algo == "dense":
         return K.codebook_dense(x2d, codes, codebooks, scales, bias, nbits, cfg, part_sizes)
@@ -212,6 +217,15 @@ def _smem_tables(x2d: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor
     from . import smem_table
 
     return smem_table.enabled() and x2d.is_cuda and smem_table.supports(x2d, codes, codebooks, nbits)
+
+
+def _smem_tables_mm(x2d: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, nbits: int) -> bool:
+    """Whether an ``mm`` call runs the shared-memory-table tensor-core prototype (lit_cb/kernels/smem_mm.py):
+    the same opt-in as :func:`_smem_tables`, for the formats it takes, up to 64 tokens (what ``mm`` is dispatched
+    for; 1-2 tokens go to the gemv family)."""
+    from . import smem_mm, smem_table
+
+    return smem_table.enabled() and x2d.is_cuda and smem_mm.supports(x2d, codes, codebooks, nbits)
 
 
 @torch.library.custom_op("lit_cb::codebook_linear", mutates_args=())

@@ -25,6 +25,7 @@ that concurrently running CTAs share the W tile's codes in L2. No split-K in thi
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,7 @@ def _codeword_tile(cw, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.const
 @triton.jit
 def _decode_tile_smem(
     codes_ptr,
+    cb_ptr,
     base,
     offs_n,
     offs_g,
@@ -93,15 +95,43 @@ def _decode_tile_smem(
     NCOPIES: tl.constexpr,
     GATHER_ASM: tl.constexpr,
     GATHER_CONS: tl.constexpr,
+    EMULATE: tl.constexpr,
 ):
     """Unscaled fp32 ``[BLOCK_N, BLOCK_K]`` W tile: the sum over codebooks of codewords gathered from the table."""
     CB_BYTES: tl.constexpr = (1 << NBITS) * NCOPIES * 2 * G  # one codebook's part of the table
     w = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for m in tl.static_range(NUM_CODEBOOKS):
         c = _load_codes(codes_ptr, offs_n, offs_g, mask, stride_cn, m, NUM_CODEBOOKS, NBITS, PACKED, WORD_BITS)
-        cw = S._gather(c, base + m * CB_BYTES, G, GATHER_ASM, GATHER_CONS)
+        if EMULATE:
+            cw = _gather_global(cb_ptr, c + m * (1 << NBITS), G)
+        else:
+            cw = S._gather(c, base + m * CB_BYTES, G, GATHER_ASM, GATHER_CONS)
         w += _codeword_tile(cw, G, BLOCK_N, BLOCK_K)
     return w
+
+
+@triton.jit
+def _gather_global(cb_ptr, entries, G: tl.constexpr):
+    """The interpreter's stand-in for :func:`smem_table._gather` (``EMULATE``): the same G-tuple of fp32
+    codewords, loaded from the codebooks in global memory, so the CPU tests run everything but the asm."""
+    if G == 8:
+        return (
+            tl.load(cb_ptr + entries * G + 0).to(tl.float32),
+            tl.load(cb_ptr + entries * G + 1).to(tl.float32),
+            tl.load(cb_ptr + entries * G + 2).to(tl.float32),
+            tl.load(cb_ptr + entries * G + 3).to(tl.float32),
+            tl.load(cb_ptr + entries * G + 4).to(tl.float32),
+            tl.load(cb_ptr + entries * G + 5).to(tl.float32),
+            tl.load(cb_ptr + entries * G + 6).to(tl.float32),
+            tl.load(cb_ptr + entries * G + 7).to(tl.float32),
+        )
+    else:
+        return (
+            tl.load(cb_ptr + entries * G + 0).to(tl.float32),
+            tl.load(cb_ptr + entries * G + 1).to(tl.float32),
+            tl.load(cb_ptr + entries * G + 2).to(tl.float32),
+            tl.load(cb_ptr + entries * G + 3).to(tl.float32),
+        )
 
 
 @triton.jit
@@ -138,24 +168,28 @@ def _cb_mm_smem_kernel(
     LOAD_CONS: tl.constexpr,
     STORE_ASM: tl.constexpr,
     STORE_CONS: tl.constexpr,
+    EMULATE: tl.constexpr,
 ):
     """out = (x @ W'^T) * scales + bias; grid (persistent programs,): each program stages the table once, then
     walks output tiles ``pid, pid + P, ...`` (tile = row tile * token tiles + token tile)."""
     BLOCK_K: tl.constexpr = BLOCK_G * G
     pid = tl.program_id(0)
-    base = S._setup_table(
-        cb_ptr,
-        pid + N,
-        NUM_CODEBOOKS << NBITS,
-        G,
-        NCOPIES,
-        RESERVE_WORDS,
-        ACQUIRE_ASM,
-        LOAD_ASM,
-        LOAD_CONS,
-        STORE_ASM,
-        STORE_CONS,
-    )
+    if EMULATE:  # the interpreter (tests): no table, codewords from global memory
+        base = pid * 0
+    else:
+        base = S._setup_table(
+            cb_ptr,
+            pid + N,
+            NUM_CODEBOOKS << NBITS,
+            G,
+            NCOPIES,
+            RESERVE_WORDS,
+            ACQUIRE_ASM,
+            LOAD_ASM,
+            LOAD_CONS,
+            STORE_ASM,
+            STORE_CONS,
+        )
     num_pid_m = tl.cdiv(T, BLOCK_M)
     offs_kk = tl.arange(0, BLOCK_K)
     for tile in range(pid, NUM_TILES, tl.num_programs(0)):
@@ -172,6 +206,7 @@ def _cb_mm_smem_kernel(
             mask = n_mask[:, None] & (offs_g < K_GROUPS)[None, :]
             w = _decode_tile_smem(
                 codes_ptr,
+                cb_ptr,
                 base,
                 offs_n,
                 offs_g,
@@ -187,6 +222,7 @@ def _cb_mm_smem_kernel(
                 NCOPIES,
                 GATHER_ASM,
                 GATHER_CONS,
+                EMULATE,
             )
             acc = tl.dot(xt, tl.trans(w.to(xt.dtype)), acc)
         acc = acc * tl.load(scales_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -194,6 +230,9 @@ def _cb_mm_smem_kernel(
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_ot + offs_n[None, :]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+EMULATED_PLAN = {"TABLE_OFF": 0, "RESERVE_WORDS": 0, "ACQUIRE_ASM": S.PROBE_ACQUIRE_ASM}
 
 
 def kernel_args(
@@ -225,6 +264,7 @@ def kernel_args(
         BLOCK_N=cfg.block_n,
         BLOCK_G=cfg.block_g,
         **S.table_constexprs(g, cfg.ncopies or S.default_ncopies(g), codebooks.dtype == torch.bfloat16),
+        EMULATE=False,
         num_warps=cfg.num_warps,
         num_stages=1,  # a pipelined loop would add async copies into Triton's shared memory
     )
@@ -272,6 +312,9 @@ def codebook_mm_smem(
     args, kwargs = _prepare(x, codes, codebooks, scales, bias, nbits, cfg)
     out = args[5]
     if x.shape[0] == 0:
+        return out
+    if os.environ.get("TRITON_INTERPRET") == "1":  # no PTX: everything but the table (tests/test_smem_mm.py)
+        _cb_mm_smem_kernel[(min(args[9], cfg.ctas_per_sm),)](*args, **{**kwargs, "EMULATE": True}, **EMULATED_PLAN)
         return out
     plan = S.plan_for(_cb_mm_smem_kernel, args, kwargs, x.device)
     programs = min(args[9], S.resident_ctas(plan, cfg.ctas_per_sm) * _num_sms(x.device))
