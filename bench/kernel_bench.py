@@ -5,7 +5,7 @@ enough copies to defeat the 50 MB L2), plus fused q/k/v and gate/up against sepa
     python bench/kernel_bench.py --out $OUT/kernels_h100.json                    # about 2 minutes on the H100
     python bench/kernel_bench.py --sweep --shapes 11008x4096 --batches 1,16      # tile variants, for dispatch
     TRITON_INTERPRET=1 python bench/kernel_bench.py --smoke --out /tmp/k.json     # CPU, tiny shapes
-    python bench/kernel_bench.py --smem --batches 1 --no-baselines --no-fused --out $OUT/smem.json  # issue 10 prototype
+    python bench/kernel_bench.py --smem --batches 1,16 --no-baselines --no-fused --out $OUT/smem.json  # issue 10
     compute-sanitizer --tool racecheck python bench/kernel_bench.py --smem-check-only   # its barriers, first
 
 Each row runs ``dispatch.choose_algo``'s family with ``ops.kernel_config``'s tile (recorded in the row) and
@@ -18,9 +18,12 @@ kernels JIT-build in a background thread meanwhile and are timed last on the 2x8
 ``LIT_CB_SMEM_TABLES=1`` dispatches) to every row of at most 2 tokens in a format it takes: first checked
 against the dense dequantized float32 matmul on that row's own layer (``smem_rel_err``; a failure is recorded
 as ``smem_error`` and the variant is not timed), then timed like ``ours`` (``smem_us``, ``x_fp16_smem``,
-``smem_vs_ours``, with its shared-memory plan). ``--smem-sweep`` also checks and times a few tile / copy /
-residency variants per row (``smem_variants``). Before all rows, ``smem_check`` runs ragged shapes, bias and
-bf16 through the opt-in dispatcher path.
+``smem_vs_ours``, with its shared-memory plan). Rows of 3-64 tokens get its tensor-core variant
+(lit_cb/kernels/smem_mm.py, the opt-in ``mm`` family), checked and timed the same way (``smem_mm_rel_err``,
+``smem_mm_error``, ``smem_mm_us``, ``x_fp16_smem_mm``, ``smem_mm_vs_ours``, ``smem_mm_plan``). ``--smem-sweep``
+also checks and times a few tile / copy / residency variants per row (``smem_variants``, ``smem_mm_variants``).
+Before all rows, ``smem_check`` runs ragged shapes, bias and bf16 through the opt-in dispatcher path, at 1-2
+tokens (gemv) and 4, 16, 40 tokens (mm).
 """
 
 # ruff: noqa: B023  (every lambda here is timed or called within the loop iteration that makes it)
@@ -273,9 +276,16 @@ def smem_variants(S, g: int) -> dict:
     return out
 
 
+# (activation dtype, tokens) of check_smem: 1-2 tokens run the gemv prototype, more the mm one (smem_mm.py),
+# 40 tokens with a partial 64-token tile
+SMEM_CHECK_CALLS = [(torch.float16, 1), (torch.float16, 2), (torch.bfloat16, 1)]
+SMEM_CHECK_CALLS += [(torch.float16, 4), (torch.float16, 16), (torch.bfloat16, 16), (torch.float16, 40)]
+
+
 def check_smem(S, ops, formats: list[str]) -> list[str]:
-    """The opt-in dispatcher path (``LIT_CB_SMEM_TABLES=1``, ops.run_algo "gemv") on ragged shapes (rows and
-    groups not multiples of the tile), with bias, fp16 and bf16, 1 and 2 tokens, vs float32. Returns failures."""
+    """The opt-in dispatcher path (``LIT_CB_SMEM_TABLES=1``, ops.run_algo "gemv" for 1-2 tokens, "mm" beyond) on
+    ragged shapes (rows and groups not multiples of the tile), with bias, fp16 and bf16, vs float32. Returns
+    failures."""
     failures = []
     torch.manual_seed(1)
     previous = os.environ.get(S.ENV_FLAG)
@@ -286,13 +296,14 @@ def check_smem(S, ops, formats: list[str]) -> list[str]:
             for n, k in ((1000, 1040), (37, 8 * g), (4096, 4096)):
                 idx, codes, codebooks, scales = make_codebook_layers(n, k, m, b, g, 1)[0]
                 bias = torch.randn(n, device="cuda", dtype=torch.float16)
-                for dtype, tokens in ((torch.float16, 1), (torch.float16, 2), (torch.bfloat16, 1)):
+                for dtype, tokens in SMEM_CHECK_CALLS:
                     x = torch.randn(tokens, k, device="cuda", dtype=dtype)
                     if not S.supports(x, codes, codebooks, b):
                         continue
-                    name = f"{fname} {n}x{k} {dtype} T={tokens}"
+                    algo = "gemv" if tokens <= 2 else "mm"
+                    name = f"{fname} {n}x{k} {dtype} T={tokens} {algo}"
                     try:
-                        out = ops.run_algo(x, codes, codebooks, scales, bias.to(dtype), b, "gemv")
+                        out = ops.run_algo(x, codes, codebooks, scales, bias.to(dtype), b, algo)
                         torch.cuda.synchronize()
                     except Exception as e:  # noqa: BLE001
                         failures.append(f"{name}: {e!r}"[:400])
@@ -308,19 +319,40 @@ def check_smem(S, ops, formats: list[str]) -> list[str]:
     return failures
 
 
-def smem_entry(S, row: dict, layers: list, x: torch.Tensor, b: int, sweep: bool, time_us) -> None:
-    """Check, then time, the smem-table prototype on this row's layers; fields added to ``row``."""
+def smem_mm_variants(SM, tokens: int, g: int) -> dict:
+    """The mm prototype's default tile and a few variants: half the copies (a 2x8 g8 table of 32 KB, a 64 KB
+    reservation, three CTAs per SM instead of one; 2-way bank conflicts), the other warp count, 32-row tiles."""
+    base = SM.mm_config(tokens, g)
+    return {
+        "default": base,
+        "copies_half": dataclasses.replace(base, ncopies=128 // (2 * g) // 2),
+        f"w{12 - base.num_warps}": dataclasses.replace(base, num_warps=12 - base.num_warps),
+        "n32": dataclasses.replace(base, block_n=32),
+    }
+
+
+def smem_entry(S, row: dict, layers: list, x: torch.Tensor, b: int, sweep: bool, time_us, kind: str = "gemv") -> None:
+    """Check, then time, a smem-table prototype on this row's layers; fields added to ``row``: ``smem_*`` for the
+    gemv (``kind="gemv"``, ``S`` = smem_table), ``smem_mm_*`` for the tensor-core variant (``S`` = smem_mm)."""
+    from lit_cb.kernels.smem_table import resident_ctas
+
     idx, codes, codebooks, scales = layers[0]
-    if not S.supports(x, codes, codebooks, b):
-        row["smem_skipped"] = "format or dtype not taken by the prototype"
+    g = codebooks.shape[-1]
+    if kind == "gemv":
+        prefix, run, supported = "smem", S.codebook_gemv_smem, S.supports(x, codes, codebooks, b)
+        configs = smem_variants(S, g) if sweep else {"default": S.smem_config(g)}
+    else:
+        prefix, run, supported = "smem_mm", S.codebook_mm_smem, S.supports(x, codes, codebooks, b)
+        configs = smem_mm_variants(S, x.shape[0], g) if sweep else {"default": S.mm_config(x.shape[0], g)}
+    if not supported:
+        row[f"{prefix}_skipped"] = "format or dtype not taken by the prototype"
         return
     ref = dense_reference(x, idx, codebooks, scales)
-    configs = smem_variants(S, codebooks.shape[-1]) if sweep else {"default": S.smem_config(codebooks.shape[-1])}
     variants = {}
     for name, cfg in configs.items():
         res = {"config": repr(cfg)}
         try:
-            out = S.codebook_gemv_smem(x, codes, codebooks, scales, None, b, cfg)
+            out = run(x, codes, codebooks, scales, None, b, cfg)
             torch.cuda.synchronize()
             res["rel_err"] = rel_err(out, ref)
             if not res["rel_err"] < 3e-3:
@@ -328,23 +360,25 @@ def smem_entry(S, row: dict, layers: list, x: torch.Tensor, b: int, sweep: bool,
         except Exception as e:  # noqa: BLE001
             res["error"] = f"{type(e).__name__}: {e}"[:600]
         if "error" not in res:
-            fns = [lambda L=L, cfg=cfg: S.codebook_gemv_smem(x, L[1], L[2], L[3], None, b, cfg) for L in layers]
+            fns = [lambda L=L, cfg=cfg: run(x, L[1], L[2], L[3], None, b, cfg) for L in layers]
             res["us"] = round(time_us(fns), 2)
-            res["plan"] = dataclasses.asdict(S.shared_plan(x, codes, codebooks, scales, None, b, cfg))
+            plan = S.shared_plan(x, codes, codebooks, scales, None, b, cfg)
+            res["plan"] = dataclasses.asdict(plan)
+            res["ctas_per_sm"] = resident_ctas(plan, cfg.ctas_per_sm)
         variants[name] = res
-        print("  smem", name, json.dumps(res), flush=True)
+        print(f"  {prefix}", name, json.dumps(res), flush=True)
     default = variants["default"]
-    row["smem_config"] = default["config"]
-    row["smem_plan"] = default.get("plan")
+    row[f"{prefix}_config"] = default["config"]
+    row[f"{prefix}_plan"] = default.get("plan")
     if "error" in default:
-        row["smem_error"] = default["error"]
+        row[f"{prefix}_error"] = default["error"]
     else:
-        row["smem_rel_err"] = default["rel_err"]
-        row["smem_us"] = default["us"]
-        row["x_fp16_smem"] = round(row["fp16_us"] / default["us"], 3)
-        row["smem_vs_ours"] = round(row["ours_us"] / default["us"], 3)
+        row[f"{prefix}_rel_err"] = default["rel_err"]
+        row[f"{prefix}_us"] = default["us"]
+        row[f"x_fp16_{prefix}"] = round(row["fp16_us"] / default["us"], 3)
+        row[f"{prefix}_vs_ours"] = round(row["ours_us"] / default["us"], 3)
     if sweep:
-        row["smem_variants"] = variants
+        row[f"{prefix}_variants"] = variants
 
 
 def main() -> None:
@@ -362,7 +396,9 @@ def main() -> None:
     p.add_argument("--tune", action="store_true", help="pick gemv/mm/dense per format and batch first")
     p.add_argument("--dump-asm", default=None, help="folder for PTX/SASS of the compiled kernels")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
-    p.add_argument("--smem", action="store_true", help="add the shared-memory-table gemv prototype (<= 2 tokens)")
+    p.add_argument(
+        "--smem", action="store_true", help="add the shared-memory-table prototypes: gemv (<= 2 tokens), mm (3-64)"
+    )
     p.add_argument("--smem-sweep", action="store_true", help="with --smem: also tile/copies/residency variants")
     p.add_argument(
         "--smem-check-only",
@@ -391,6 +427,7 @@ def main() -> None:
 
     from lit_cb.kernels import codebook as K
     from lit_cb.kernels import dispatch, ops
+    from lit_cb.kernels import smem_mm as SM
     from lit_cb.kernels import smem_table as S
     from lit_cb.layers import CodebookFormat
 
@@ -478,6 +515,8 @@ def main() -> None:
                     row["ours_TFLOPs"] = round(2 * batch * n * k / ours / 1e6, 1)
                     if args.smem and batch <= 2:
                         smem_entry(S, row, layers, x, b, args.smem_sweep, time_us)
+                    elif args.smem and batch <= 64:
+                        smem_entry(SM, row, layers, x, b, args.smem_sweep, time_us, kind="mm")
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     if args.sweep:
@@ -555,6 +594,7 @@ def summarize(rows: list[dict]) -> dict:
     """``"<shape> b<batch> <format>"`` -> ours, fp16 and AQLM microseconds and the speed-ups."""
     keep = ("algo", "ours_us", "fp16_us", "x_fp16", "aqlm_us", "x_aqlm", "code_read_floor_us")
     keep += ("smem_us", "x_fp16_smem", "smem_vs_ours", "smem_error")
+    keep += ("smem_mm_us", "x_fp16_smem_mm", "smem_mm_vs_ours", "smem_mm_error")
     return {f"{r['shape']} b{r['batch']} {r['format']}": {kk: r[kk] for kk in keep if kk in r} for r in rows}
 
 
