@@ -37,6 +37,10 @@ inline-asm table is invisible to its allocator and to its barrier analysis. Thre
    the data dependency keeps every gather after that barrier. No Triton shared-memory use may sit between
    staging and the last gather except in ``[0, s)``; tests/test_smem_table.py checks the PTX.
 
+The multi-token tensor-core variant (lit_cb/kernels/smem_mm.py) stages the same table with the same functions
+(:func:`_setup_table`, :func:`_gather`, :func:`table_constexprs`, :func:`plan_for`); there Triton's own shared
+memory live with the table is ``tl.dot``'s operand staging, which the probe measures like any other.
+
 Only fp16/bf16 codebooks with 4- or 8-wide codewords (1x8 g4, 2x8 g8, 1x16 is too big for a table), fp16/bf16
 activations, one part (no fused layers). Cannot run under TRITON_INTERPRET (the interpreter has no PTX).
 """
