@@ -509,10 +509,6 @@ def plan_for(kernel, args: tuple, kwargs: dict, device: torch.device) -> SharedP
     return _PLANS[key]
 
 
-def _plan(args: tuple, kwargs: dict, device: torch.device) -> SharedPlan:
-    return plan_for(_cb_gemv_smem_kernel, args, kwargs, device)
-
-
 def resident_ctas(plan: SharedPlan, cap: int) -> int:
     """CTAs one SM holds with this plan's shared memory (each also costs the driver's 1 KB), at most ``cap``:
     the persistent grid's size per SM."""
@@ -533,7 +529,7 @@ def shared_plan(
     args, kwargs = kernel_args(
         _aligned(x), codes, _aligned(codebooks), scales, bias, nbits, out, config or SmemGemvConfig()
     )
-    return _plan(args, kwargs, x.device)
+    return plan_for(_cb_gemv_smem_kernel, args, kwargs, x.device)
 
 
 def codebook_gemv_smem(
@@ -556,7 +552,7 @@ def codebook_gemv_smem(
     if x.shape[0] == 0:
         return out
     args, kwargs = kernel_args(x, codes, codebooks, scales, bias, nbits, out, cfg)
-    plan = _plan(args, kwargs, x.device)
+    plan = plan_for(_cb_gemv_smem_kernel, args, kwargs, x.device)
     from .codebook import _num_sms
 
     resident = resident_ctas(plan, cfg.ctas_per_sm)
