@@ -263,8 +263,7 @@ class BlockCheckpoints:
         self, directory: str | Path | None, config: CompressionConfig, fingerprint: dict | None = None
     ) -> None:
         self.dir = Path(directory) if directory else None
-        # Where a run's blocks were copied from (compression.blocks_from) is not what they were made with.
-        self.config = {k: v for k, v in config.to_dict().items() if k != "blocks_from"}
+        self.config = config.made_with()
         # What the blocks were made from (model, calibration data, lit_cb version; see
         # lit_cb.fingerprint.compression_scope): blocks of another model of the same shape must
         # not be restored.

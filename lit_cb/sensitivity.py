@@ -268,7 +268,8 @@ def plan_bit_allocation(
             f"the bit allocation in {path}",
             "Use another resume directory (run_name/output_dir), or overwrite=true to move the old run aside.",
         )
-        if record.get("config") != json.loads(json.dumps(config.to_dict())):
+        made_with = {k: v for k, v in (record.get("config") or {}).items() if k != "blocks_from"}  # older files
+        if made_with != json.loads(json.dumps(config.made_with())):
             raise ValueError(
                 f"{path} was made with another compression config; use another resume directory or delete it"
             )
@@ -287,7 +288,7 @@ def plan_bit_allocation(
         "errors": errors,
         "costs": {c.name: list(c.costs) for c in choices},
         "seconds": time.perf_counter() - t0,
-        "config": config.to_dict(),
+        "config": config.made_with(),
         "fingerprint": fingerprint,
     }
     if path is not None:

@@ -4,6 +4,7 @@ and bad input refused before any work."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -197,6 +198,16 @@ def test_resume_reuses_bit_allocation_json(uniform_and_mixed, tmp_path, monkeypa
     model = _model()
     rep = compress_model(model, _windows(), cfg, device="cpu", progress=False, resume_dir=resume)
     assert rep.bit_allocation["reused"] and json.loads(path.read_text()) == stored
+    # A run started from another run's blocks (compression.blocks_from) resumes them as its own: where they
+    # came from is not what they were made with. Files written before that distinction (with the key) too.
+    assert "blocks_from" not in stored["config"]
+    copied = dataclasses.replace(cfg, blocks_from=str(tmp_path / "elsewhere"))
+    rep = compress_model(_model(), _windows(), copied, device="cpu", progress=False, resume_dir=resume)
+    assert rep.bit_allocation["reused"]
+    path.write_text(json.dumps(dict(stored, config={**stored["config"], "blocks_from": None})))
+    rep = compress_model(_model(), _windows(), copied, device="cpu", progress=False, resume_dir=resume)
+    assert rep.bit_allocation["reused"]
+    path.write_text(json.dumps(stored))
     # Interrupted after the allocation, before any block: the file's choice is what compression uses
     # (here hand-edited, so a re-measured allocation could not match it).
     fresh = tmp_path / "blocks"

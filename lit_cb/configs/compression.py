@@ -128,3 +128,9 @@ class CompressionConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def made_with(self) -> dict:
+        """The settings finished blocks and bit allocations record and are checked against on resume:
+        everything but ``blocks_from``, which says where a run's blocks were copied from, not what they
+        were made with (a run started from another's blocks resumes them as its own)."""
+        return {k: v for k, v in self.to_dict().items() if k != "blocks_from"}
