@@ -53,7 +53,7 @@ from lit_cb.hessian import HESSIAN_DTYPES, attach_hessian_hooks, remove_hooks
 from lit_cb.layers import CodebookFormat
 from lit_cb.quant import registry
 from lit_cb.quant.allocation import Allocation, LayerChoices, allocate, budget_bits
-from lit_cb.quant.objective import relative_layer_error
+from lit_cb.quant.objective import fisher_layer_error, relative_layer_error
 
 ALLOCATION_FILE = "bit_allocation.json"
 MIN_VECTORS_PER_CENTROID = 32  # the row subsample keeps at least this many group vectors per centroid
@@ -150,13 +150,25 @@ def _sample_rows(layer: nn.Linear, settings: list, max_rows: int | None, seed: i
 
 
 def measure_option_errors(
-    layer: nn.Linear, hessian: torch.Tensor, settings: list, max_rows: int | None, seed: int, device: torch.device
+    layer: nn.Linear,
+    hessian: torch.Tensor,
+    settings: list,
+    max_rows: int | None,
+    seed: int,
+    device: torch.device,
+    fisher: torch.Tensor | None = None,
 ) -> list[float]:
-    """Relative Hessian-weighted error of ``layer`` under each option (quick settings, row subsample)."""
+    """Error of ``layer`` under each option (quick settings, row subsample): the relative Hessian-weighted
+    error, or with ``fisher`` (the layer's per-output Fisher, ``[out]``) the Fisher-weighted one
+    (:func:`~lit_cb.quant.objective.fisher_layer_error`), scaled from the sampled rows to the whole layer."""
     rows = _sample_rows(layer, settings, max_rows, seed)
     weight = layer.weight.detach().float()
+    scale = 1.0
     if rows is not None:
         weight = weight[rows.to(weight.device)]
+        if fisher is not None:
+            fisher = fisher[rows.to(fisher.device)]
+            scale = layer.out_features / len(rows)  # the sampled rows' sum estimates the layer's
     probe = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device)
     probe.weight.data.copy_(weight)
     errors = []
@@ -165,8 +177,62 @@ def measure_option_errors(
         with torch.random.fork_rng(devices=fork):
             torch.manual_seed(seed + j)
             new = registry.quantize_linear(probe, hessian, quick_settings(s)).to(weight.device)
-        errors.append(relative_layer_error(weight, new.dequantize().float(), hessian))
+        w_hat = new.dequantize().float()
+        if fisher is None:
+            errors.append(relative_layer_error(weight, w_hat, hessian))
+        else:
+            errors.append(scale * fisher_layer_error(weight, w_hat, hessian, fisher))
     return errors
+
+
+def output_fisher(
+    model: nn.Module, windows: torch.Tensor, linears: dict[str, nn.Linear], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Per target linear, the float model's empirical Fisher of each output: the mean over tokens of
+    ``(∂L/∂y_o)²``, L the summed next-token cross-entropy of the calibration windows (float64, ``[out]``).
+
+    Why: the relative error counts every layer alike, but a unit of output error costs the loss very
+    differently in different layers; weighting each output's squared error by its Fisher turns the
+    summed error into an estimate of the loss increase (the "Fisher information from the KD loss" of
+    issue 14: at the float model the KD loss' own gradient is zero, so the LM loss stands in). One
+    forward and backward per window with the whole model on ``device``; no parameter gradients (the
+    parameters are frozen, the embedding output requires grad so the backward reaches every layer)."""
+    sums = {n: torch.zeros(m.out_features, dtype=torch.float64, device=device) for n, m in linears.items()}
+    handles = []
+
+    def watch(name: str):
+        def add(grad: torch.Tensor) -> None:  # returns None: the gradient flows on unchanged
+            sums[name].add_(grad.detach().double().flatten(0, -2).square().sum(0))
+
+        def hook(_mod: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+            if out.requires_grad:
+                out.register_hook(add)
+
+        return hook
+
+    for n, m in linears.items():
+        handles.append(m.register_forward_hook(watch(n)))
+    handles.append(model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.requires_grad_(True)))
+    flags = {p: p.requires_grad for p in model.parameters()}
+    model_device = next(model.parameters()).device
+    tokens = 0
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        model.to(device)
+        for w in windows:
+            ids = w[None].to(device)
+            with torch.enable_grad():
+                logits = model(ids).logits.float()
+                loss = nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
+                loss.backward()
+            tokens += ids.numel()
+    finally:
+        remove_hooks(handles)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.to(model_device)
+    return {n: s / max(tokens, 1) for n, s in sums.items()}
 
 
 @torch.no_grad()
@@ -192,6 +258,14 @@ def measure_sensitivity(
     hdtype = HESSIAN_DTYPES[config.hessian_dtype]
     run_seed = int(getattr(config.method_settings(), "seed", 0))
     model_device = next(model.parameters()).device
+    fisher = None
+    if config.sensitivity_weighting == "fisher":
+        every = {
+            arch.block_prefix(i) + n: m
+            for i, block in enumerate(layers)
+            for n, m in _target_linears(block, targets, arch.block_prefix(i), keep).items()
+        }
+        fisher = output_fisher(model, windows, every, device)
     store = torch.device("cpu") if config.offload_activations else device
     moved = arch.present_input_modules(model)
     for m in moved:
@@ -221,6 +295,7 @@ def measure_sensitivity(
                 config.sensitivity_max_rows,
                 D.layer_seed(prefix + n, run_seed) % (2**62),
                 device,
+                None if fisher is None else fisher[prefix + n],
             )
             for n, m in linears.items()
             if owners[n] == D.rank()
@@ -283,6 +358,7 @@ def plan_bit_allocation(
     record = {
         "budget": config.bit_budget,
         "bit_options": config.bit_options,
+        "weighting": config.sensitivity_weighting,
         "choice": allocation.choice,
         "allocation": allocation.to_dict(),
         "errors": errors,
@@ -309,8 +385,9 @@ def allocation_summary(record: dict) -> str:
     for j in record["choice"].values():
         counts[j] = counts.get(j, 0) + 1
     per_option = ", ".join(f"{record['bit_options'][j]}: {n}" for j, n in sorted(counts.items()))
+    what = "Fisher-weighted" if record.get("weighting") == "fisher" else "relative"
     return (
         f"bit allocation ({alloc['status']}): {alloc['bits_per_weight']:.4f} bits/weight for a budget of "
-        f"{record['budget']}; summed relative error {alloc['error']:.4g} (lower bound {alloc['lower_bound']:.4g}); "
+        f"{record['budget']}; summed {what} error {alloc['error']:.4g} (lower bound {alloc['lower_bound']:.4g}); "
         f"layers per option: {per_option}"
     )

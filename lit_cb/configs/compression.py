@@ -15,6 +15,11 @@ HessianDtype = Literal["float32", "float64"]
 HESSIAN_DTYPE_NAMES = get_args(HessianDtype)
 # Methods whose layers are a lit_cb.layers.CodebookFormat, whose exact bits bit_budget counts.
 MIXED_PRECISION_METHODS = ("aqlm", "codebook")
+SensitivityWeighting = Literal["relative", "fisher"]
+SENSITIVITY_WEIGHTINGS = get_args(SensitivityWeighting)
+# Keys added after runs were already on disk, with the default that reproduces those runs: made_with()
+# leaves them out at that default, so blocks and allocations written before the key existed still resume.
+_ADDED_LATER = {"sensitivity_weighting": "relative"}
 
 
 @dataclass
@@ -52,6 +57,10 @@ class CompressionConfig:
     sensitivity_max_rows: int | None = 512
     """Weight rows per layer (a seeded subsample) the bit_budget sensitivity pass quantizes each
     option on (null: all)."""
+    sensitivity_weighting: SensitivityWeighting = "relative"
+    """What bit_budget minimises: "relative" (each layer's share of output energy lost, every layer
+    alike) or "fisher" (each output's error weighted by the float model's empirical Fisher of the
+    language-model loss: the estimated loss increase; one backward pass of the whole model per window)."""
 
     def __post_init__(self) -> None:
         registry.config_class(self.method)  # raises with the list of known methods
@@ -70,6 +79,11 @@ class CompressionConfig:
         self.method_settings()  # validate the method's own fields now, not after calibration
         self.finetune_settings()
         self.bit_option_settings()
+        if self.sensitivity_weighting not in SENSITIVITY_WEIGHTINGS:
+            raise ValueError(
+                f"compression.sensitivity_weighting={self.sensitivity_weighting!r}; "
+                f"allowed: {list(SENSITIVITY_WEIGHTINGS)}"
+            )
         if self.sensitivity_max_rows is not None and self.sensitivity_max_rows < 1:
             raise ValueError(
                 f"compression.sensitivity_max_rows={self.sensitivity_max_rows} must be >= 1 or null (all rows)"
@@ -132,5 +146,10 @@ class CompressionConfig:
     def made_with(self) -> dict:
         """The settings finished blocks and bit allocations record and are checked against on resume:
         everything but ``blocks_from``, which says where a run's blocks were copied from, not what they
-        were made with (a run started from another's blocks resumes them as its own)."""
-        return {k: v for k, v in self.to_dict().items() if k != "blocks_from"}
+        were made with (a run started from another's blocks resumes them as its own), and keys added
+        later while at the default that reproduces older runs (so those runs still resume)."""
+        return {
+            k: v
+            for k, v in self.to_dict().items()
+            if k != "blocks_from" and not (k in _ADDED_LATER and v == _ADDED_LATER[k])
+        }

@@ -29,6 +29,18 @@ def layer_error(weight: torch.Tensor, weight_hat: torch.Tensor, hessian: torch.T
         return float(((delta @ h) * delta).sum())
 
 
+def fisher_layer_error(
+    weight: torch.Tensor, weight_hat: torch.Tensor, hessian: torch.Tensor, output_fisher: torch.Tensor
+) -> float:
+    """``sum_o F_o (ΔW H ΔWᵀ)_oo``: each output's squared error weighted by the empirical Fisher ``F_o`` of the
+    loss with respect to that output (per token). With ``H = XᵀX / n`` this is twice the second-order estimate
+    of the per-token loss increase, under the Fisher's usual diagonal approximation (float64)."""
+    with torch.no_grad():
+        delta = weight.double() - weight_hat.to(device=weight.device).double()
+        per_row = ((delta @ hessian.to(device=weight.device).double()) * delta).sum(1)
+        return float((per_row * output_fisher.to(device=weight.device).double()).sum())
+
+
 def relative_layer_error(weight: torch.Tensor, weight_hat: torch.Tensor, hessian: torch.Tensor) -> float:
     """:func:`layer_error` divided by ``tr(W H Wᵀ)`` (the output energy): 0 is perfect, 1 is Ŵ = 0."""
     ref = layer_error(weight, torch.zeros_like(weight), hessian)
