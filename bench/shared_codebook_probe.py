@@ -44,10 +44,10 @@ LINEARS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_pr
 
 
 def relative_error(weight: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
-    """``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` in float64."""
-    w, h = weight.double(), hessian.double()
-    dw = w - w_hat.double()
-    return float(torch.einsum("oi,ij,oj->", dw, h, dw) / torch.einsum("oi,ij,oj->", w, h, w))
+    """``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` in float64 (lit_cb's own measure, on float64 copies)."""
+    from lit_cb.quant.objective import relative_layer_error
+
+    return relative_layer_error(weight.double(), w_hat.double(), hessian.double())
 
 
 def pool_vectors(
