@@ -60,7 +60,8 @@ class CompressionConfig:
     sensitivity_weighting: SensitivityWeighting = "relative"
     """What bit_budget minimises: "relative" (each layer's share of output energy lost, every layer
     alike) or "fisher" (each output's error weighted by the float model's empirical Fisher of the
-    language-model loss: the estimated loss increase; one backward pass of the whole model per window)."""
+    language-model loss: the estimated loss increase; one backward pass per window with the whole model
+    on the device, so a 7B model needs a GPU that holds it and one window's activations)."""
 
     def __post_init__(self) -> None:
         registry.config_class(self.method)  # raises with the list of known methods
