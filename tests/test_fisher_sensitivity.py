@@ -112,3 +112,21 @@ def test_fisher_weighted_mixed_bits_meet_the_budget(tmp_path):
 def test_an_unknown_weighting_is_refused_naming_the_choices():
     with pytest.raises(ValueError, match=r"sensitivity_weighting='hessian'.*\['relative', 'fisher'\]"):
         CompressionConfig(sensitivity_weighting="hessian")
+
+
+def test_a_row_subsample_is_scaled_to_the_whole_layer():
+    """Identical rows: the sampled rows' Fisher-weighted error, scaled by out / rows, is the whole layer's."""
+    row = torch.randn(1, 64, generator=torch.Generator().manual_seed(2))
+    layer = nn.Linear(64, 256, bias=False)
+    layer.weight.data.copy_(row.expand(256, 64))
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(3))
+    h = x.T @ x / 256
+    opts = CompressionConfig(
+        method="codebook", method_config=BASE, bit_budget=3.5, bit_options=OPTIONS
+    ).bit_option_settings()
+    assert sensitivity._sample_rows(layer, opts, 8, 0) is not None  # a subsample is measured, not every row
+    rel = sensitivity.measure_option_errors(layer, h, opts, 8, 0, torch.device("cpu"))
+    fis = sensitivity.measure_option_errors(layer, h, opts, 8, 0, torch.device("cpu"), torch.ones(256))
+    energy = layer_error(layer.weight.detach(), torch.zeros(256, 64), h)  # all 256 rows
+    for r, f in zip(rel, fis, strict=True):
+        assert f == pytest.approx(r * energy, rel=1e-4)
