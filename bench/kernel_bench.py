@@ -273,6 +273,11 @@ def smem_variants(S, g: int) -> dict:
     for c in (1, 2):
         out[f"ctas{c}"] = dataclasses.replace(base, ctas_per_sm=c)
     out["w8"] = dataclasses.replace(base, num_warps=8, block_n=2 * base.block_n)
+    # One table shared by more warps (session 12: residency bounds the prototype, and w8 won the large
+    # shapes): 16 warps over 4x the rows, at 4 and at 2 CTAs per SM, and w8 over the half-size table.
+    out["w16"] = dataclasses.replace(base, num_warps=16, block_n=4 * base.block_n)
+    out["w16_ctas2"] = dataclasses.replace(base, num_warps=16, block_n=4 * base.block_n, ctas_per_sm=2)
+    out["w8_copies_half"] = dataclasses.replace(out["w8"], ncopies=S.default_ncopies(g) // 2)
     return out
 
 
@@ -328,6 +333,7 @@ def smem_mm_variants(SM, tokens: int, g: int) -> dict:
         "copies_half": dataclasses.replace(base, ncopies=128 // (2 * g) // 2),
         f"w{12 - base.num_warps}": dataclasses.replace(base, num_warps=12 - base.num_warps),
         "n32": dataclasses.replace(base, block_n=32),
+        "w16": dataclasses.replace(base, num_warps=16, block_n=128),  # one table, more warps in flight
     }
 
 
