@@ -337,6 +337,7 @@ def _quantize_owned(
     prefix: str,
     device: torch.device,
     layer_cfgs: dict[str, tuple[int, Any]] | None = None,
+    row_weights: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, tuple[nn.Module | None, dict, dict]]:
     """Compress this rank's share of ``group`` and hand every rank every result.
 
@@ -345,7 +346,8 @@ def _quantize_owned(
     does not depend on which rank made it), then each result is broadcast from its owner: first
     its spec and report (objects), then its tensors into a module the receivers build from the
     spec. ``layer_cfgs`` (full name -> (index into ``bit_options``, method config)) replaces
-    ``method_cfg`` per layer under ``compression.bit_budget``. Returns ``name -> (module, spec,
+    ``method_cfg`` per layer under ``compression.bit_budget``; ``row_weights`` (full name -> ``[out]``)
+    weigh each layer's output rows under ``compression.row_weighting``. Returns ``name -> (module, spec,
     report fields)`` in ``group`` order."""
     world, me = D.world_size(), D.rank()
     owners = D.assign_owners({n: remaining[n].out_features * remaining[n].in_features for n in group}, world)
@@ -363,7 +365,10 @@ def _quantize_owned(
         option, cfg = (layer_cfgs or {}).get(prefix + name, (None, method_cfg))
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(D.layer_seed(prefix + name, run_seed))
-            new = registry.quantize_linear(layer, hessian, cfg)
+            if row_weights is None:
+                new = registry.quantize_linear(layer, hessian, cfg)
+            else:
+                new = registry.quantize_linear(layer, hessian, cfg, row_weights[prefix + name].to(device))
         new = new.to(device)
         w_hat = new.dequantize() if hasattr(new, "dequantize") else new.weight
         rep = {
@@ -496,6 +501,15 @@ def compress_model(
         if progress and D.rank() == 0:
             tqdm.write(sensitivity.allocation_summary(record))
 
+    row_weights: dict[str, torch.Tensor] | None = None
+    if config.row_weighting == "fisher":
+        from lit_cb import sensitivity
+
+        # From the float model, before the first block (as the bit allocation), kept for resumes.
+        with stage("fisher"):
+            every = {n: m for n, m in _all_targets(model, targets).items() if n not in keep}
+            row_weights = sensitivity.plan_row_weights(model, windows, every, device, resume_dir)
+
     # Embeddings (and rotary tables) on the working device to capture block-0 inputs.
     store = torch.device("cpu") if config.offload_activations else device
     moved = arch.present_input_modules(model)
@@ -547,7 +561,7 @@ def compress_model(
             first = next(iter(accs))
             group = [n for n in accs if accs[n] is accs[first]] if config.true_sequential else list(accs)
             with stage("quantize"):
-                results = _quantize_owned(group, remaining, accs, method_cfg, prefix, device, layer_cfgs)
+                results = _quantize_owned(group, remaining, accs, method_cfg, prefix, device, layer_cfgs, row_weights)
             del accs
             for name, (new, spec, rep) in results.items():
                 layer = remaining.pop(name)

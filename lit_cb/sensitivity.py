@@ -232,7 +232,55 @@ def output_fisher(
         for p, flag in flags.items():
             p.requires_grad_(flag)
         model.to(model_device)
-    return {n: s / max(tokens, 1) for n, s in sums.items()}
+    # Under DDP each rank holds its share of the windows: sum every rank's, so all ranks agree.
+    count = torch.tensor([float(tokens)], dtype=torch.float64, device=device)
+    D.all_reduce_sum_([*sums.values(), count])
+    return {n: s / max(float(count), 1.0) for n, s in sums.items()}
+
+
+FISHER_FILE = "output_fisher.safetensors"
+
+
+def plan_row_weights(
+    model: nn.Module,
+    windows: torch.Tensor,
+    linears: dict[str, nn.Linear],
+    device: torch.device,
+    resume_dir: str | Path | None = None,
+) -> dict[str, torch.Tensor]:
+    """``compression.row_weighting="fisher"``: every target linear's per-output Fisher (full name ->
+    ``[out]`` float64, on the CPU), from the float model before the first block is compressed.
+
+    Read from ``<resume_dir>/output_fisher.safetensors`` when it is there (the run folder's fingerprint
+    already vouches for the model, data and config), else measured and written there by rank 0, so
+    a resumed compression weighs its remaining layers exactly as the first start did."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(resume_dir) / FISHER_FILE if resume_dir else None
+    stored = path is not None and path.is_file()
+    D.check_same_on_all_ranks(stored, f"whether {path} exists (resume_dir must be on a filesystem all ranks share)")
+    if stored:
+        try:
+            fisher = load_file(str(path))
+        except Exception as err:  # safetensors raises its own error types for truncated files
+            raise ValueError(f"{path} is corrupt ({err}); delete it to measure the Fisher again") from err
+        missing = sorted(set(linears) - set(fisher))
+        wrong = sorted(n for n in linears if n in fisher and fisher[n].numel() != linears[n].out_features)
+        if missing or wrong:
+            raise ValueError(
+                f"{path} does not match the model's target linears (missing {missing[:3]}, wrong size {wrong[:3]}); "
+                "delete it to measure the Fisher again"
+            )
+        return {n: fisher[n] for n in linears}
+    fisher = {n: f.cpu() for n, f in output_fisher(model, windows, linears, device).items()}
+    if path is not None:
+        if D.rank() == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            save_file({n: f.contiguous() for n, f in fisher.items()}, str(tmp))
+            tmp.replace(path)
+        D.barrier()
+    return fisher
 
 
 @torch.no_grad()

@@ -17,9 +17,13 @@ HESSIAN_DTYPE_NAMES = get_args(HessianDtype)
 MIXED_PRECISION_METHODS = ("aqlm", "codebook")
 SensitivityWeighting = Literal["relative", "fisher"]
 SENSITIVITY_WEIGHTINGS = get_args(SensitivityWeighting)
+RowWeighting = Literal["none", "fisher"]
+ROW_WEIGHTINGS = get_args(RowWeighting)
+# Methods whose quantizer takes per-output-row weights (compression.row_weighting).
+ROW_WEIGHTED_METHODS = ("codebook",)
 # Keys added after runs were already on disk, with the default that reproduces those runs: made_with()
 # leaves them out at that default, so blocks and allocations written before the key existed still resume.
-_ADDED_LATER = {"sensitivity_weighting": "relative"}
+_ADDED_LATER = {"sensitivity_weighting": "relative", "row_weighting": "none"}
 
 
 @dataclass
@@ -62,6 +66,12 @@ class CompressionConfig:
     alike) or "fisher" (each output's error weighted by the float model's empirical Fisher of the
     language-model loss: the estimated loss increase; one backward pass per window with the whole model
     on the device, so a 7B model needs a GPU that holds it and one window's activations)."""
+    row_weighting: RowWeighting = "none"
+    """How each layer's quantizer weighs its output rows: "none" (alike: tr(ΔW H ΔWᵀ)) or "fisher"
+    (each row by the float model's empirical Fisher of that output, measured once before the first
+    block and kept in <run>/blocks/output_fisher.safetensors: one shared codebook then fits the
+    outputs whose error costs the loss most; the same whole-model backward pass as
+    sensitivity_weighting=fisher). Methods: codebook."""
 
     def __post_init__(self) -> None:
         registry.config_class(self.method)  # raises with the list of known methods
@@ -84,6 +94,13 @@ class CompressionConfig:
             raise ValueError(
                 f"compression.sensitivity_weighting={self.sensitivity_weighting!r}; "
                 f"allowed: {list(SENSITIVITY_WEIGHTINGS)}"
+            )
+        if self.row_weighting not in ROW_WEIGHTINGS:
+            raise ValueError(f"compression.row_weighting={self.row_weighting!r}; allowed: {list(ROW_WEIGHTINGS)}")
+        if self.row_weighting != "none" and self.method not in ROW_WEIGHTED_METHODS:
+            raise ValueError(
+                f"compression.row_weighting={self.row_weighting!r} needs a method whose quantizer weighs rows; "
+                f"compression.method={self.method!r}, allowed: {list(ROW_WEIGHTED_METHODS)} (or row_weighting='none')"
             )
         if self.sensitivity_max_rows is not None and self.sensitivity_max_rows < 1:
             raise ValueError(

@@ -50,6 +50,7 @@ MAX_TEMP_BYTES_CPU = 1 << 25  # on CPU, cache-sized blocks are faster than big o
 KMEANS_FULL_ITERS = 3  # Lloyd iterations on all vectors after a subsampled fit (see kmeans_max_points)
 KMEANSPP_SAMPLE_PER_CLUSTER = 32  # k-means++ runs on a random subsample of this many vectors per centroid
 KMEANSPP_SEQUENTIAL_MAX = 4096  # above this many centroids, k-means++ picks several centroids per round
+ROW_WEIGHT_FLOOR = 1e-2  # least weight of an output row (relative to the mean) under compression.row_weighting
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,8 +355,10 @@ def refine_codebook(
     codebook: torch.Tensor,
     hessian: torch.Tensor,
     steps: int,
+    row_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Minimise ``tr((W - Ŵ(C)) H (W - Ŵ(C))ᵀ)`` over the centroids ``C`` with the codes fixed.
+    """Minimise ``sum_o r_o ((W - Ŵ(C)) H (W - Ŵ(C))ᵀ)_oo`` over the centroids ``C`` with the codes
+    fixed (``r`` = ``row_weights``, all ones when None: ``tr((W - Ŵ) H (W - Ŵ)ᵀ)``).
 
     The objective is quadratic in ``C`` (normal equations ``A C = b`` of size ``K·g``), so
     Jacobi-preconditioned conjugate gradients is the natural solver: each step costs one
@@ -367,16 +370,17 @@ def refine_codebook(
     k, g = codebook.shape
     h = hessian.float()
     c = codebook.float().clone()
+    r_o = torch.ones(codes.shape[0], device=weight.device) if row_weights is None else row_weights.float()
     # Jacobi preconditioner: the diagonal of A restricted to each vector's own g coordinates.
     hdiag = h.diagonal().reshape(1, -1).expand(codes.shape[0], -1)  # [out, in]
-    precond = _scatter_to_codebook(hdiag * scales[:, None], codes, scales, k)  # [K, g]
+    precond = _scatter_to_codebook(hdiag * (scales * r_o)[:, None], codes, scales, k)  # [K, g]
     precond = torch.where(precond > 0, precond, torch.ones_like(precond))
-    r = _scatter_to_codebook((weight - _expand(c, codes, scales)) @ h, codes, scales, k)
+    r = _scatter_to_codebook(((weight - _expand(c, codes, scales)) @ h) * r_o[:, None], codes, scales, k)
     z = r / precond
     p = z.clone()
     rz = float((r * z).sum())
     for _ in range(steps):
-        ap = _scatter_to_codebook(_expand(p, codes, scales) @ h, codes, scales, k)
+        ap = _scatter_to_codebook((_expand(p, codes, scales) @ h) * r_o[:, None], codes, scales, k)
         pap = float((p * ap).sum())
         if pap <= 0 or rz <= 0:
             break
@@ -388,9 +392,32 @@ def refine_codebook(
         p = z + (rz_new / rz) * p
         rz = rz_new
     c_half = c.half().float()
-    before = layer_error(weight, _expand(codebook.float(), codes, scales), h)
-    after = layer_error(weight, _expand(c_half, codes, scales), h)
+    before = row_weighted_error(weight, _expand(codebook.float(), codes, scales), h, r_o)
+    after = row_weighted_error(weight, _expand(c_half, codes, scales), h, r_o)
     return c_half if after <= before else codebook
+
+
+def row_weighted_error(
+    weight: torch.Tensor, weight_hat: torch.Tensor, hessian: torch.Tensor, row_weights: torch.Tensor
+) -> float:
+    """``sum_o r_o (ΔW H ΔWᵀ)_oo`` in fp32: the objective :func:`refine_codebook` lowers."""
+    with torch.no_grad():
+        delta = weight.float() - weight_hat.float()
+        return float((((delta @ hessian.float()) * delta).sum(1) * row_weights.float()).sum())
+
+
+def normalised_row_weights(row_weights: torch.Tensor, out_features: int) -> torch.Tensor:
+    """``row_weights`` divided by their mean and floored at ``ROW_WEIGHT_FLOOR``: the objective's
+    minimiser does not depend on their scale, so a mean of one keeps the k-means weights (and the
+    damping they meet) at the unweighted method's scale, and the floor keeps every row in the fit
+    (an empirical Fisher from a few windows can be ~0 on rows that still matter)."""
+    r = row_weights.detach().double().flatten()
+    if r.numel() != out_features:
+        raise ValueError(f"row_weights has {r.numel()} entries; the layer has {out_features} output rows")
+    if not bool(torch.isfinite(r).all()) or bool((r < 0).any()) or float(r.sum()) <= 0:
+        raise ValueError("row_weights must be finite, >= 0 and not all zero")
+    r = r / r.mean()
+    return r.clamp_min(ROW_WEIGHT_FLOOR).float()
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,9 +434,18 @@ class CodebookQuantResult:
 
 
 def codebook_quantize_tensors(
-    weight: torch.Tensor, hessian: torch.Tensor | None, config: CodebookConfig
+    weight: torch.Tensor,
+    hessian: torch.Tensor | None,
+    config: CodebookConfig,
+    row_weights: torch.Tensor | None = None,
 ) -> CodebookQuantResult:
-    """Codes, codebook and scales for one ``[out, in]`` weight; see the module docstring."""
+    """Codes, codebook and scales for one ``[out, in]`` weight; see the module docstring.
+
+    ``row_weights`` (``[out]``, e.g. the float model's empirical Fisher of each output,
+    ``compression.row_weighting``) make the codebook fit the objective ``sum_o r_o (ΔW H ΔWᵀ)_oo``:
+    one codebook serves every row, so it should spend its centroids where an output's error costs
+    the loss most. They weight the k-means and the codebook refinement; the GPTVQ assignment is
+    per row and does not change with them."""
     out_f, in_f = weight.shape
     g, k = config.in_group_size, config.codebook_size
     if in_f % g:
@@ -431,7 +467,12 @@ def codebook_quantize_tensors(
     else:
         col_w = h.diagonal().clone()
     # Error in the original space is s_o² times the error in the normalised space.
-    vw = (scales.square()[:, None] * col_w[None, :]).reshape(-1, g)  # [out * ng, g]
+    row_w = scales.square()
+    r_o = None
+    if row_weights is not None:
+        r_o = normalised_row_weights(row_weights.to(w.device), out_f)
+        row_w = row_w * r_o
+    vw = (row_w[:, None] * col_w[None, :]).reshape(-1, g)  # [out * ng, g]
 
     n = x.shape[0]
     if config.kmeans_max_points is not None and n > config.kmeans_max_points:
@@ -454,17 +495,21 @@ def codebook_quantize_tensors(
             codes, _ = _guarded_assign(x, vw, codebook, km.codes)
             codes = codes.reshape(out_f, in_f // g)
         if config.weighting != "none":  # "none" stays the plain k-means ablation baseline
-            codebook = refine_codebook(w, codes, scales, codebook, h, config.codebook_update_steps)
+            codebook = refine_codebook(w, codes, scales, codebook, h, config.codebook_update_steps, r_o)
     return CodebookQuantResult(codes=codes, codebook=codebook, scales=scales, kmeans_history=km.history)
 
 
 @register_method(CodebookConfig, "codebook")
 def quantize_codebook(
-    weight: torch.Tensor, hessian: torch.Tensor, config: CodebookConfig, bias: torch.Tensor | None = None
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    config: CodebookConfig,
+    bias: torch.Tensor | None = None,
+    row_weights: torch.Tensor | None = None,
 ) -> CodebookLinear:
     """Compress one linear layer's ``[out, in]`` fp32 weight into a :class:`CodebookLinear`."""
     out_f, in_f = weight.shape
-    res = codebook_quantize_tensors(weight, hessian, config)
+    res = codebook_quantize_tensors(weight, hessian, config, row_weights)
     fmt = config.make_format(in_f, out_f, bias is not None)
     return CodebookLinear.from_tensors(
         fmt,

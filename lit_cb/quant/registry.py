@@ -76,14 +76,20 @@ def transform(config: Any) -> QuantizeFn:
     return fn
 
 
-def quantize_linear(layer: nn.Linear, hessian: torch.Tensor, config: Any) -> nn.Module:
-    """Compress one ``nn.Linear`` with the method that ``config`` selects."""
+def quantize_linear(
+    layer: nn.Linear, hessian: torch.Tensor, config: Any, row_weights: torch.Tensor | None = None
+) -> nn.Module:
+    """Compress one ``nn.Linear`` with the method that ``config`` selects. ``row_weights`` (``[out]``,
+    ``compression.row_weighting``) reach only the methods in ``ROW_WEIGHTED_METHODS``, whose transforms
+    take them as a keyword; the config refuses them for the others before any work."""
     import torch
 
     fn = transform(config)
     weight = layer.weight.detach().float()
     bias = None if layer.bias is None else layer.bias.detach().float()
-    return fn(weight, hessian.to(weight.device, torch.float32), config, bias)
+    if row_weights is None:
+        return fn(weight, hessian.to(weight.device, torch.float32), config, bias)
+    return fn(weight, hessian.to(weight.device, torch.float32), config, bias, row_weights=row_weights)
 
 
 def _import_builtin_methods() -> None:

@@ -1,0 +1,51 @@
+"""bench/cpu_weighting.py: every variant is a valid config at the demo's bits, and --collect reads finished
+runs as they are (real run folders are made by the CLI; here a metrics.json of the shape it writes)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from lit_cb.config import load_config
+
+from .conftest import load_script
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_variant_is_a_valid_config_differing_from_uniform_only_where_named():
+    script = load_script("bench/cpu_weighting.py")
+    base = load_config(ROOT / script.CONFIG).compression
+    for name, overrides in script.VARIANTS.items():
+        comp = load_config(ROOT / script.CONFIG, overrides).compression
+        assert comp.method_config == base.method_config, name  # same codebook shape: the same 2.056 bits
+        mixed = any(o.startswith("compression.bit_budget") for o in overrides)
+        assert (comp.bit_budget == 2.056) == mixed, name
+        assert comp.row_weighting == ("fisher" if "rows" in name or "both" in name else "none"), name
+
+
+def test_collect_reads_finished_runs(tmp_path):
+    run = tmp_path / "uniform"
+    run.mkdir()
+    metrics = {
+        "wikitext2_ppl": {"float": 24.1, "compressed": 140.9, "recovered": 93.8},
+        "bits_per_weight": {"compressed_linears": 2.056},
+        "stages": {"compress": {"seconds": 230.0}},
+        "environment": {"device": "CPU", "versions": {"torch": "x"}},
+    }
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, "bench/cpu_weighting.py", "--runs-dir", str(tmp_path), "--collect", "--out", str(out)]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "uniform         compressed   140.90  recovered    93.80" in res.stdout
+    record = json.loads(out.read_text())
+    assert record["variants"]["uniform"]["finished"] is True
+    assert record["variants"]["mixed_fisher"] == {
+        "finished": False,
+        "overrides": record["variants"]["mixed_fisher"]["overrides"],
+    }
+    assert record["device"] == "CPU"
+    bad = subprocess.run([*cmd[:-2], "--variants", "nope", "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "['nope'] unknown" in bad.stderr
