@@ -11,6 +11,7 @@ rows differs in one setting only:
     mixed_fisher   B 7/8/9 per layer, allocated by the Fisher-weighted error (estimated loss increase)
     rows_fisher    g4 B8 everywhere, each codebook fitted to the Fisher-weighted rows (compression.row_weighting)
     both_fisher    mixed_fisher + rows_fisher
+    mixed_fisher_wide  B 6/7/8/9/10 per layer, allocated by the Fisher-weighted error
 
     python bench/cpu_weighting.py --runs-dir /tmp/cpu_weighting --out bench/results/cpu_weighting.json
     python bench/cpu_weighting.py --runs-dir DIR --collect --out ...   # only read finished runs
@@ -41,6 +42,11 @@ VARIANTS: dict[str, list[str]] = {
     "mixed_fisher": [*MIXED, "compression.sensitivity_weighting=fisher"],
     "rows_fisher": ["compression.row_weighting=fisher"],
     "both_fisher": [*MIXED, "compression.sensitivity_weighting=fisher", "compression.row_weighting=fisher"],
+    "mixed_fisher_wide": [
+        "compression.bit_budget=2.056",
+        "compression.bit_options=[{nbits: 6}, {nbits: 7}, {nbits: 8}, {nbits: 9}, {nbits: 10}]",
+        "compression.sensitivity_weighting=fisher",
+    ],
 }
 
 

@@ -24,6 +24,7 @@ def test_every_variant_is_a_valid_config_differing_from_uniform_only_where_named
         mixed = any(o.startswith("compression.bit_budget") for o in overrides)
         assert (comp.bit_budget == 2.056) == mixed, name
         assert comp.row_weighting == ("fisher" if "rows" in name or "both" in name else "none"), name
+        assert comp.sensitivity_weighting == ("fisher" if "fisher" in name and "rows" not in name else "relative"), name
 
 
 def test_collect_reads_finished_runs(tmp_path):
