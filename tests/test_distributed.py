@@ -24,11 +24,19 @@ from torch.utils.data import DataLoader
 from lit_cb import compress as compress_mod
 from lit_cb.block_finetune import BlockFinetuneConfig, finetune_block
 from lit_cb.callbacks import CompressionCallback
-from lit_cb.compress import CompressionConfig, capture_block_inputs, compress_model, run_block, salience_scores
+from lit_cb.compress import (
+    CompressionConfig,
+    _all_targets,
+    capture_block_inputs,
+    compress_model,
+    run_block,
+    salience_scores,
+)
 from lit_cb.data.datamodule import TokenWindows
 from lit_cb.hessian import attach_hessian_hooks, remove_hooks
 from lit_cb.quant import registry
 from lit_cb.recovery import RecoveryConfig, RecoveryModule
+from lit_cb.sensitivity import output_fisher
 
 from .conftest import tiny_llama
 
@@ -165,6 +173,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         windows = _shard(_windows(), rank, world)
         res["hessian"] = _q_proj_hessian(tiny_llama(), windows)
         res["salience"] = salience_scores(tiny_llama(), windows, CODEBOOK.targets, torch.device("cpu"), 2)
+        fmodel = tiny_llama()
+        res["fisher"] = output_fisher(fmodel, windows, _all_targets(fmodel, CODEBOOK.targets), torch.device("cpu"))
 
         # Count block-file writes per rank (rank 0 only may write).
         writes: list[str] = []
@@ -242,6 +252,10 @@ def runs(tmp_path_factory):
         single["finetune_stats"] = finetune_block(block, inputs, targets, kwargs, FT)
         single["finetune"] = _state(block)
         single["salience"] = salience_scores(tiny_llama(), _windows(), CODEBOOK.targets, torch.device("cpu"), 2)
+        fmodel = tiny_llama()
+        single["fisher"] = output_fisher(
+            fmodel, _windows(), _all_targets(fmodel, CODEBOOK.targets), torch.device("cpu")
+        )
     finally:
         torch.set_num_threads(threads)
     return {"ranks": ranks, "single": single, "dir": out}
@@ -283,6 +297,19 @@ def test_layer_split_codebook_two_ranks_equal_one(runs):
 def test_layer_split_aqlm_two_ranks_equal_one(runs):
     for r, res in enumerate(runs["ranks"]):
         _assert_states_equal(res["aqlm"], runs["single"]["aqlm"], f"aqlm rank {r} vs 1 process")
+
+
+def test_output_fisher_of_two_shards_is_that_of_all_windows(runs):
+    """Each rank holds half the windows; the per-output Fisher (sums and token counts over ranks) is the
+    one process's over all windows, on every rank (compression.row_weighting and the Fisher allocation)."""
+    single = runs["single"]["fisher"]
+    assert len(single) == 14 and all(float(f.sum()) > 0 for f in single.values())
+    for r, res in enumerate(runs["ranks"]):
+        assert res["fisher"].keys() == single.keys()
+        for n in single:
+            torch.testing.assert_close(res["fisher"][n], single[n], rtol=1e-10, atol=0, msg=f"rank {r} {n}")
+    for n in single:
+        assert torch.equal(runs["ranks"][0]["fisher"][n], runs["ranks"][1]["fisher"][n])
 
 
 def test_owner_assignment_is_by_cost_and_spreads_the_group():
