@@ -13,7 +13,7 @@ rows differs in one setting only:
     both_fisher    mixed_fisher + rows_fisher
     mixed_fisher_wide  B 6/7/8/9/10 per layer, allocated by the Fisher-weighted error
 
-    python bench/cpu_weighting.py --runs-dir /tmp/cpu_weighting --out bench/results/cpu_weighting.json
+    python bench/cpu_weighting.py --runs-dir /tmp/cpu_weighting --seeds 0,1 --out bench/results/cpu_weighting.json
     python bench/cpu_weighting.py --runs-dir DIR --collect --out ...   # only read finished runs
 
 Runs that already finished in ``--runs-dir`` are not run again (the CLI resumes or refuses), so an
@@ -50,7 +50,11 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
-def _command(stage: str, name: str, runs_dir: Path) -> list[str]:
+def _run_name(name: str, seed: int) -> str:
+    return f"{name}_s{seed}"
+
+
+def _command(stage: str, name: str, seed: int, runs_dir: Path) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -58,19 +62,21 @@ def _command(stage: str, name: str, runs_dir: Path) -> list[str]:
         stage,
         "--config",
         CONFIG,
-        f"run_name={name}",
+        f"run_name={_run_name(name, seed)}",
         f"output_dir={runs_dir}",
+        f"seed={seed}",
+        f"data.seed={seed}",
         *VARIANTS[name],
     ]
 
 
-def _metrics(runs_dir: Path, name: str) -> dict | None:
-    path = runs_dir / name / "metrics.json"
+def _metrics(runs_dir: Path, name: str, seed: int) -> dict | None:
+    path = runs_dir / _run_name(name, seed) / "metrics.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _row(runs_dir: Path, name: str) -> dict:
-    m = _metrics(runs_dir, name)
+def _row(runs_dir: Path, name: str, seed: int) -> dict:
+    m = _metrics(runs_dir, name, seed)
     if m is None:
         return {"finished": False, "overrides": VARIANTS[name]}
     ppl = m["wikitext2_ppl"]
@@ -95,21 +101,28 @@ def main() -> None:
     ap.add_argument("--runs-dir", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds (seed and data.seed: calibration, data order)")
     ap.add_argument("--collect", action="store_true", help="only read the finished runs in --runs-dir")
     args = ap.parse_args()
     names = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         ap.error(f"--variants {unknown} unknown; allowed: {list(VARIANTS)}")
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x]
+    except ValueError:
+        ap.error(f"--seeds {args.seeds!r} must be comma-separated integers")
     if not args.collect:
-        for name in names:
-            m = _metrics(args.runs_dir, name)
-            if m is not None and "recovered" in m["wikitext2_ppl"]:
-                continue
-            for stage in ("compress", "recover"):
-                subprocess.run(_command(stage, name, args.runs_dir), cwd=ROOT, check=True)
-    rows = {name: _row(args.runs_dir, name) for name in names}
-    envs = [r["environment"] for r in rows.values() if r.get("environment")]
+        for seed in seeds:
+            for name in names:
+                m = _metrics(args.runs_dir, name, seed)
+                if m is not None and "recovered" in m["wikitext2_ppl"]:
+                    continue
+                for stage in ("compress", "recover"):
+                    subprocess.run(_command(stage, name, seed, args.runs_dir), cwd=ROOT, check=True)
+    per_seed = {name: {str(seed): _row(args.runs_dir, name, seed) for seed in seeds} for name in names}
+    rows = {name: _summary(runs) for name, runs in per_seed.items()}
+    envs = [r["environment"] for runs in per_seed.values() for r in runs.values() if r.get("environment")]
     record = {
         "what": "CPU demo protocol at 2.056 bits: uniform vs mixed bits (relative / Fisher allocation) vs Fisher "
         "row weighting of each codebook; compressed and recovered WikiText-2 (4 windows)",
@@ -118,15 +131,30 @@ def main() -> None:
         "config": CONFIG,
         "device": envs[0]["device"] if envs else None,
         "versions": envs[0]["versions"] if envs else None,
-        "commands": {n: [" ".join(_command(s, n, args.runs_dir)[2:]) for s in ("compress", "recover")] for n in names},
+        "seeds": seeds,
+        "commands": {
+            n: [" ".join(_command(s, n, seed, args.runs_dir)[2:]) for seed in seeds for s in ("compress", "recover")]
+            for n in names
+        },
         "variants": rows,
+        "per_seed": per_seed,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     for name, r in rows.items():
-        ppl = r.get("wikitext2_ppl") or {}
-        comp, rec = ppl.get("compressed", float("nan")), ppl.get("recovered", float("nan"))
-        print(f"{name:15s} compressed {comp:8.2f}  recovered {rec:8.2f}")
+        comp, rec = r["compressed"]["mean"], r["recovered"]["mean"]
+        print(f"{name:17s} compressed {comp:8.2f}  recovered {rec:8.2f}  (mean of {r['recovered']['n']} seeds)")
+
+
+def _summary(runs: dict[str, dict]) -> dict:
+    """Mean, sample sd and values over the seeds that finished, per stage."""
+    out: dict = {"overrides": next(iter(runs.values()))["overrides"]}
+    for stage in ("compressed", "recovered"):
+        vals = [r["wikitext2_ppl"][stage] for r in runs.values() if r["finished"]]
+        mean = sum(vals) / len(vals) if vals else float("nan")
+        sd = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else None
+        out[stage] = {"mean": mean, "sd": sd, "values": vals, "n": len(vals)}
+    return out
 
 
 if __name__ == "__main__":

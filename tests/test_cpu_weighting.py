@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from lit_cb.config import load_config
 
 from .conftest import load_script
@@ -27,26 +29,28 @@ def test_every_variant_is_a_valid_config_differing_from_uniform_only_where_named
         assert comp.sensitivity_weighting == ("fisher" if "fisher" in name and "rows" not in name else "relative"), name
 
 
-def test_collect_reads_finished_runs(tmp_path):
-    run = tmp_path / "uniform"
-    run.mkdir()
-    metrics = {
-        "wikitext2_ppl": {"float": 24.1, "compressed": 140.9, "recovered": 93.8},
-        "bits_per_weight": {"compressed_linears": 2.056},
-        "stages": {"compress": {"seconds": 230.0}},
-        "environment": {"device": "CPU", "versions": {"torch": "x"}},
-    }
-    (run / "metrics.json").write_text(json.dumps(metrics))
+def test_collect_reads_finished_runs_and_summarises_seeds(tmp_path):
+    for seed, (comp, rec) in {0: (140.0, 90.0), 1: (150.0, 96.0)}.items():
+        run = tmp_path / f"uniform_s{seed}"
+        run.mkdir()
+        metrics = {
+            "wikitext2_ppl": {"float": 24.1, "compressed": comp, "recovered": rec},
+            "bits_per_weight": {"compressed_linears": 2.056},
+            "stages": {"compress": {"seconds": 230.0}},
+            "environment": {"device": "CPU", "versions": {"torch": "x"}},
+        }
+        (run / "metrics.json").write_text(json.dumps(metrics))
     out = tmp_path / "r.json"
     cmd = [sys.executable, "bench/cpu_weighting.py", "--runs-dir", str(tmp_path), "--collect", "--out", str(out)]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
-    assert "uniform         compressed   140.90  recovered    93.80" in res.stdout
+    res = subprocess.run([*cmd, "--seeds", "0,1"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "uniform           compressed   145.00  recovered    93.00  (mean of 2 seeds)" in res.stdout
     record = json.loads(out.read_text())
-    assert record["variants"]["uniform"]["finished"] is True
-    assert record["variants"]["mixed_fisher"] == {
-        "finished": False,
-        "overrides": record["variants"]["mixed_fisher"]["overrides"],
-    }
-    assert record["device"] == "CPU"
-    bad = subprocess.run([*cmd[:-2], "--variants", "nope", "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    uniform = record["variants"]["uniform"]
+    assert uniform["recovered"]["values"] == [90.0, 96.0]
+    assert uniform["recovered"]["sd"] == pytest.approx(18**0.5)  # sample sd of 90 and 96
+    assert record["variants"]["mixed_fisher"]["recovered"]["n"] == 0  # not run: no figure, not a zero
+    assert record["per_seed"]["uniform"]["1"]["finished"] is True
+    assert record["device"] == "CPU" and record["seeds"] == [0, 1]
+    assert "seed=1 data.seed=1" in " ".join(record["commands"]["uniform"])
+    bad = subprocess.run([*cmd, "--variants", "nope"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "['nope'] unknown" in bad.stderr
