@@ -15,6 +15,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
+import zlib  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -70,6 +71,23 @@ def reference_weight(idx: torch.Tensor, codebooks: torch.Tensor, scales: torch.T
 def reference_out(x, idx, codebooks, scales, bias):
     y = x.double() @ reference_weight(idx, codebooks, scales).T
     return y if bias is None else y + bias.double()
+
+
+def assert_within_fp16_rounding(y, x, idx, codebooks, scales, bias) -> None:
+    """Elementwise forward-error bound of the decode-into-``tl.dot`` kernel, derived, not tuned.
+
+    The kernel sums codewords in fp32 and rounds the sum once to fp16 (relative error <= u = 2**-11),
+    accumulates x @ W'^T in fp32, applies scale and bias in fp32 and rounds the output to fp16 (<= u|y|).
+    So |y - ref| <= u * s * (|x| @ |W'|^T) + u * |ref| + (fp32 terms, bounded by 2**-20 of the same sums).
+    A relative-norm tolerance cannot hold for every draw: with few outputs, cancellation makes |ref| small.
+    """
+    u = 2.0**-11
+    w_abs = reference_weight(idx, codebooks, scales).abs()  # scale folded in: s * |W'|
+    ref = reference_out(x, idx, codebooks, scales, bias)
+    mag = x.double().abs() @ w_abs.T
+    bound = u * mag + u * ref.abs() + 2.0**-20 * (mag + ref.abs()) + 1e-12
+    excess = ((y.double() - ref).abs() - bound).max().item()
+    assert torch.isfinite(y).all() and excess <= 0, f"error exceeds the fp16 rounding bound by {excess:.3g}"
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -159,7 +177,8 @@ def test_lut_gemv_refuses_large_codebooks():
 @pytest.mark.parametrize("spec", FORMATS, ids=lambda s: f"{s[0]}x{s[1]}_g{s[2]}_{s[3]}x{s[4]}")
 @pytest.mark.parametrize("tokens", [1, 17])
 def test_mm(spec, tokens):
-    gen = torch.Generator().manual_seed(hash((spec, tokens, "mm")) % 2**31)
+    # zlib, not hash(): a str in the key made hash() differ per process (PYTHONHASHSEED), so the data did too
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((spec, tokens, "mm")).encode()))
     fmt = _fmt(*spec)
     idx, codes, codebooks, scales, bias = random_layer(fmt, gen)
     x = torch.randn(tokens, fmt.in_features, generator=gen).half()
@@ -176,7 +195,7 @@ def test_mm(spec, tokens):
         )
         y = K.codebook_mm(x, codes, codebooks, scales, bias, fmt.nbits_per_codebook, cfg)
         assert y.shape == (tokens, fmt.out_features)
-        assert rel_err(y, ref) < TOL[torch.float16], decode_2d
+        assert_within_fp16_rounding(y, x, idx, codebooks, scales, bias)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
