@@ -14,6 +14,13 @@ rows differs in one setting only:
     mixed_fisher_wide  B 6/7/8/9/10 per layer, allocated by the Fisher-weighted error
 
     python bench/cpu_weighting.py --runs-dir /tmp/cpu_weighting --seeds 0,1 --out bench/results/cpu_weighting.json
+    python bench/cpu_weighting.py --protocol recipe --variants uniform,mixed_fisher --runs-dir DIR2 ...
+
+``--protocol recipe`` adds what the H100 recipes (``smollm2_codebook_lora2*``) have and the demo lacks, at
+the demo's scale: 2 epochs of block fine-tuning after each block is clustered, pure KL distillation from the
+float model, and trained codebooks and scales during recovery. Why: block fine-tuning and distillation can
+absorb the error an allocation moves around, so a gain measured without them might not reach the GPU recipe.
+About 10 minutes a variant on 2 cores.
     python bench/cpu_weighting.py --runs-dir DIR --collect --out ...   # only read finished runs
 
 Runs that already finished in ``--runs-dir`` are not run again (the CLI resumes or refuses), so an
@@ -49,12 +56,22 @@ VARIANTS: dict[str, list[str]] = {
     ],
 }
 
+PROTOCOLS: dict[str, list[str]] = {
+    "demo": [],
+    "recipe": [
+        "compression.block_finetune={epochs: 2, lr: 1.0e-4, batch_size: 4}",
+        "recovery.distill_alpha=1.0",
+        "recovery.train_codebooks=true",
+        "recovery.codebook_lr=3.0e-5",
+    ],
+}
+
 
 def _run_name(name: str, seed: int) -> str:
     return f"{name}_s{seed}"
 
 
-def _command(stage: str, name: str, seed: int, runs_dir: Path) -> list[str]:
+def _command(stage: str, name: str, seed: int, runs_dir: Path, protocol: str = "demo") -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -66,8 +83,29 @@ def _command(stage: str, name: str, seed: int, runs_dir: Path) -> list[str]:
         f"output_dir={runs_dir}",
         f"seed={seed}",
         f"data.seed={seed}",
+        *PROTOCOLS[protocol],
         *VARIANTS[name],
     ]
+
+
+def _made_as_asked(runs_dir: Path, name: str, seed: int, protocol: str) -> None:
+    """Refuse a finished run whose saved config is not this protocol's and variant's (a run of the other
+    protocol in the same folder would otherwise be collected, or skipped, as if it were this one)."""
+    import yaml
+
+    from lit_cb.config import load_config
+
+    saved = runs_dir / _run_name(name, seed) / "run_config.yaml"
+    if not saved.is_file():
+        raise SystemExit(f"{saved} is missing: cannot tell which protocol made {saved.parent}")
+    made = yaml.safe_load(saved.read_text())
+    asked = load_config(ROOT / CONFIG, [*PROTOCOLS[protocol], *VARIANTS[name]]).to_dict()
+    for section in ("compression", "recovery"):
+        if made.get(section) != asked[section]:
+            diff = sorted(k for k in asked[section] if made.get(section, {}).get(k) != asked[section][k])
+            raise SystemExit(
+                f"{saved.parent} was not made by --protocol {protocol} variant {name}: {section} differs in {diff}"
+            )
 
 
 def _metrics(runs_dir: Path, name: str, seed: int) -> dict | None:
@@ -75,10 +113,11 @@ def _metrics(runs_dir: Path, name: str, seed: int) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _row(runs_dir: Path, name: str, seed: int) -> dict:
+def _row(runs_dir: Path, name: str, seed: int, protocol: str) -> dict:
     m = _metrics(runs_dir, name, seed)
     if m is None:
         return {"finished": False, "overrides": VARIANTS[name]}
+    _made_as_asked(runs_dir, name, seed, protocol)
     ppl = m["wikitext2_ppl"]
     alloc = (m.get("compression_report") or {}).get("bit_allocation") or {}
     per_option: dict[str, int] = {}
@@ -103,6 +142,9 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds (seed and data.seed: calibration, data order)")
     ap.add_argument("--collect", action="store_true", help="only read the finished runs in --runs-dir")
+    ap.add_argument(
+        "--protocol", choices=list(PROTOCOLS), default="demo", help="demo, or recipe (+ block FT, KL, codebooks)"
+    )
     args = ap.parse_args()
     names = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(names) - set(VARIANTS))
@@ -117,23 +159,29 @@ def main() -> None:
             for name in names:
                 m = _metrics(args.runs_dir, name, seed)
                 if m is not None and "recovered" in m["wikitext2_ppl"]:
+                    _made_as_asked(args.runs_dir, name, seed, args.protocol)
                     continue
                 for stage in ("compress", "recover"):
-                    subprocess.run(_command(stage, name, seed, args.runs_dir), cwd=ROOT, check=True)
-    per_seed = {name: {str(seed): _row(args.runs_dir, name, seed) for seed in seeds} for name in names}
+                    subprocess.run(_command(stage, name, seed, args.runs_dir, args.protocol), cwd=ROOT, check=True)
+    per_seed = {name: {str(seed): _row(args.runs_dir, name, seed, args.protocol) for seed in seeds} for name in names}
     rows = {name: _summary(runs) for name, runs in per_seed.items()}
     envs = [r["environment"] for runs in per_seed.values() for r in runs.values() if r.get("environment")]
     record = {
-        "what": "CPU demo protocol at 2.056 bits: uniform vs mixed bits (relative / Fisher allocation) vs Fisher "
-        "row weighting of each codebook; compressed and recovered WikiText-2 (4 windows)",
+        "what": f"CPU {args.protocol} protocol at 2.056 bits: uniform vs mixed bits (relative / Fisher allocation) "
+        "vs Fisher row weighting of each codebook; compressed and recovered WikiText-2 (4 windows)",
         "command": "python bench/cpu_weighting.py " + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "config": CONFIG,
+        "protocol": {"name": args.protocol, "overrides": PROTOCOLS[args.protocol]},
         "device": envs[0]["device"] if envs else None,
         "versions": envs[0]["versions"] if envs else None,
         "seeds": seeds,
         "commands": {
-            n: [" ".join(_command(s, n, seed, args.runs_dir)[2:]) for seed in seeds for s in ("compress", "recover")]
+            n: [
+                " ".join(_command(s, n, seed, args.runs_dir, args.protocol)[2:])
+                for seed in seeds
+                for s in ("compress", "recover")
+            ]
             for n in names
         },
         "variants": rows,

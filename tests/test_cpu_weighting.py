@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lit_cb.config import load_config
+from lit_cb.config import load_config, save_config
 
 from .conftest import load_script
 
@@ -27,12 +27,18 @@ def test_every_variant_is_a_valid_config_differing_from_uniform_only_where_named
         assert (comp.bit_budget == 2.056) == mixed, name
         assert comp.row_weighting == ("fisher" if "rows" in name or "both" in name else "none"), name
         assert comp.sensitivity_weighting == ("fisher" if "fisher" in name and "rows" not in name else "relative"), name
+        recipe = load_config(ROOT / script.CONFIG, [*script.PROTOCOLS["recipe"], *overrides])
+        assert recipe.compression.method_config == base.method_config, name  # the protocol keeps the bits
+        assert recipe.compression.finetune_settings().epochs == 2 and recipe.recovery.distill_alpha == 1.0, name
+        assert recipe.recovery.train_codebooks and not load_config(ROOT / script.CONFIG).recovery.train_codebooks
 
 
 def test_collect_reads_finished_runs_and_summarises_seeds(tmp_path):
+    script = load_script("bench/cpu_weighting.py")
     for seed, (comp, rec) in {0: (140.0, 90.0), 1: (150.0, 96.0)}.items():
         run = tmp_path / f"uniform_s{seed}"
         run.mkdir()
+        save_config(load_config(ROOT / script.CONFIG, [f"seed={seed}"]), run / "run_config.yaml")
         metrics = {
             "wikitext2_ppl": {"float": 24.1, "compressed": comp, "recovered": rec},
             "bits_per_weight": {"compressed_linears": 2.056},
@@ -54,3 +60,7 @@ def test_collect_reads_finished_runs_and_summarises_seeds(tmp_path):
     assert "seed=1 data.seed=1" in " ".join(record["commands"]["uniform"])
     bad = subprocess.run([*cmd, "--variants", "nope"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "['nope'] unknown" in bad.stderr
+    # the demo's runs are not the recipe protocol's: refused by name, not summarised as if they were
+    other = subprocess.run([*cmd, "--seeds", "0", "--protocol", "recipe"], cwd=ROOT, capture_output=True, text=True)
+    assert other.returncode != 0 and "not made by --protocol recipe variant uniform" in other.stderr
+    assert "block_finetune" in other.stderr
