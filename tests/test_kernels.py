@@ -74,10 +74,11 @@ def reference_out(x, idx, codebooks, scales, bias):
 
 
 def assert_within_fp16_rounding(y, x, idx, codebooks, scales, bias) -> None:
-    """Elementwise forward-error bound of the decode-into-``tl.dot`` kernel, derived, not tuned.
+    """Elementwise forward-error bound of an fp16 kernel, derived, not tuned.
 
-    The kernel sums codewords in fp32 and rounds the sum once to fp16 (relative error <= u = 2**-11),
-    accumulates x @ W'^T in fp32, applies scale and bias in fp32 and rounds the output to fp16 (<= u|y|).
+    The decode-into-``tl.dot`` kernel sums codewords in fp32 and rounds the sum once to fp16 (relative
+    error <= u = 2**-11); the FMA matvec keeps W in fp32, so the bound holds for it with room. Both
+    accumulate x @ W'^T in fp32, apply scale and bias in fp32 and round the output to fp16 (<= u|y|).
     So |y - ref| <= u * s * (|x| @ |W'|^T) + u * |ref| + (fp32 terms, bounded by 2**-20 of the same sums).
     A relative-norm tolerance cannot hold for every draw: with few outputs, cancellation makes |ref| small.
     """
@@ -132,14 +133,14 @@ def _fmt(m, b, g, k, n, bias):
 @pytest.mark.parametrize("spec", FORMATS, ids=lambda s: f"{s[0]}x{s[1]}_g{s[2]}_{s[3]}x{s[4]}")
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_gemv(spec, tokens):
-    gen = torch.Generator().manual_seed(hash((spec, tokens)) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((spec, tokens)).encode()))
     fmt = _fmt(*spec)
     idx, codes, codebooks, scales, bias = random_layer(fmt, gen)
     x = torch.randn(tokens, fmt.in_features, generator=gen).half()
     cfg = K.GemvConfig(block_n=4, block_g=8, num_warps=1, num_stages=1)  # several programs per axis
     y = K.codebook_gemv(x, codes, codebooks, scales, bias, fmt.nbits_per_codebook, cfg)
     assert y.shape == (tokens, fmt.out_features) and y.dtype == x.dtype
-    assert rel_err(y, reference_out(x, idx, codebooks, scales, bias)) < TOL[torch.float16]
+    assert_within_fp16_rounding(y, x, idx, codebooks, scales, bias)
 
 
 # B <= 8 formats for the lookup-table kernel: several K tiles with a ragged last one, rows over several
@@ -216,7 +217,7 @@ def test_dtypes(dtype):
 
 @pytest.mark.parametrize("spec", FORMATS[:3], ids=lambda s: f"{s[0]}x{s[1]}_g{s[2]}")
 def test_dequant_and_dense(spec):
-    gen = torch.Generator().manual_seed(hash(spec) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(spec).encode()))
     fmt = _fmt(*spec)
     idx, codes, codebooks, scales, bias = random_layer(fmt, gen)
     w = K.codebook_dequant(
