@@ -1,0 +1,211 @@
+"""Issue 10's last route, quality side: can a format whose codewords are *computed* from the code (no
+table to gather, so no L1/shared-memory lookups in the kernel) match the codebook method at 2 bits?
+
+The format probed is a bitshift trellis (the idea behind QTIP's computed codes; written here from the
+description, not from its code): a row's weights w_1..w_T are coded by a walk through 2**L states where
+each step shifts k new bits in, ``s_t = ((s_{t-1} << k) | b_t) mod 2**L``, so the walk costs k bits per
+weight (plus L - k for the first state), and weight t is reconstructed as ``scale_row * v(s_t)``. The
+value of a state, v(s), is computed by a hash: one multiply-add mod 2**32 and the sum of the four bytes
+(Irwin-Hall, close to N(0, 1)); a kernel decodes a weight from its L-bit window with integer ops only.
+Codes come from the Viterbi algorithm (the least-squares walk, exactly). Weights are first rotated by a
+random orthogonal matrix on the input side (incoherence: the rotated rows are close to Gaussian); the
+squared error is the same in both bases, so every variant's error is comparable.
+
+Compared, per layer, at the same 2 bits per weight of codes, on SmolLM2-135M's real weights:
+    kmeans_g4_b8          the codebook method as shipped (g4 B8, 256 learned codewords per layer), H = I
+    kmeans_g4_b8_rotated  the same on the rotated weights
+    trellis_L{L}          the computed-codes trellis (k = 2) for each L asked, on the rotated weights
+    trellis_L{L}_table    the same walk with v(s) an i.i.d. N(0, 1) table (what the hash imitates)
+The error is relative, ||W - W_hat||_F^2 / ||W||_F^2; i.i.d. Gaussian data at 2 bits cannot go below
+2**-4 = 0.0625 (the rate-distortion bound). Plain squared error (H = I) on purpose: it measures what the
+format can represent; the Hessian-aware versions of both (GPTVQ / LDLQ error feedback) are the next step
+and not measured here.
+
+    python bench/computed_codes_probe.py --layers 0.self_attn.q_proj,0.mlp.down_proj --rows 96 --out R.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+HASH_MUL = 1664525  # the Numerical Recipes LCG: odd multiplier, full period mod 2**32
+HASH_ADD = 1013904223
+RD_BOUND_2BIT = 2.0**-4
+
+
+def computed_values(nbits_state: int) -> torch.Tensor:
+    """v(s) for every state s < 2**L: (sum of the 4 bytes of (HASH_MUL * s + HASH_ADD) mod 2**32 - 510) / sd.
+    Each byte is close to uniform on 0..255, so the sum has mean 510 and variance 4 * (256**2 - 1) / 12."""
+    s = np.arange(2**nbits_state, dtype=np.uint64)
+    x = (s * np.uint64(HASH_MUL) + np.uint64(HASH_ADD)) & np.uint64(0xFFFFFFFF)
+    total = sum(((x >> np.uint64(8 * i)) & np.uint64(0xFF)).astype(np.int64) for i in range(4))
+    sd = math.sqrt(4 * (256**2 - 1) / 12)
+    return torch.from_numpy((total - 510) / sd).float()
+
+
+def table_values(nbits_state: int, seed: int) -> torch.Tensor:
+    """An i.i.d. N(0, 1) value per state (a stored table: what the hash is meant to look like)."""
+    return torch.randn(2**nbits_state, generator=torch.Generator().manual_seed(seed))
+
+
+def viterbi(x: torch.Tensor, values: torch.Tensor, k: int) -> torch.Tensor:
+    """The walk s_1..s_T (``[N, T]`` int64) minimising sum_t (x_t - values[s_t])**2 for each of the N rows of
+    ``x`` (``[N, T]``), over walks with s_t = ((s_{t-1} << k) | b) mod 2**L and a free first state.
+
+    State s = p * 2**(L-k) + m (p its top k bits) steps to m * 2**k + b for every b, so the predecessors of
+    s' are the 2**k states with low bits m = s' >> k: the best of them is a min over the p axis of the cost
+    viewed as [N, 2**k, 2**(L-k)]."""
+    n, t_len = x.shape
+    num_states = values.numel()
+    fan = 2**k
+    low = num_states // fan
+    nbits_state = int(math.log2(num_states))
+    cost = (x[:, :1] - values[None, :]) ** 2
+    back = torch.empty(t_len, n, low, dtype=torch.uint8)  # the best p for every (row, m) at each step
+    for t in range(1, t_len):
+        best, arg = cost.view(n, fan, low).min(dim=1)
+        back[t] = arg.to(torch.uint8)
+        cost = best.repeat_interleave(fan, dim=1) + (x[:, t : t + 1] - values[None, :]) ** 2
+    states = torch.empty(n, t_len, dtype=torch.int64)
+    states[:, -1] = cost.argmin(dim=1)
+    rows = torch.arange(n)
+    for t in range(t_len - 1, 0, -1):
+        s = states[:, t]
+        p = back[t, rows, s >> k].long()
+        states[:, t - 1] = (s >> k) | (p << (nbits_state - k))
+    return states
+
+
+def trellis_quantize(w: torch.Tensor, values: torch.Tensor, k: int, chunk: int = 32) -> torch.Tensor:
+    """Rows of ``w`` coded by :func:`viterbi` against ``scale_row * values``; the scale starts at the row's
+    RMS times the best of a few multipliers (chosen on the first rows) and is refitted by least squares for the
+    walk found, which can only lower each row's error."""
+    rms = w.pow(2).mean(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
+    probe = w[:chunk] / rms[:chunk]
+
+    def err(mult: float) -> float:
+        st = viterbi(probe / mult, values, k)
+        return float(((probe - mult * values[st]) ** 2).sum())
+
+    mult = min((0.8, 0.85, 0.9, 0.95, 1.0, 1.05), key=err)
+    out = torch.empty_like(w)
+    for i in range(0, w.shape[0], chunk):
+        scale = rms[i : i + chunk] * mult
+        v = values[viterbi(w[i : i + chunk] / scale, values, k)]
+        ls = (w[i : i + chunk] * v).sum(1, keepdim=True) / v.pow(2).sum(1, keepdim=True).clamp_min(1e-12)
+        out[i : i + chunk] = ls * v
+    return out
+
+
+def kmeans_quantize(w: torch.Tensor) -> torch.Tensor:
+    """The shipped codebook method (g4 B8), with an identity Hessian: plain squared error."""
+    from lit_cb.configs.codebook import CodebookConfig
+    from lit_cb.quant import registry
+
+    layer = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    layer.weight.data.copy_(w)
+    cfg = CodebookConfig(in_group_size=4, nbits=8, kmeans_iters=30, kmeans_max_points=None)
+    return registry.quantize_linear(layer, torch.eye(w.shape[1]), cfg).dequantize().float()
+
+
+def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    return float((w.double() - w_hat.double()).pow(2).sum() / w.double().pow(2).sum())
+
+
+def random_rotation(n: int, seed: int) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))[None, :]).float()
+
+
+def bits_per_weight(variant: str, rows: int, cols: int, nbits_state: int, k: int) -> float:
+    """Stored bits per weight of the layer (rows x cols): codes + per-row fp16 scales + any table."""
+    scales = 16 * rows
+    if variant.startswith("kmeans"):
+        return (2 * rows * cols + 256 * 4 * 16 + scales) / (rows * cols)
+    table = 16 * 2**nbits_state if variant.endswith("_table") else 0
+    return (k * rows * cols + (nbits_state - k) * rows + scales + table) / (rows * cols)
+
+
+def probe_layer(w: torch.Tensor, rows: torch.Tensor | None, state_bits: list[int], k: int, seed: int) -> dict:
+    """Every variant's relative error on the rows ``rows`` of ``w`` (all rows if None). The codebooks are
+    fitted on the whole layer, as the method runs; the trellis codes each row on its own, so coding only the
+    sampled rows estimates its whole-layer error without bias. Bits are those of the whole layer."""
+    rot = random_rotation(w.shape[1], seed)
+    wr = w @ rot
+    sel = slice(None) if rows is None else rows
+    out: dict = {"shape": list(w.shape), "rows_measured": w.shape[0] if rows is None else len(rows)}
+    for name, src in (("kmeans_g4_b8", w), ("kmeans_g4_b8_rotated", wr)):
+        t0 = time.perf_counter()
+        out[name] = {
+            "rel_err": relative_error(src[sel], kmeans_quantize(src)[sel]),
+            "seconds": time.perf_counter() - t0,
+        }
+    for nb in state_bits:
+        for name, vals in ((f"trellis_L{nb}", computed_values(nb)), (f"trellis_L{nb}_table", table_values(nb, seed))):
+            t0 = time.perf_counter()
+            err = relative_error(wr[sel], trellis_quantize(wr[sel], vals, k))
+            out[name] = {"rel_err": err, "seconds": time.perf_counter() - t0, "state_bits": nb}
+    for name, r in out.items():
+        if isinstance(r, dict):
+            r["bits_per_weight"] = bits_per_weight(name, w.shape[0], w.shape[1], r.get("state_bits", 0), k)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", default="0.self_attn.q_proj,0.mlp.down_proj", help="block.path of SmolLM2 linears")
+    ap.add_argument("--rows", type=int, default=96, help="rows measured per layer (seeded), all if larger")
+    ap.add_argument("--state-bits", default="8,12", help="comma-separated L (trellis state bits)")
+    ap.add_argument("--k", type=int, default=2, help="bits per weight of the walk")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    state_bits = [int(x) for x in args.state_bits.split(",") if x]
+    if args.k < 1 or any(nb <= args.k or nb > 16 for nb in state_bits):
+        ap.error(f"--k {args.k} and --state-bits {state_bits}: need 1 <= k < L <= 16")
+    if args.out.exists():
+        ap.error(f"--out {args.out} exists; choose another path (nothing is overwritten)")
+    from lit_cb.models import decoder_layers, load_model
+
+    model, _ = load_model("smollm2")
+    blocks = decoder_layers(model)
+    record: dict = {
+        "what": "relative squared error of 2-bit formats on SmolLM2-135M weights (H = I): learned codebook "
+        "vs computed-codes bitshift trellis",
+        "command": "python bench/computed_codes_probe.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": f"CPU {platform.machine()} ({torch.get_num_threads()} threads)",
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "rd_bound_gaussian_2bit": RD_BOUND_2BIT,
+        "hash": {"mul": HASH_MUL, "add": HASH_ADD},
+        "layers": {},
+    }
+    for spec in [s for s in args.layers.split(",") if s]:
+        idx, path = spec.split(".", 1)
+        w = blocks[int(idx)].get_submodule(path).weight.detach().float()
+        rows = None
+        if args.rows < w.shape[0]:
+            gen = torch.Generator().manual_seed(args.seed)
+            rows = torch.randperm(w.shape[0], generator=gen)[: args.rows].sort().values
+        record["layers"][spec] = r = probe_layer(w, rows, state_bits, args.k, args.seed)
+        print(spec, {k: round(v["rel_err"], 4) for k, v in r.items() if isinstance(v, dict)}, flush=True)
+    names = [n for n, v in next(iter(record["layers"].values())).items() if isinstance(v, dict)]
+    record["mean_rel_err"] = {n: float(np.mean([r[n]["rel_err"] for r in record["layers"].values()])) for n in names}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    print("mean", {n: round(v, 4) for n, v in record["mean_rel_err"].items()})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""bench/computed_codes_probe.py: the Viterbi walk is the exact least-squares walk (against brute force over
+every valid walk), the computed values are the hash they claim to be, and a row that is exactly a walk's
+values is coded without error."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import load_script
+
+ROOT = Path(__file__).resolve().parents[1]
+P = load_script("bench/computed_codes_probe.py")
+
+
+def _valid(walk: list[int], nbits_state: int, k: int) -> bool:
+    mask = 2**nbits_state - 1
+    return all(walk[t] >> k == walk[t - 1] & (mask >> k) for t in range(1, len(walk)))
+
+
+@pytest.mark.parametrize(("nbits_state", "k", "length"), [(4, 2, 4), (5, 1, 6), (3, 2, 3)])
+def test_viterbi_finds_the_least_squares_walk_of_brute_force(nbits_state, k, length):
+    gen = torch.Generator().manual_seed(nbits_state * 10 + k)
+    values = torch.randn(2**nbits_state, generator=gen)
+    x = torch.randn(4, length, generator=gen)
+    walks = P.viterbi(x, values, k)
+    mask = 2**nbits_state - 1
+    for n in range(x.shape[0]):
+        best = min(
+            sum((float(x[n, t]) - float(values[s])) ** 2 for t, s in enumerate(walk))
+            for walk in (
+                list(itertools.accumulate(bits, lambda s, b: ((s << k) | b) & mask, initial=s0))
+                for s0 in range(2**nbits_state)
+                for bits in itertools.product(range(2**k), repeat=length - 1)
+            )
+        )
+        walk = walks[n].tolist()
+        assert _valid(walk, nbits_state, k), walk
+        assert sum((float(x[n, t]) - float(values[s])) ** 2 for t, s in enumerate(walk)) == pytest.approx(
+            best, rel=1e-6
+        )
+
+
+def test_computed_values_are_the_byte_sum_hash():
+    values = P.computed_values(12)
+    for s in (0, 1, 77, 4095):
+        x = (P.HASH_MUL * s + P.HASH_ADD) % 2**32
+        total = sum((x >> (8 * i)) & 0xFF for i in range(4))
+        assert float(values[s]) == pytest.approx((total - 510) / ((4 * (256**2 - 1) / 12) ** 0.5), abs=1e-6)
+    assert abs(float(values.mean())) < 0.05 and 0.9 < float(values.std()) < 1.1  # close to N(0, 1)
+
+
+def test_a_walk_is_found_again_and_gaussian_rows_land_between_the_bound_and_scalar_rounding():
+    gen = torch.Generator().manual_seed(3)
+    values = P.table_values(6, seed=1)
+    bits = torch.randint(0, 4, (5, 39), generator=gen)
+    walks = torch.empty(5, 40, dtype=torch.int64)
+    walks[:, 0] = torch.randint(0, 64, (5,), generator=gen)
+    for t in range(1, 40):
+        walks[:, t] = ((walks[:, t - 1] << 2) | bits[:, t - 1]) & 63
+    assert torch.equal(P.viterbi(values[walks], values, 2), walks)
+    # i.i.d. N(0, 1) rows: no code of R bits per weight beats D(R) = 2**(-2R) (R counts the first state's and
+    # the scale's bits: 2 + (10 - 2 + 16) / 512), and the trellis must beat 2-bit Lloyd-Max scalar rounding (0.1175)
+    x = torch.randn(8, 512, generator=gen)
+    err = P.relative_error(x, P.trellis_quantize(x, P.computed_values(10), 2))
+    rate = 2 + (10 - 2 + 16) / 512
+    assert 2 ** (-2 * rate) < err < 0.1175
+
+
+def test_bits_per_weight_add_up():
+    # 2 bits per weight + (L - k) bits for each row's first state + an fp16 scale per row (+ a table if stored)
+    assert P.bits_per_weight("trellis_L6", 5, 40, 6, 2) == pytest.approx((2 * 200 + 4 * 5 + 16 * 5) / 200)
+    assert P.bits_per_weight("trellis_L6_table", 5, 40, 6, 2) == pytest.approx((2 * 200 + 20 + 80 + 16 * 64) / 200)
+    assert P.bits_per_weight("kmeans_g4_b8", 5, 40, 0, 2) == pytest.approx((400 + 256 * 4 * 16 + 80) / 200)
+
+
+def test_bad_arguments_are_refused_before_any_work(tmp_path):
+    out = tmp_path / "r.json"
+    out.write_text("{}")
+    cmd = [sys.executable, "bench/computed_codes_probe.py", "--out", str(out)]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and "exists" in res.stderr and out.read_text() == "{}"
+    res = subprocess.run(
+        [*cmd[:-1], str(tmp_path / "n.json"), "--state-bits", "2"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert res.returncode == 2 and "need 1 <= k < L <= 16" in res.stderr
