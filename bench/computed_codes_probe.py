@@ -32,6 +32,7 @@ import json
 import math
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ from torch import nn
 HASH_MUL = 1664525  # the Numerical Recipes LCG: odd multiplier, full period mod 2**32
 HASH_ADD = 1013904223
 RD_BOUND_2BIT = 2.0**-4
+TILE_WEIGHTS = 256  # weights per walk of the Hessian-aware variant (32 rows x 8 columns)
 
 
 def computed_values(nbits_state: int) -> torch.Tensor:
@@ -58,9 +60,10 @@ def table_values(nbits_state: int, seed: int) -> torch.Tensor:
     return torch.randn(2**nbits_state, generator=torch.Generator().manual_seed(seed))
 
 
-def viterbi(x: torch.Tensor, values: torch.Tensor, k: int) -> torch.Tensor:
+def viterbi(x: torch.Tensor, values: torch.Tensor, k: int, prev: torch.Tensor | None = None) -> torch.Tensor:
     """The walk s_1..s_T (``[N, T]`` int64) minimising sum_t (x_t - values[s_t])**2 for each of the N rows of
-    ``x`` (``[N, T]``), over walks with s_t = ((s_{t-1} << k) | b) mod 2**L and a free first state.
+    ``x`` (``[N, T]``), over walks with s_t = ((s_{t-1} << k) | b) mod 2**L and a free first state, or with
+    ``prev`` (``[N]``) a first state that steps from prev[n] (a row coded in pieces stays one walk).
 
     State s = p * 2**(L-k) + m (p its top k bits) steps to m * 2**k + b for every b, so the predecessors of
     s' are the 2**k states with low bits m = s' >> k: the best of them is a min over the p axis of the cost
@@ -71,6 +74,10 @@ def viterbi(x: torch.Tensor, values: torch.Tensor, k: int) -> torch.Tensor:
     low = num_states // fan
     nbits_state = int(math.log2(num_states))
     cost = (x[:, :1] - values[None, :]) ** 2
+    if prev is not None:
+        reachable = ((prev[:, None] << k) & (num_states - 1)) | torch.arange(fan)[None, :]
+        start = torch.full_like(cost, float("inf"))
+        cost = start.scatter_(1, reachable, cost.gather(1, reachable))
     back = torch.empty(t_len, n, low, dtype=torch.uint8)  # the best p for every (row, m) at each step
     for t in range(1, t_len):
         best, arg = cost.view(n, fan, low).min(dim=1)
@@ -107,15 +114,80 @@ def trellis_quantize(w: torch.Tensor, values: torch.Tensor, k: int, chunk: int =
     return out
 
 
-def kmeans_quantize(w: torch.Tensor) -> torch.Tensor:
-    """The shipped codebook method (g4 B8), with an identity Hessian: plain squared error."""
+def trellis_ldlq(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    values: torch.Tensor,
+    k: int,
+    rot: torch.Tensor,
+    block_cols: int = 8,
+    tile_rows: int = 32,
+) -> torch.Tensor:
+    """Hessian-aware trellis coding (block LDLQ): rotate, then code the columns ``block_cols`` at a time and
+    feed each block's error forward to the columns not yet coded through the Cholesky factor U of H^-1
+    (:func:`block_ldlq`). Inside a block the walk runs over a tile of ``tile_rows`` x ``block_cols`` weights
+    (row by row; its own first state), so blocks stay narrow (the last block's error is weighted by the
+    marginal H of its columns, which no later column can compensate, so it grows with the block's width)
+    while every walk stays 256 steps long. Row scales (RMS x the best plain-MSE multiplier, fp16) are fixed
+    before coding; the result is returned in the original basis. Rows must divide into tiles."""
+    if w.shape[0] % tile_rows or w.shape[1] % block_cols:
+        raise ValueError(f"{tuple(w.shape)} does not divide into {tile_rows} x {block_cols} tiles")
+    wr = w @ rot
+    hr = rot.T.double() @ hessian.double() @ rot.double()
+    rms = wr.pow(2).mean(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
+    probe = wr[:32] / rms[:32]
+    mult = min(
+        (0.8, 0.85, 0.9, 0.95, 1.0, 1.05),
+        key=lambda m: float(((probe - m * values[viterbi(probe / m, values, k)]) ** 2).sum()),
+    )
+    scale = (rms * mult).half().float()
+    tiles = w.shape[0] // tile_rows
+
+    def code(x: torch.Tensor) -> torch.Tensor:  # [rows, block_cols] -> one walk per tile of tile_rows rows
+        walks = viterbi(x.reshape(tiles, tile_rows * block_cols).float(), values, k)
+        return values[walks].double().reshape(x.shape)
+
+    coded, _ = block_ldlq((wr / scale).double(), hessian_chol_inverse(hr), block_cols, code)
+    return ((coded * scale.double()) @ rot.T.double()).float()
+
+
+def hessian_chol_inverse(hessian: torch.Tensor) -> torch.Tensor:
+    """U (upper) with H^-1 = U^T U, after GPTQ's 1% damping of the diagonal, in float64."""
+    h = hessian.double().clone()
+    h += 0.01 * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
+def block_ldlq(
+    target: torch.Tensor, u: torch.Tensor, block: int, code: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, list[float]]:
+    """Code ``target`` (float64 ``[rows, n]``) ``block`` columns at a time with ``code`` (block in, coded block
+    out), moving the later columns by -E U_BB^-1 U_B,rest after each block (E = target_B - coded_B, both after
+    earlier moves). Returns the coded matrix and each block's ||E U_BB^-1||^2: with H^-1 = U^T U they sum to
+    tr(dW H dW^T) for dW = original target - coded (the identity the tests check in float64)."""
+    target = target.clone()
+    coded = torch.empty_like(target)
+    parts = []
+    for b0 in range(0, target.shape[1], block):
+        b1 = min(b0 + block, target.shape[1])
+        coded[:, b0:b1] = code(target[:, b0:b1])
+        err = torch.linalg.solve_triangular(u[b0:b1, b0:b1], target[:, b0:b1] - coded[:, b0:b1], upper=True, left=False)
+        parts.append(float(err.pow(2).sum()))
+        target[:, b1:] -= err @ u[b0:b1, b1:]
+    return coded, parts
+
+
+def kmeans_quantize(w: torch.Tensor, hessian: torch.Tensor | None = None) -> torch.Tensor:
+    """The shipped codebook method (g4 B8, GPTVQ weighting, the H100 recipes' 30 k-means iterations on every
+    vector); with ``hessian`` None an identity Hessian, so plain squared error."""
     from lit_cb.configs.codebook import CodebookConfig
     from lit_cb.quant import registry
 
     layer = nn.Linear(w.shape[1], w.shape[0], bias=False)
     layer.weight.data.copy_(w)
-    cfg = CodebookConfig(in_group_size=4, nbits=8, kmeans_iters=30, kmeans_max_points=None)
-    return registry.quantize_linear(layer, torch.eye(w.shape[1]), cfg).dequantize().float()
+    cfg = CodebookConfig(in_group_size=4, nbits=8, weighting="gptvq", kmeans_iters=30, kmeans_max_points=None)
+    h = torch.eye(w.shape[1]) if hessian is None else hessian
+    return registry.quantize_linear(layer, h, cfg).dequantize().float()
 
 
 def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
@@ -133,7 +205,8 @@ def bits_per_weight(variant: str, rows: int, cols: int, nbits_state: int, k: int
     if variant.startswith("kmeans"):
         return (2 * rows * cols + 256 * 4 * 16 + scales) / (rows * cols)
     table = 16 * 2**nbits_state if variant.endswith("_table") else 0
-    return (k * rows * cols + (nbits_state - k) * rows + scales + table) / (rows * cols)
+    walks = rows * cols // TILE_WEIGHTS if variant.endswith("_ldlq") else rows  # a first state per walk
+    return (k * rows * cols + (nbits_state - k) * walks + scales + table) / (rows * cols)
 
 
 def probe_layer(w: torch.Tensor, rows: torch.Tensor | None, state_bits: list[int], k: int, seed: int) -> dict:
@@ -161,6 +234,69 @@ def probe_layer(w: torch.Tensor, rows: torch.Tensor | None, state_bits: list[int
     return out
 
 
+def probe_layer_hessian(
+    w: torch.Tensor, hessian: torch.Tensor, rows: torch.Tensor | None, state_bits: list[int], k: int, seed: int
+) -> dict:
+    """Relative Hessian-weighted error tr(dW H dW^T) / tr(W H W^T) on ``rows`` (rows are independent under
+    this objective, so a seeded subset estimates the layer's): the shipped codebook method with its
+    Hessian against the trellis with block-LDLQ feedback, and the trellis without feedback."""
+    from lit_cb.quant.objective import relative_layer_error
+
+    sel = slice(None) if rows is None else rows
+    rot = random_rotation(w.shape[1], seed)
+    out: dict = {"shape": list(w.shape), "rows_measured": w.shape[0] if rows is None else len(rows)}
+    t0 = time.perf_counter()
+    w_hat = kmeans_quantize(w, hessian)
+    out["codebook_g4_b8"] = {
+        "rel_err": relative_layer_error(w[sel], w_hat[sel], hessian),
+        "seconds": time.perf_counter() - t0,
+    }
+    for nb in state_bits:
+        vals = computed_values(nb)
+        t0 = time.perf_counter()
+        w_hat = trellis_ldlq(w[sel], hessian, vals, k, rot)
+        out[f"trellis_L{nb}_ldlq"] = {
+            "rel_err": relative_layer_error(w[sel], w_hat, hessian),
+            "seconds": time.perf_counter() - t0,
+            "state_bits": nb,
+        }
+        t0 = time.perf_counter()
+        w_hat = trellis_quantize(w[sel] @ rot, vals, k) @ rot.T
+        out[f"trellis_L{nb}"] = {
+            "rel_err": relative_layer_error(w[sel], w_hat, hessian),
+            "seconds": time.perf_counter() - t0,
+            "state_bits": nb,
+        }
+    for name, r in out.items():
+        if isinstance(r, dict):
+            kind = "kmeans" if name.startswith("codebook") else name
+            r["bits_per_weight"] = bits_per_weight(kind, w.shape[0], w.shape[1], r.get("state_bits", 0), k)
+    return out
+
+
+def calibration_hessians(model: nn.Module, names: list[str], config: Path) -> dict[str, torch.Tensor]:
+    """H = X^T X / tokens of each named linear (``block.path``) on the calibration windows of ``config``'s
+    data section (the float model: every layer sees float inputs)."""
+    from lit_cb.config import load_config
+    from lit_cb.data.datamodule import CompressionDataModule
+    from lit_cb.hessian import attach_hessian_hooks, remove_hooks
+    from lit_cb.models import decoder_layers, load_model
+
+    cfg = load_config(config)
+    _, tokenizer = load_model(cfg.model.name)
+    windows = CompressionDataModule(tokenizer, cfg.data).calibration_windows()
+    blocks = decoder_layers(model)
+    linears = {n: blocks[int(n.split(".", 1)[0])].get_submodule(n.split(".", 1)[1]) for n in names}
+    accs, handles = attach_hessian_hooks(linears)
+    try:
+        with torch.no_grad():
+            for i in range(windows.shape[0]):
+                model(input_ids=windows[i : i + 1], use_cache=False)
+    finally:
+        remove_hooks(handles)
+    return {n: accs[n].hessian.float() for n in names}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", default="0.self_attn.q_proj,0.mlp.down_proj", help="block.path of SmolLM2 linears")
@@ -168,6 +304,13 @@ def main() -> None:
     ap.add_argument("--state-bits", default="8,12", help="comma-separated L (trellis state bits)")
     ap.add_argument("--k", type=int, default=2, help="bits per weight of the walk")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--hessian",
+        type=Path,
+        default=None,
+        help="a run config whose calibration data gives each layer's H: compare Hessian-weighted errors, the "
+        "codebook method with its Hessian against the trellis with block-LDLQ feedback",
+    )
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     state_bits = [int(x) for x in args.state_bits.split(",") if x]
@@ -175,15 +318,20 @@ def main() -> None:
         ap.error(f"--k {args.k} and --state-bits {state_bits}: need 1 <= k < L <= 16")
     if args.out.exists():
         ap.error(f"--out {args.out} exists; choose another path (nothing is overwritten)")
+    if args.hessian is not None and not args.hessian.is_file():
+        ap.error(f"--hessian {args.hessian}: no such config file")
     from lit_cb.models import decoder_layers, load_model
 
     model, _ = load_model("smollm2")
     blocks = decoder_layers(model)
+    specs = [s for s in args.layers.split(",") if s]
+    hessians = calibration_hessians(model, specs, args.hessian) if args.hessian else None
+    objective = "Hessian-weighted, calibration H" if hessians else "H = I"
     record: dict = {
-        "what": "relative squared error of 2-bit formats on SmolLM2-135M weights (H = I): learned codebook "
-        "vs computed-codes bitshift trellis",
+        "what": f"relative squared error ({objective}) of 2-bit formats on SmolLM2-135M weights: learned "
+        "codebook vs computed-codes bitshift trellis",
         "command": "python bench/computed_codes_probe.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v is not None),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": f"CPU {platform.machine()} ({torch.get_num_threads()} threads)",
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
@@ -191,14 +339,18 @@ def main() -> None:
         "hash": {"mul": HASH_MUL, "add": HASH_ADD},
         "layers": {},
     }
-    for spec in [s for s in args.layers.split(",") if s]:
+    for spec in specs:
         idx, path = spec.split(".", 1)
         w = blocks[int(idx)].get_submodule(path).weight.detach().float()
         rows = None
         if args.rows < w.shape[0]:
             gen = torch.Generator().manual_seed(args.seed)
             rows = torch.randperm(w.shape[0], generator=gen)[: args.rows].sort().values
-        record["layers"][spec] = r = probe_layer(w, rows, state_bits, args.k, args.seed)
+        if hessians is None:
+            r = probe_layer(w, rows, state_bits, args.k, args.seed)
+        else:
+            r = probe_layer_hessian(w, hessians[spec], rows, state_bits, args.k, args.seed)
+        record["layers"][spec] = r
         print(spec, {k: round(v["rel_err"], 4) for k, v in r.items() if isinstance(v, dict)}, flush=True)
     names = [n for n, v in next(iter(record["layers"].values())).items() if isinstance(v, dict)]
     record["mean_rel_err"] = {n: float(np.mean([r[n]["rel_err"] for r in record["layers"].values()])) for n in names}

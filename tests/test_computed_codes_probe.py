@@ -46,6 +46,42 @@ def test_viterbi_finds_the_least_squares_walk_of_brute_force(nbits_state, k, len
         )
 
 
+def test_a_walk_that_must_go_on_from_a_state_is_the_best_of_those_walks():
+    nbits_state, k, length = 4, 2, 3
+    gen = torch.Generator().manual_seed(5)
+    values = torch.randn(16, generator=gen)
+    x = torch.randn(3, length, generator=gen)
+    prev = torch.tensor([0, 7, 15])
+    walks = P.viterbi(x, values, k, prev)
+    for n in range(3):
+        best = min(
+            sum((float(x[n, t]) - float(values[s])) ** 2 for t, s in enumerate(walk[1:]))
+            for walk in (
+                list(itertools.accumulate(bits, lambda s, b: ((s << k) | b) & 15, initial=int(prev[n])))
+                for bits in itertools.product(range(4), repeat=length)
+            )
+        )
+        walk = [int(prev[n]), *walks[n].tolist()]
+        assert _valid(walk, nbits_state, k), walk
+        got = sum((float(x[n, t]) - float(values[s])) ** 2 for t, s in enumerate(walk[1:]))
+        assert got == pytest.approx(best, rel=1e-6)
+
+
+def test_block_ldlq_errors_add_up_to_the_hessian_weighted_error_in_float64():
+    """With H^-1 = U^T U (H damped by 1% of its mean diagonal), the blocks' ||E U_BB^-1||^2 sum to
+    tr(dW H dW^T): the feedback is right, whatever the coder; and it beats coding without feedback here."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(12, 30, generator=gen, dtype=torch.float64)
+    hessian = a @ a.T / 30
+    target = torch.randn(5, 12, generator=gen, dtype=torch.float64)
+    coded, parts = P.block_ldlq(target, P.hessian_chol_inverse(hessian), 4, lambda x: (x * 2).round() / 2)
+    damped = hessian + 0.01 * hessian.diagonal().mean() * torch.eye(12, dtype=torch.float64)
+    d = target - coded
+    assert sum(parts) == pytest.approx(float(torch.trace(d @ damped @ d.T)), rel=1e-10)
+    d0 = target - (target * 2).round() / 2
+    assert sum(parts) < float(torch.trace(d0 @ damped @ d0.T))
+
+
 def test_computed_values_are_the_byte_sum_hash():
     values = P.computed_values(12)
     for s in (0, 1, 77, 4095):
@@ -76,6 +112,8 @@ def test_bits_per_weight_add_up():
     # 2 bits per weight + (L - k) bits for each row's first state + an fp16 scale per row (+ a table if stored)
     assert P.bits_per_weight("trellis_L6", 5, 40, 6, 2) == pytest.approx((2 * 200 + 4 * 5 + 16 * 5) / 200)
     assert P.bits_per_weight("trellis_L6_table", 5, 40, 6, 2) == pytest.approx((2 * 200 + 20 + 80 + 16 * 64) / 200)
+    # the Hessian-aware variant: one first state per 256-weight tile
+    assert P.bits_per_weight("trellis_L10_ldlq", 64, 576, 10, 2) == pytest.approx(2 + (8 * 144 + 16 * 64) / (64 * 576))
     assert P.bits_per_weight("kmeans_g4_b8", 5, 40, 0, 2) == pytest.approx((400 + 256 * 4 * 16 + 80) / 200)
 
 
