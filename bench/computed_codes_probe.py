@@ -60,10 +60,17 @@ def table_values(nbits_state: int, seed: int) -> torch.Tensor:
     return torch.randn(2**nbits_state, generator=torch.Generator().manual_seed(seed))
 
 
-def viterbi(x: torch.Tensor, values: torch.Tensor, k: int, prev: torch.Tensor | None = None) -> torch.Tensor:
-    """The walk s_1..s_T (``[N, T]`` int64) minimising sum_t (x_t - values[s_t])**2 for each of the N rows of
-    ``x`` (``[N, T]``), over walks with s_t = ((s_{t-1} << k) | b) mod 2**L and a free first state, or with
-    ``prev`` (``[N]``) a first state that steps from prev[n] (a row coded in pieces stays one walk).
+def viterbi(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    k: int,
+    prev: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The walk s_1..s_T (``[N, T]`` int64) minimising sum_t d_t (x_t - values[s_t])**2 for each of the N rows
+    of ``x`` (``[N, T]``; d = ``weights`` ``[T]``, or 1), over walks with s_t = ((s_{t-1} << k) | b) mod 2**L and
+    a free first state, or with ``prev`` (``[N]``) a first state that steps from prev[n] (a row coded in
+    pieces stays one walk).
 
     State s = p * 2**(L-k) + m (p its top k bits) steps to m * 2**k + b for every b, so the predecessors of
     s' are the 2**k states with low bits m = s' >> k: the best of them is a min over the p axis of the cost
@@ -73,7 +80,8 @@ def viterbi(x: torch.Tensor, values: torch.Tensor, k: int, prev: torch.Tensor | 
     fan = 2**k
     low = num_states // fan
     nbits_state = int(math.log2(num_states))
-    cost = (x[:, :1] - values[None, :]) ** 2
+    d = torch.ones(t_len) if weights is None else weights.float()
+    cost = d[0] * (x[:, :1] - values[None, :]) ** 2
     if prev is not None:
         reachable = ((prev[:, None] << k) & (num_states - 1)) | torch.arange(fan)[None, :]
         start = torch.full_like(cost, float("inf"))
@@ -82,7 +90,7 @@ def viterbi(x: torch.Tensor, values: torch.Tensor, k: int, prev: torch.Tensor | 
     for t in range(1, t_len):
         best, arg = cost.view(n, fan, low).min(dim=1)
         back[t] = arg.to(torch.uint8)
-        cost = best.repeat_interleave(fan, dim=1) + (x[:, t : t + 1] - values[None, :]) ** 2
+        cost = best.repeat_interleave(fan, dim=1) + d[t] * (x[:, t : t + 1] - values[None, :]) ** 2
     states = torch.empty(n, t_len, dtype=torch.int64)
     states[:, -1] = cost.argmin(dim=1)
     rows = torch.arange(n)
@@ -122,6 +130,7 @@ def trellis_ldlq(
     rot: torch.Tensor,
     block_cols: int = 8,
     tile_rows: int = 32,
+    column_weights: bool = False,
 ) -> torch.Tensor:
     """Hessian-aware trellis coding (block LDLQ): rotate, then code the columns ``block_cols`` at a time and
     feed each block's error forward to the columns not yet coded through the Cholesky factor U of H^-1
@@ -129,7 +138,9 @@ def trellis_ldlq(
     (row by row; its own first state), so blocks stay narrow (the last block's error is weighted by the
     marginal H of its columns, which no later column can compensate, so it grows with the block's width)
     while every walk stays 256 steps long. Row scales (RMS x the best plain-MSE multiplier, fp16) are fixed
-    before coding; the result is returned in the original basis. Rows must divide into tiles."""
+    before coding; the result is returned in the original basis. Rows must divide into tiles.
+    ``column_weights`` weighs each column's squared error in the walk by the diagonal of the block's own
+    error weight U_BB^-1 U_BB^-T (the walk cannot take its off-diagonal part)."""
     if w.shape[0] % tile_rows or w.shape[1] % block_cols:
         raise ValueError(f"{tuple(w.shape)} does not divide into {tile_rows} x {block_cols} tiles")
     wr = w @ rot
@@ -142,12 +153,21 @@ def trellis_ldlq(
     )
     scale = (rms * mult).half().float()
     tiles = w.shape[0] // tile_rows
+    u = hessian_chol_inverse(hr)
+    where = [0]
 
     def code(x: torch.Tensor) -> torch.Tensor:  # [rows, block_cols] -> one walk per tile of tile_rows rows
-        walks = viterbi(x.reshape(tiles, tile_rows * block_cols).float(), values, k)
+        b0 = where[0]
+        where[0] += x.shape[1]
+        d = None
+        if column_weights:
+            inv = torch.linalg.inv(u[b0 : where[0], b0 : where[0]])
+            diag = (inv @ inv.T).diagonal()
+            d = (diag / diag.mean()).repeat(tile_rows)  # the walk goes row by row through the tile
+        walks = viterbi(x.reshape(tiles, tile_rows * block_cols).float(), values, k, weights=d)
         return values[walks].double().reshape(x.shape)
 
-    coded, _ = block_ldlq((wr / scale).double(), hessian_chol_inverse(hr), block_cols, code)
+    coded, _ = block_ldlq((wr / scale).double(), u, block_cols, code)
     return ((coded * scale.double()) @ rot.T.double()).float()
 
 
@@ -205,7 +225,7 @@ def bits_per_weight(variant: str, rows: int, cols: int, nbits_state: int, k: int
     if variant.startswith("kmeans"):
         return (2 * rows * cols + 256 * 4 * 16 + scales) / (rows * cols)
     table = 16 * 2**nbits_state if variant.endswith("_table") else 0
-    walks = rows * cols // TILE_WEIGHTS if variant.endswith("_ldlq") else rows  # a first state per walk
+    walks = rows * cols // TILE_WEIGHTS if "_ldlq" in variant else rows  # a first state per walk
     return (k * rows * cols + (nbits_state - k) * walks + scales + table) / (rows * cols)
 
 
@@ -239,7 +259,8 @@ def probe_layer_hessian(
 ) -> dict:
     """Relative Hessian-weighted error tr(dW H dW^T) / tr(W H W^T) on ``rows`` (rows are independent under
     this objective, so a seeded subset estimates the layer's): the shipped codebook method with its
-    Hessian against the trellis with block-LDLQ feedback, and the trellis without feedback."""
+    Hessian against the trellis with block-LDLQ feedback (``_ldlq``; ``_ldlq_w`` with column weights in the
+    walk), and the trellis without feedback."""
     from lit_cb.quant.objective import relative_layer_error
 
     sel = slice(None) if rows is None else rows
@@ -253,13 +274,14 @@ def probe_layer_hessian(
     }
     for nb in state_bits:
         vals = computed_values(nb)
-        t0 = time.perf_counter()
-        w_hat = trellis_ldlq(w[sel], hessian, vals, k, rot)
-        out[f"trellis_L{nb}_ldlq"] = {
-            "rel_err": relative_layer_error(w[sel], w_hat, hessian),
-            "seconds": time.perf_counter() - t0,
-            "state_bits": nb,
-        }
+        for suffix, weighted in (("_ldlq", False), ("_ldlq_w", True)):
+            t0 = time.perf_counter()
+            w_hat = trellis_ldlq(w[sel], hessian, vals, k, rot, column_weights=weighted)
+            out[f"trellis_L{nb}{suffix}"] = {
+                "rel_err": relative_layer_error(w[sel], w_hat, hessian),
+                "seconds": time.perf_counter() - t0,
+                "state_bits": nb,
+            }
         t0 = time.perf_counter()
         w_hat = trellis_quantize(w[sel] @ rot, vals, k) @ rot.T
         out[f"trellis_L{nb}"] = {

@@ -46,6 +46,27 @@ def test_viterbi_finds_the_least_squares_walk_of_brute_force(nbits_state, k, len
         )
 
 
+def test_weighted_viterbi_finds_the_least_weighted_squares_walk():
+    nbits_state, k, length = 4, 2, 4
+    gen = torch.Generator().manual_seed(9)
+    values = torch.randn(16, generator=gen)
+    x = torch.randn(3, length, generator=gen)
+    d = torch.tensor([0.1, 5.0, 1.0, 0.3])
+    walks = P.viterbi(x, values, k, weights=d)
+    for n in range(3):
+
+        def cost(walk, n=n):
+            return sum(float(d[t]) * (float(x[n, t]) - float(values[s])) ** 2 for t, s in enumerate(walk))
+
+        best = min(
+            cost(list(itertools.accumulate(bits, lambda s, b: ((s << k) | b) & 15, initial=s0)))
+            for s0 in range(16)
+            for bits in itertools.product(range(4), repeat=length - 1)
+        )
+        assert _valid(walks[n].tolist(), nbits_state, k)
+        assert cost(walks[n].tolist()) == pytest.approx(best, rel=1e-6)
+
+
 def test_a_walk_that_must_go_on_from_a_state_is_the_best_of_those_walks():
     nbits_state, k, length = 4, 2, 3
     gen = torch.Generator().manual_seed(5)
