@@ -319,6 +319,64 @@ def calibration_hessians(model: nn.Module, names: list[str], config: Path) -> di
     return {n: accs[n].hessian.float() for n in names}
 
 
+def fake_quantize_blocks(
+    model: nn.Module,
+    windows: torch.Tensor,
+    num_blocks: int,
+    quantize: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> None:
+    """Replace, in place, every linear weight of the first ``num_blocks`` blocks by ``quantize(name, W, H)``
+    (dense: a quality probe, no format), block after block: each block's H comes from the calibration
+    windows passed through the blocks already quantized, as the compression driver does, so errors compound
+    as they would. One driver for every format, so their perplexities are paired."""
+    from lit_cb.compress import capture_block_inputs, run_block
+    from lit_cb.hessian import attach_hessian_hooks, remove_hooks
+    from lit_cb.models import decoder_layers
+
+    cpu = torch.device("cpu")
+    inputs, kwargs = capture_block_inputs(model, windows, cpu, cpu)
+    for i, block in enumerate(decoder_layers(model)[:num_blocks]):
+        linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+        accs, handles = attach_hessian_hooks(linears)
+        try:
+            run_block(block, inputs, kwargs, 4, cpu, collect=False)
+        finally:
+            remove_hooks(handles)
+        with torch.no_grad():
+            for n, m in linears.items():
+                m.weight.copy_(quantize(f"{i}.{n}", m.weight.detach().float(), accs[n].hessian.float()))
+        inputs = run_block(block, inputs, kwargs, 4, cpu)
+
+
+def perplexity_probe(config: Path, num_blocks: int, nbits_state: int, k: int, seed: int) -> dict:
+    """WikiText-2 perplexity of the float model and of its first ``num_blocks`` blocks fake-quantized by the
+    shipped codebook method and by the Hessian-aware trellis, on ``config``'s calibration and test windows."""
+    from lit_cb.config import load_config
+    from lit_cb.data.datamodule import CompressionDataModule
+    from lit_cb.evaluate import perplexity
+    from lit_cb.models import load_model
+
+    cfg = load_config(config)
+    model, tokenizer = load_model(cfg.model.name)
+    dm = CompressionDataModule(tokenizer, cfg.data)
+    windows, test = dm.calibration_windows(), dm.test_windows()
+    vals = computed_values(nbits_state)
+    quantizers = {
+        "codebook_g4_b8": lambda name, w, h: kmeans_quantize(w, h),
+        f"trellis_L{nbits_state}_ldlq": lambda name, w, h: trellis_ldlq(
+            w, h, vals, k, random_rotation(w.shape[1], seed), column_weights=True
+        ),
+    }
+    out = {"blocks": num_blocks, "float": perplexity(model, test, progress=False)}
+    for name, fn in quantizers.items():
+        m, _ = load_model(cfg.model.name)
+        t0 = time.perf_counter()
+        fake_quantize_blocks(m, windows, num_blocks, fn)
+        out[name] = {"ppl": perplexity(m, test, progress=False), "seconds": time.perf_counter() - t0}
+        print(name, out[name], flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", default="0.self_attn.q_proj,0.mlp.down_proj", help="block.path of SmolLM2 linears")
@@ -333,6 +391,13 @@ def main() -> None:
         help="a run config whose calibration data gives each layer's H: compare Hessian-weighted errors, the "
         "codebook method with its Hessian against the trellis with block-LDLQ feedback",
     )
+    ap.add_argument(
+        "--ppl-blocks",
+        type=int,
+        default=0,
+        help="with --hessian: also the WikiText-2 perplexity with the first N blocks fake-quantized by each "
+        "format (codebook; trellis at the first --state-bits, column-weighted LDLQ)",
+    )
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     state_bits = [int(x) for x in args.state_bits.split(",") if x]
@@ -342,6 +407,8 @@ def main() -> None:
         ap.error(f"--out {args.out} exists; choose another path (nothing is overwritten)")
     if args.hessian is not None and not args.hessian.is_file():
         ap.error(f"--hessian {args.hessian}: no such config file")
+    if args.ppl_blocks and (args.hessian is None or not 0 < args.ppl_blocks <= 30):
+        ap.error(f"--ppl-blocks {args.ppl_blocks}: needs --hessian CONFIG and 1..30 blocks")
     from lit_cb.models import decoder_layers, load_model
 
     model, _ = load_model("smollm2")
@@ -374,6 +441,8 @@ def main() -> None:
             r = probe_layer_hessian(w, hessians[spec], rows, state_bits, args.k, args.seed)
         record["layers"][spec] = r
         print(spec, {k: round(v["rel_err"], 4) for k, v in r.items() if isinstance(v, dict)}, flush=True)
+    if args.ppl_blocks:
+        record["perplexity"] = perplexity_probe(args.hessian, args.ppl_blocks, state_bits[0], args.k, args.seed)
     names = [n for n, v in next(iter(record["layers"].values())).items() if isinstance(v, dict)]
     record["mean_rel_err"] = {n: float(np.mean([r[n]["rel_err"] for r in record["layers"].values()])) for n in names}
     args.out.parent.mkdir(parents=True, exist_ok=True)

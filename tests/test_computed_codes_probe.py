@@ -148,3 +148,58 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path):
         [*cmd[:-1], str(tmp_path / "n.json"), "--state-bits", "2"], cwd=ROOT, capture_output=True, text=True
     )
     assert res.returncode == 2 and "need 1 <= k < L <= 16" in res.stderr
+    res = subprocess.run(
+        [*cmd[:-1], str(tmp_path / "n.json"), "--ppl-blocks", "3"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert res.returncode == 2 and "needs --hessian CONFIG" in res.stderr
+
+
+def test_fake_quantize_blocks_sees_float64_hessians_and_changes_only_the_blocks_asked():
+    """Block 0's q_proj gets H = X^T X / tokens of its true input (the normed embeddings, float64 here);
+    block 1's H comes through block 0 as quantized; block 2 is left alone; an identity quantizer keeps the logits."""
+    from lit_cb.models import random_smollm2
+
+    model = random_smollm2(num_layers=3, seed=1).eval()
+    windows = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=windows).logits
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(name, w, h):
+        seen[name] = h
+        return w
+
+    P.fake_quantize_blocks(model, windows, 2, record)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=windows).logits, before)
+    assert sorted(seen) == sorted(
+        f"{i}.{n}"
+        for i in (0, 1)
+        for n in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    )
+    block0 = model.model.layers[0]
+    x = block0.input_layernorm(model.model.embed_tokens(windows)).double().reshape(-1, 576)
+    assert torch.allclose(seen["0.self_attn.q_proj"].double(), x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)
+
+    # zeroing block 0's down_proj changes block 1's inputs, so its H; block 2 keeps its weights
+    model2 = random_smollm2(num_layers=3, seed=1).eval()
+    w2 = model2.model.layers[2].mlp.down_proj.weight.clone()
+    seen2: dict[str, torch.Tensor] = {}
+
+    def zero_down(name, w, h):
+        seen2[name] = h
+        return torch.zeros_like(w) if name == "0.mlp.down_proj" else w
+
+    P.fake_quantize_blocks(model2, windows, 2, zero_down)
+    assert torch.equal(model2.model.layers[0].mlp.down_proj.weight, torch.zeros_like(w2))
+    assert torch.equal(model2.model.layers[2].mlp.down_proj.weight, w2)
+    assert not torch.allclose(seen2["1.self_attn.q_proj"], seen["1.self_attn.q_proj"])
+    assert torch.allclose(seen2["0.self_attn.q_proj"], seen["0.self_attn.q_proj"])
