@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lit_cb.quant.gptq import upper_cholesky_of_inverse
+
 HASH_MUL = 1664525  # the Numerical Recipes LCG: odd multiplier, full period mod 2**32
 HASH_ADD = 1013904223
 RD_BOUND_2BIT = 2.0**-4
@@ -101,21 +103,26 @@ def viterbi(
     return states
 
 
+def row_scales(w: torch.Tensor, values: torch.Tensor, k: int, probe_rows: int = 32) -> torch.Tensor:
+    """Each row's RMS times the multiplier (of a few) whose walks fit the first ``probe_rows`` rows best in
+    plain squared error: the unit-variance values reach a Gaussian row's spread (``[rows, 1]``)."""
+    rms = w.pow(2).mean(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
+    probe = w[:probe_rows] / rms[:probe_rows]
+
+    def err(mult: float) -> float:
+        return float(((probe - mult * values[viterbi(probe / mult, values, k)]) ** 2).sum())
+
+    return rms * min((0.8, 0.85, 0.9, 0.95, 1.0, 1.05), key=err)
+
+
 def trellis_quantize(w: torch.Tensor, values: torch.Tensor, k: int, chunk: int = 32) -> torch.Tensor:
     """Rows of ``w`` coded by :func:`viterbi` against ``scale_row * values``; the scale starts at the row's
     RMS times the best of a few multipliers (chosen on the first rows) and is refitted by least squares for the
     walk found, which can only lower each row's error."""
-    rms = w.pow(2).mean(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
-    probe = w[:chunk] / rms[:chunk]
-
-    def err(mult: float) -> float:
-        st = viterbi(probe / mult, values, k)
-        return float(((probe - mult * values[st]) ** 2).sum())
-
-    mult = min((0.8, 0.85, 0.9, 0.95, 1.0, 1.05), key=err)
+    scales = row_scales(w, values, k)
     out = torch.empty_like(w)
     for i in range(0, w.shape[0], chunk):
-        scale = rms[i : i + chunk] * mult
+        scale = scales[i : i + chunk]
         v = values[viterbi(w[i : i + chunk] / scale, values, k)]
         ls = (w[i : i + chunk] * v).sum(1, keepdim=True) / v.pow(2).sum(1, keepdim=True).clamp_min(1e-12)
         out[i : i + chunk] = ls * v
@@ -145,15 +152,9 @@ def trellis_ldlq(
         raise ValueError(f"{tuple(w.shape)} does not divide into {tile_rows} x {block_cols} tiles")
     wr = w @ rot
     hr = rot.T.double() @ hessian.double() @ rot.double()
-    rms = wr.pow(2).mean(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
-    probe = wr[:32] / rms[:32]
-    mult = min(
-        (0.8, 0.85, 0.9, 0.95, 1.0, 1.05),
-        key=lambda m: float(((probe - m * values[viterbi(probe / m, values, k)]) ** 2).sum()),
-    )
-    scale = (rms * mult).half().float()
+    scale = row_scales(wr, values, k).half().float()
     tiles = w.shape[0] // tile_rows
-    u = hessian_chol_inverse(hr)
+    u = upper_cholesky_of_inverse(hr, 0.01)
     where = [0]
 
     def code(x: torch.Tensor) -> torch.Tensor:  # [rows, block_cols] -> one walk per tile of tile_rows rows
@@ -169,13 +170,6 @@ def trellis_ldlq(
 
     coded, _ = block_ldlq((wr / scale).double(), u, block_cols, code)
     return ((coded * scale.double()) @ rot.T.double()).float()
-
-
-def hessian_chol_inverse(hessian: torch.Tensor) -> torch.Tensor:
-    """U (upper) with H^-1 = U^T U, after GPTQ's 1% damping of the diagonal, in float64."""
-    h = hessian.double().clone()
-    h += 0.01 * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype)
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
 
 def block_ldlq(

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lit_cb.quant.gptq import upper_cholesky_of_inverse
+
 from .conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +97,7 @@ def test_block_ldlq_errors_add_up_to_the_hessian_weighted_error_in_float64():
     a = torch.randn(12, 30, generator=gen, dtype=torch.float64)
     hessian = a @ a.T / 30
     target = torch.randn(5, 12, generator=gen, dtype=torch.float64)
-    coded, parts = P.block_ldlq(target, P.hessian_chol_inverse(hessian), 4, lambda x: (x * 2).round() / 2)
+    coded, parts = P.block_ldlq(target, upper_cholesky_of_inverse(hessian, 0.01), 4, lambda x: (x * 2).round() / 2)
     damped = hessian + 0.01 * hessian.diagonal().mean() * torch.eye(12, dtype=torch.float64)
     d = target - coded
     assert sum(parts) == pytest.approx(float(torch.trace(d @ damped @ d.T)), rel=1e-10)
