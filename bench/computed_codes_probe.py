@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import platform
 import time
 from collections.abc import Callable
@@ -40,79 +39,17 @@ import torch
 from torch import nn
 
 from lit_cb.quant.gptq import upper_cholesky_of_inverse
+from lit_cb.quant.trellis import row_scales
+from lit_cb.trellis import HASH_ADD, HASH_MUL, block_ldlq, computed_values, viterbi
 
-HASH_MUL = 1664525  # the Numerical Recipes LCG: odd multiplier, full period mod 2**32
-HASH_ADD = 1013904223
+__all__ = ["HASH_ADD", "HASH_MUL", "block_ldlq", "computed_values", "row_scales", "viterbi"]  # the tests use them
 RD_BOUND_2BIT = 2.0**-4
 TILE_WEIGHTS = 256  # weights per walk of the Hessian-aware variant (32 rows x 8 columns)
-
-
-def computed_values(nbits_state: int) -> torch.Tensor:
-    """v(s) for every state s < 2**L: (sum of the 4 bytes of (HASH_MUL * s + HASH_ADD) mod 2**32 - 510) / sd.
-    Each byte is close to uniform on 0..255, so the sum has mean 510 and variance 4 * (256**2 - 1) / 12."""
-    s = np.arange(2**nbits_state, dtype=np.uint64)
-    x = (s * np.uint64(HASH_MUL) + np.uint64(HASH_ADD)) & np.uint64(0xFFFFFFFF)
-    total = sum(((x >> np.uint64(8 * i)) & np.uint64(0xFF)).astype(np.int64) for i in range(4))
-    sd = math.sqrt(4 * (256**2 - 1) / 12)
-    return torch.from_numpy((total - 510) / sd).float()
 
 
 def table_values(nbits_state: int, seed: int) -> torch.Tensor:
     """An i.i.d. N(0, 1) value per state (a stored table: what the hash is meant to look like)."""
     return torch.randn(2**nbits_state, generator=torch.Generator().manual_seed(seed))
-
-
-def viterbi(
-    x: torch.Tensor,
-    values: torch.Tensor,
-    k: int,
-    prev: torch.Tensor | None = None,
-    weights: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The walk s_1..s_T (``[N, T]`` int64) minimising sum_t d_t (x_t - values[s_t])**2 for each of the N rows
-    of ``x`` (``[N, T]``; d = ``weights`` ``[T]``, or 1), over walks with s_t = ((s_{t-1} << k) | b) mod 2**L and
-    a free first state, or with ``prev`` (``[N]``) a first state that steps from prev[n] (a row coded in
-    pieces stays one walk).
-
-    State s = p * 2**(L-k) + m (p its top k bits) steps to m * 2**k + b for every b, so the predecessors of
-    s' are the 2**k states with low bits m = s' >> k: the best of them is a min over the p axis of the cost
-    viewed as [N, 2**k, 2**(L-k)]."""
-    n, t_len = x.shape
-    num_states = values.numel()
-    fan = 2**k
-    low = num_states // fan
-    nbits_state = int(math.log2(num_states))
-    d = torch.ones(t_len) if weights is None else weights.float()
-    cost = d[0] * (x[:, :1] - values[None, :]) ** 2
-    if prev is not None:
-        reachable = ((prev[:, None] << k) & (num_states - 1)) | torch.arange(fan)[None, :]
-        start = torch.full_like(cost, float("inf"))
-        cost = start.scatter_(1, reachable, cost.gather(1, reachable))
-    back = torch.empty(t_len, n, low, dtype=torch.uint8)  # the best p for every (row, m) at each step
-    for t in range(1, t_len):
-        best, arg = cost.view(n, fan, low).min(dim=1)
-        back[t] = arg.to(torch.uint8)
-        cost = best.repeat_interleave(fan, dim=1) + d[t] * (x[:, t : t + 1] - values[None, :]) ** 2
-    states = torch.empty(n, t_len, dtype=torch.int64)
-    states[:, -1] = cost.argmin(dim=1)
-    rows = torch.arange(n)
-    for t in range(t_len - 1, 0, -1):
-        s = states[:, t]
-        p = back[t, rows, s >> k].long()
-        states[:, t - 1] = (s >> k) | (p << (nbits_state - k))
-    return states
-
-
-def row_scales(w: torch.Tensor, values: torch.Tensor, k: int, probe_rows: int = 32) -> torch.Tensor:
-    """Each row's RMS times the multiplier (of a few) whose walks fit the first ``probe_rows`` rows best in
-    plain squared error: the unit-variance values reach a Gaussian row's spread (``[rows, 1]``)."""
-    rms = w.pow(2).mean(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
-    probe = w[:probe_rows] / rms[:probe_rows]
-
-    def err(mult: float) -> float:
-        return float(((probe - mult * values[viterbi(probe / mult, values, k)]) ** 2).sum())
-
-    return rms * min((0.8, 0.85, 0.9, 0.95, 1.0, 1.05), key=err)
 
 
 def trellis_quantize(w: torch.Tensor, values: torch.Tensor, k: int, chunk: int = 32) -> torch.Tensor:
@@ -170,25 +107,6 @@ def trellis_ldlq(
 
     coded, _ = block_ldlq((wr / scale).double(), u, block_cols, code)
     return ((coded * scale.double()) @ rot.T.double()).float()
-
-
-def block_ldlq(
-    target: torch.Tensor, u: torch.Tensor, block: int, code: Callable[[torch.Tensor], torch.Tensor]
-) -> tuple[torch.Tensor, list[float]]:
-    """Code ``target`` (float64 ``[rows, n]``) ``block`` columns at a time with ``code`` (block in, coded block
-    out), moving the later columns by -E U_BB^-1 U_B,rest after each block (E = target_B - coded_B, both after
-    earlier moves). Returns the coded matrix and each block's ||E U_BB^-1||^2: with H^-1 = U^T U they sum to
-    tr(dW H dW^T) for dW = original target - coded (the identity the tests check in float64)."""
-    target = target.clone()
-    coded = torch.empty_like(target)
-    parts = []
-    for b0 in range(0, target.shape[1], block):
-        b1 = min(b0 + block, target.shape[1])
-        coded[:, b0:b1] = code(target[:, b0:b1])
-        err = torch.linalg.solve_triangular(u[b0:b1, b0:b1], target[:, b0:b1] - coded[:, b0:b1], upper=True, left=False)
-        parts.append(float(err.pow(2).sum()))
-        target[:, b1:] -= err @ u[b0:b1, b1:]
-    return coded, parts
 
 
 def kmeans_quantize(w: torch.Tensor, hessian: torch.Tensor | None = None) -> torch.Tensor:

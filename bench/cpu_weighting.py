@@ -49,6 +49,7 @@ VARIANTS: dict[str, list[str]] = {
     "mixed_fisher": [*MIXED, "compression.sensitivity_weighting=fisher"],
     "rows_fisher": ["compression.row_weighting=fisher"],
     "both_fisher": [*MIXED, "compression.sensitivity_weighting=fisher", "compression.row_weighting=fisher"],
+    "trellis": ["compression.method=trellis", "compression.method_config={}"],  # computed codes (issue 10), L12 k2
     "mixed_fisher_wide": [
         "compression.bit_budget=2.056",
         "compression.bit_options=[{nbits: 6}, {nbits: 7}, {nbits: 8}, {nbits: 9}, {nbits: 10}]",

@@ -34,7 +34,7 @@ from torch import nn
 
 from lit_cb import distributed as D
 from lit_cb.configs.block_finetune import BlockFinetuneConfig  # noqa: F401 (re-exported: the config lives torch-free)
-from lit_cb.layers import CodebookLinear
+from lit_cb.layers import CompressedLinear
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,8 @@ def trainable_parameters(block: nn.Module, config: BlockFinetuneConfig) -> list[
     chosen: dict[int, tuple[str, nn.Parameter]] = {}
     for mod_name, module in block.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
-        if isinstance(module, CodebookLinear):
-            names = ["codebooks", "scales"] + (["bias"] if config.train_biases else [])
+        if isinstance(module, CompressedLinear):
+            names = [*module.quant_parameter_names] + (["bias"] if config.train_biases else [])
             for name in names:
                 param = getattr(module, name, None)
                 if isinstance(param, nn.Parameter):
@@ -221,7 +221,7 @@ def finetune_block(
     saved_flags = {id(p): p.requires_grad for p in block.parameters()}
     saved_dtypes = [(t, t.dtype) for t in _floating_tensors(block)]
     saved_training = block.training
-    kernel_flags = [(m, m.use_kernels) for m in block.modules() if isinstance(m, CodebookLinear)]
+    kernel_flags = [(m, m.use_kernels) for m in block.modules() if isinstance(m, CompressedLinear)]
     try:
         for p in block.parameters():
             p.requires_grad_(False)

@@ -41,6 +41,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from lit_cb.bitpack import needs_packing, pack_bits, packed_nbytes, unpack_bits
+from lit_cb.layers import code_bits
 
 QUANT_METHOD = "lit_cb"
 FORMAT_VERSION = 2  # 1: codes one per uint8/int16 element; 2: codes of modules with "codes_packed" bit-packed
@@ -105,15 +106,6 @@ def _marker() -> torch.Tensor:
 
 def _features(module: nn.Module) -> tuple[int | None, int | None]:
     return getattr(module, "in_features", None), getattr(module, "out_features", None)
-
-
-def code_bits(module: nn.Module) -> int | None:
-    """Bits per code of a compressed module (codebook width B, or RTN/GPTQ ``bits``); None if it has no codes."""
-    if not isinstance(getattr(module, "codes", None), torch.Tensor):
-        return None
-    fmt = getattr(module, "fmt", None)
-    bits = fmt.nbits_per_codebook if fmt is not None else getattr(module, "bits", None)
-    return bits if isinstance(bits, int) else None
 
 
 def _stores_packed(module: nn.Module) -> bool:

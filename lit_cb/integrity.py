@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lit_cb.layers import code_bits
+
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 22
 
@@ -164,8 +166,7 @@ def check_values(model: nn.Module, source: str | Path = "") -> None:
         codes = getattr(m, "codes", None)
         if not isinstance(codes, torch.Tensor) or not codes.numel():
             continue
-        fmt = getattr(m, "fmt", None)
-        nbits = fmt.nbits_per_codebook if fmt is not None else getattr(m, "bits", None)
+        nbits = code_bits(m)
         if nbits is None:
             continue
         values = codes.to(torch.int64)

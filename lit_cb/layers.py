@@ -247,45 +247,34 @@ class _DequantizeFn(torch.autograd.Function):
         return grad_codebooks, grad_scales, None, None
 
 
-class CodebookLinear(nn.Module):
-    """A linear layer whose weight is stored as codes into learned codebooks.
+class CompressedLinear(nn.Module):
+    """What every compressed linear shares, whatever its weight format: a low-rank correction slot
+    (where merged LoRA adapters land: ``W = W_format + B @ A``), its bit count, and the names of the
+    format's trainable float tensors. Recovery, block fine-tuning, the LoRA dispatcher and the
+    serializer talk to this interface, so a new format (:class:`CodebookLinear`,
+    :class:`lit_cb.trellis.TrellisLinear`) plugs in without touching them.
 
-    Codes are frozen buffers; codebooks and scales are parameters (frozen by default, trainable
-    for AQLM's block fine-tuning and end-to-end recovery). The forward pass picks a Triton kernel
-    for the format and device when one exists (``lit_cb.kernels``) and otherwise the PyTorch
-    reference: dequantize, then matmul.
-    """
+    A subclass sets ``fmt`` (with ``bits_per_weight()``), ``in_features``/``out_features``, and implements
+    :meth:`_slot_like` (a float tensor giving the slot's device and dtype), :meth:`dequantize_format`
+    and :attr:`quant_parameter_names`."""
 
-    def __init__(self, fmt: CodebookFormat, dtype: torch.dtype = torch.float16, device=None) -> None:
+    quant_parameter_names: tuple[str, ...] = ()  # the format's float parameters that training may move
+
+    def __init__(self) -> None:
         super().__init__()
-        self.fmt = fmt
-        self.in_features = fmt.in_features
-        self.out_features = fmt.out_features
-        self.register_buffer(
-            "codes",
-            torch.zeros(fmt.num_out_groups, fmt.num_in_groups, fmt.num_codebooks, dtype=fmt.code_dtype, device=device),
-        )
-        self.codebooks = nn.Parameter(
-            torch.zeros(
-                fmt.num_codebooks, fmt.codebook_size, fmt.out_group_size, fmt.in_group_size, dtype=dtype, device=device
-            ),
-            requires_grad=False,
-        )
-        self.scales = nn.Parameter(
-            torch.ones(fmt.num_out_groups, 1, 1, 1, dtype=dtype, device=device), requires_grad=False
-        )
-        self.bias = (
-            nn.Parameter(torch.zeros(fmt.out_features, dtype=dtype, device=device), requires_grad=False)
-            if fmt.bias
-            else None
-        )
         self.low_rank_a: nn.Parameter | None = None  # [rank, in_features]
         self.low_rank_b: nn.Parameter | None = None  # [out_features, rank]
         self.low_rank_bits = 16  # 8: the slot holds int8 values times the scales below (round_low_rank)
         self.low_rank_a_scale: torch.Tensor | None = None  # [rank] fp16 (8-bit slots only)
         self.low_rank_b_scale: torch.Tensor | None = None  # [rank] fp16
-        self.latent: nn.Parameter | None = None  # [out_features, in_features] float32: ste_codes training only
         self.use_kernels = True
+
+    def _slot_like(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantize_format(self) -> torch.Tensor:
+        """The dense weight the format alone stores (no low-rank slot)."""
+        raise NotImplementedError
 
     @property
     def rank(self) -> int:
@@ -293,8 +282,8 @@ class CodebookLinear(nn.Module):
 
     def init_low_rank(self, rank: int, bits: int = 16) -> None:
         """Give the layer an (empty) low-rank correction W = dequant(codes) + B @ A, the slot that
-        merged LoRA adapters land in (codebooks cannot absorb them); ``bits=8`` with its scales."""
-        dev, dtype = self.codebooks.device, self.codebooks.dtype
+        merged LoRA adapters land in (the format cannot absorb them); ``bits=8`` with its scales."""
+        dev, dtype = self._slot_like().device, self._slot_like().dtype
         self.low_rank_a = nn.Parameter(torch.zeros(rank, self.in_features, device=dev, dtype=dtype), False)
         self.low_rank_b = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=dtype), False)
         self._set_low_rank_bits(
@@ -317,8 +306,8 @@ class CodebookLinear(nn.Module):
     def add_low_rank(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Append ``b @ a`` (``a`` [r, in], ``b`` [out, r]) to the low-rank correction (an 8-bit slot
         becomes a 16-bit one: the new part is not rounded; :meth:`round_low_rank` again if wanted)."""
-        dtype = self.codebooks.dtype
-        a, b = a.to(self.codebooks.device, dtype), b.to(self.codebooks.device, dtype)
+        like = self._slot_like()
+        a, b = a.to(like.device, like.dtype), b.to(like.device, like.dtype)
         if self.low_rank_a is not None:
             a = torch.cat([self.low_rank_a.data, a])
             b = torch.cat([self.low_rank_b.data, b], dim=1)
@@ -350,6 +339,69 @@ class CodebookLinear(nn.Module):
         qa = torch.round(self.low_rank_a.float() / self.low_rank_a_scale.float()[:, None]).clamp(-127, 127)
         qb = torch.round(self.low_rank_b.float() / self.low_rank_b_scale.float()[None, :]).clamp(-127, 127)
         return qa.to(torch.int8), qb.to(torch.int8)
+
+    def bits_per_weight(self) -> float:
+        """The format's bits (codes, codebooks, scales, ...), plus the low-rank correction if there is one
+        (its factors at ``low_rank_bits``, and an 8-bit slot's two fp16 scales per rank component)."""
+        low_rank = self.low_rank_bits * self.rank * (self.in_features + self.out_features)
+        if self.low_rank_bits == 8:
+            low_rank += 2 * 16 * self.rank
+        return self.fmt.bits_per_weight() + low_rank / (self.in_features * self.out_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """Dense weight: the format's part plus the low-rank correction."""
+        w = self.dequantize_format()
+        if self.low_rank_a is not None:
+            w = w + self.low_rank_b @ self.low_rank_a
+        return w
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight (materialised; for evaluation and tests)."""
+        return self.dequantize()
+
+    def add_low_rank_output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` plus the slot's ``x @ A^T @ B^T`` (``out`` itself when there is no slot)."""
+        if self.low_rank_a is None:
+            return out
+        return out + F.linear(F.linear(x, self.low_rank_a.to(x.dtype)), self.low_rank_b.to(x.dtype))
+
+
+class CodebookLinear(CompressedLinear):
+    """A linear layer whose weight is stored as codes into learned codebooks.
+
+    Codes are frozen buffers; codebooks and scales are parameters (frozen by default, trainable
+    for AQLM's block fine-tuning and end-to-end recovery). The forward pass picks a Triton kernel
+    for the format and device when one exists (``lit_cb.kernels``) and otherwise the PyTorch
+    reference: dequantize, then matmul.
+    """
+
+    quant_parameter_names = ("codebooks", "scales")
+
+    def __init__(self, fmt: CodebookFormat, dtype: torch.dtype = torch.float16, device=None) -> None:
+        super().__init__()
+        self.fmt = fmt
+        self.in_features = fmt.in_features
+        self.out_features = fmt.out_features
+        self.register_buffer(
+            "codes",
+            torch.zeros(fmt.num_out_groups, fmt.num_in_groups, fmt.num_codebooks, dtype=fmt.code_dtype, device=device),
+        )
+        self.codebooks = nn.Parameter(
+            torch.zeros(
+                fmt.num_codebooks, fmt.codebook_size, fmt.out_group_size, fmt.in_group_size, dtype=dtype, device=device
+            ),
+            requires_grad=False,
+        )
+        self.scales = nn.Parameter(
+            torch.ones(fmt.num_out_groups, 1, 1, 1, dtype=dtype, device=device), requires_grad=False
+        )
+        self.bias = (
+            nn.Parameter(torch.zeros(fmt.out_features, dtype=dtype, device=device), requires_grad=False)
+            if fmt.bias
+            else None
+        )
+        self.latent: nn.Parameter | None = None  # [out_features, in_features] float32: ste_codes training only
 
     @torch.no_grad()
     def start_latent_training(self) -> None:
@@ -405,25 +457,11 @@ class CodebookLinear(nn.Module):
             layer.bias.data.copy_(bias)
         return layer
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dense weight (materialised; for evaluation and tests)."""
-        return self.dequantize()
+    def _slot_like(self) -> torch.Tensor:
+        return self.codebooks
 
-    def bits_per_weight(self) -> float:
-        """Codes, codebooks and scales, plus the low-rank correction if there is one (its factors at
-        ``low_rank_bits``, and an 8-bit slot's two fp16 scales per rank component)."""
-        low_rank = self.low_rank_bits * self.rank * (self.in_features + self.out_features)
-        if self.low_rank_bits == 8:
-            low_rank += 2 * 16 * self.rank
-        return self.fmt.bits_per_weight() + low_rank / (self.in_features * self.out_features)
-
-    def dequantize(self) -> torch.Tensor:
-        """Dense weight: codebook part plus the low-rank correction."""
-        w = dequantize_weight(self.codes, self.codebooks, self.scales, self.fmt.nbits_per_codebook)
-        if self.low_rank_a is not None:
-            w = w + self.low_rank_b @ self.low_rank_a
-        return w
+    def dequantize_format(self) -> torch.Tensor:
+        return dequantize_weight(self.codes, self.codebooks, self.scales, self.fmt.nbits_per_codebook)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = None
@@ -444,9 +482,7 @@ class CodebookLinear(nn.Module):
         if out is None:
             weight = dequantize_weight(self.codes, self.codebooks, self.scales, self.fmt.nbits_per_codebook)
             out = F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        if self.low_rank_a is not None:
-            out = out + F.linear(F.linear(x, self.low_rank_a.to(x.dtype)), self.low_rank_b.to(x.dtype))
-        return out
+        return self.add_low_rank_output(x, out)
 
     def extra_repr(self) -> str:
         f = self.fmt
@@ -456,5 +492,16 @@ class CodebookLinear(nn.Module):
         )
 
 
+def code_bits(module: nn.Module) -> int | None:
+    """Bits per stored code of a compressed module (a codebook's B, RTN/GPTQ ``bits``, a trellis's bits per
+    step); None if it has no codes. The one answer that packing on save and the integrity check share."""
+    if not isinstance(getattr(module, "codes", None), torch.Tensor):
+        return None
+    bits = getattr(getattr(module, "fmt", None), "nbits_per_codebook", None)
+    if bits is None:
+        bits = getattr(module, "bits", None)
+    return bits if isinstance(bits, int) else None
+
+
 def is_compressed(module: nn.Module) -> bool:
-    return isinstance(module, CodebookLinear)
+    return isinstance(module, CompressedLinear)

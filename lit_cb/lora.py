@@ -27,7 +27,8 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch import nn
 
-from lit_cb.layers import CodebookLinear
+from lit_cb.layers import CodebookLinear, CompressedLinear
+from lit_cb.trellis import TrellisLinear
 
 ADAPTER_SUBDIR = "lora"  # where a model folder without low-rank slots (AQLM) keeps them as an adapter
 ADAPTER_CONFIG = "adapter_config.json"
@@ -37,11 +38,11 @@ PLAIN_LORA = {"use_dora": False, "lora_bias": False, "bias": "none", "modules_to
 
 
 class CodebookLoraLinear(nn.Module, LoraLayer):
-    """peft LoRA around a :class:`CodebookLinear`, registered with peft's custom-module
-    dispatcher. Codebooks cannot absorb an adapter, so merging moves it into the layer's
-    low-rank correction slot (``merge_and_unload`` then yields plain CodebookLinears)."""
+    """peft LoRA around a compressed linear (:class:`CodebookLinear`, :class:`TrellisLinear`), registered
+    with peft's custom-module dispatcher. Neither format can absorb an adapter, so merging moves it into
+    the layer's low-rank correction slot (``merge_and_unload`` then yields plain compressed layers)."""
 
-    def __init__(self, base_layer: CodebookLinear, adapter_name: str, config: LoraConfig, r: int = 0, **kwargs):
+    def __init__(self, base_layer: CompressedLinear, adapter_name: str, config: LoraConfig, r: int = 0, **kwargs):
         super().__init__()
         LoraLayer.__init__(self, base_layer)
         self._active_adapter = adapter_name
@@ -73,14 +74,15 @@ class CodebookLoraLinear(nn.Module, LoraLayer):
 
 
 def register_dispatcher(config: LoraConfig) -> LoraConfig:
-    """Let ``config``'s LoRA wrap CodebookLinears (with :class:`CodebookLoraLinear`); returns it."""
-    config._register_custom_module({CodebookLinear: CodebookLoraLinear})
+    """Let ``config``'s LoRA wrap CodebookLinears and TrellisLinears (with :class:`CodebookLoraLinear`, which
+    only needs the layer's low-rank slot); returns it."""
+    config._register_custom_module({CodebookLinear: CodebookLoraLinear, TrellisLinear: CodebookLoraLinear})
     return config
 
 
-def low_rank_slots(model: nn.Module) -> dict[str, CodebookLinear]:
+def low_rank_slots(model: nn.Module) -> dict[str, CompressedLinear]:
     """The compressed linears of ``model`` whose low-rank slot holds something, by full name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, CodebookLinear) and m.rank}
+    return {name: m for name, m in model.named_modules() if isinstance(m, CompressedLinear) and m.rank}
 
 
 def save_slots_as_adapter(model: nn.Module, out_dir: str | Path) -> list[str]:

@@ -27,7 +27,7 @@ from lit_cb.code_update_callback import CodeUpdateCallback
 from lit_cb.configs.recovery import RecoveryConfig  # noqa: F401 (re-exported: the config lives torch-free)
 from lit_cb.distillation import kl_to_teacher, next_token_cross_entropy
 from lit_cb.evaluate import causal_lm_perplexity_update
-from lit_cb.layers import CodebookLinear
+from lit_cb.layers import CodebookLinear, CompressedLinear
 from lit_cb.lora import CodebookLoraLinear, register_dispatcher  # noqa: F401 (re-exported)
 
 
@@ -42,7 +42,7 @@ def lora_target_names(model: nn.Module, config: RecoveryConfig) -> list[str]:
     for name, m in model.named_modules():
         if not regex.search(name):
             continue
-        if isinstance(m, nn.Linear) or (config.lora_on_compressed and isinstance(m, CodebookLinear)):
+        if isinstance(m, nn.Linear) or (config.lora_on_compressed and isinstance(m, CompressedLinear)):
             names.append(name)
     return names
 
@@ -117,12 +117,17 @@ class RecoveryModule(L.LightningModule):
             self.model = apply_lora(self.model, self.config)
         self._lora_applied = True
         for name, m in self.model.named_modules():
-            if self.config.train_codebooks and isinstance(m, CodebookLinear):
+            if self.config.train_codebooks and isinstance(m, CompressedLinear):
                 # Train in float32: fp16 storage would swallow Adam's small updates.
                 m.float()
-                m.codebooks.requires_grad_(True)
-                m.scales.requires_grad_(True)
-            if self.config.ste_codes and isinstance(m, CodebookLinear):
+                for pname in m.quant_parameter_names:  # codebooks and scales; a trellis's scales
+                    getattr(m, pname).requires_grad_(True)
+            if self.config.ste_codes and isinstance(m, CompressedLinear):
+                if not isinstance(m, CodebookLinear):
+                    raise ValueError(
+                        f"recovery.ste_codes=true: {name} is a {type(m).__name__}, whose codes have no nearest-"
+                        "codeword assignment; straight-through code training needs CodebookLinear layers"
+                    )
                 m.float()
                 m.start_latent_training()
             if self.config.train_norms and "norm" in name.rsplit(".", 1)[-1] and hasattr(m, "weight"):
@@ -164,7 +169,7 @@ class RecoveryModule(L.LightningModule):
         ``use_orig_params=True``.)"""
         from torch.nn.parallel import DistributedDataParallel
 
-        names = [f"{name}.codes" for name, m in self.named_modules() if isinstance(m, CodebookLinear)]
+        names = [f"{name}.codes" for name, m in self.named_modules() if isinstance(m, CompressedLinear)]
         if names:
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, names)
 
@@ -281,8 +286,9 @@ class RecoveryModule(L.LightningModule):
         linears, into the low-rank slot of compressed ones (stored at ``recovery.low_rank_bits``)."""
         model = self.model.merge_and_unload() if hasattr(self.model, "merge_and_unload") else self.model
         for m in model.modules():
-            if isinstance(m, CodebookLinear):
-                m.finish_latent_training()  # ste_codes: the codes the latent points at, then no latent
+            if isinstance(m, CompressedLinear):
+                if isinstance(m, CodebookLinear):
+                    m.finish_latent_training()  # ste_codes: the codes the latent points at, then no latent
                 m.half()  # back to the fp16 storage format
                 m.round_low_rank(self.config.low_rank_bits)  # 8: what is evaluated next is what is saved
         return model

@@ -14,6 +14,7 @@ from lit_cb.configs.aqlm import AQLMConfig
 from lit_cb.configs.bnb import BnbConfig
 from lit_cb.configs.codebook import CodebookConfig
 from lit_cb.configs.dense import GPTQConfig, RTNConfig
+from lit_cb.configs.trellis import TrellisConfig
 
 _BY_NAME: dict[str, type] = {
     "aqlm": AQLMConfig,
@@ -21,6 +22,7 @@ _BY_NAME: dict[str, type] = {
     "codebook": CodebookConfig,
     "gptq": GPTQConfig,
     "rtn": RTNConfig,
+    "trellis": TrellisConfig,
 }
 
 

@@ -39,6 +39,7 @@ _BUILTIN_MODULES = {
     "codebook": "lit_cb.quant.codebook",
     "gptq": "lit_cb.quant.gptq",
     "rtn": "lit_cb.quant.rtn",
+    "trellis": "lit_cb.quant.trellis",
 }
 
 
@@ -95,4 +96,4 @@ def quantize_linear(
 def _import_builtin_methods() -> None:
     # Importing the method modules runs their @register_method decorators (bnb4 stays lazy: it
     # needs bitsandbytes).
-    from lit_cb.quant import aqlm, codebook, gptq, rtn  # noqa: F401
+    from lit_cb.quant import aqlm, codebook, gptq, rtn, trellis  # noqa: F401

@@ -1,0 +1,237 @@
+"""The computed-codes trellis format (lit_cb.trellis) and its quantizer (lit_cb.quant.trellis), against
+independent references: brute-force walks, dense float64 rotations and matmuls, the registry, peft, and a
+save/load round trip through transformers."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from lit_cb.configs.trellis import TrellisConfig
+from lit_cb.quant import registry
+from lit_cb.trellis import (
+    HASH_ADD,
+    HASH_MUL,
+    InputRotation,
+    TrellisFormat,
+    TrellisLinear,
+    computed_values,
+    symbols_to_states,
+    tiles_to_matrix,
+    viterbi,
+    walk_to_symbols,
+)
+
+
+def _hash_value(s: int) -> float:
+    x = (s * HASH_MUL + HASH_ADD) % 2**32
+    return (sum((x >> (8 * i)) & 0xFF for i in range(4)) - 510) / (4 * (256**2 - 1) / 12) ** 0.5
+
+
+def test_computed_values_are_the_hash_and_close_to_unit_gaussian():
+    v = computed_values(12)
+    for s in (0, 1, 7, 1234, 4095):
+        assert float(v[s]) == pytest.approx(_hash_value(s), abs=1e-6)
+    assert abs(float(v.mean())) < 0.05 and 0.9 < float(v.std()) < 1.1
+
+
+def _random_walks(n: int, t_len: int, state_bits: int, k: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    first = torch.randint(0, 2**state_bits, (n,), generator=gen)
+    bits = torch.randint(0, 2**k, (n, t_len - 1), generator=gen)
+    states = [first]
+    for t in range(t_len - 1):
+        states.append(((states[-1] << k) | bits[:, t]) & (2**state_bits - 1))
+    return torch.stack(states, dim=1)
+
+
+@pytest.mark.parametrize(("state_bits", "k"), [(12, 2), (6, 3), (8, 1)])
+def test_symbols_round_trip_and_cost_k_bits_a_step(state_bits, k):
+    walks = _random_walks(5, 40, state_bits, k, seed=state_bits)
+    symbols = walk_to_symbols(walks, state_bits, k)
+    assert symbols.shape == (5, state_bits // k - 1 + 40) and int(symbols.max()) < 2**k
+    assert torch.equal(symbols_to_states(symbols, state_bits, k), walks)
+
+
+def test_symbols_refuse_states_that_are_not_a_walk():
+    walks = _random_walks(2, 10, 12, 2, seed=0)
+    walks[1, 5] ^= 1 << 11  # a top bit the shift could not have produced
+    with pytest.raises(ValueError, match="not a walk"):
+        walk_to_symbols(walks, 12, 2)
+
+
+def test_viterbi_matches_brute_force_with_computed_values():
+    nb, k, t_len = 4, 2, 4
+    values = computed_values(nb)
+    x = torch.randn(3, t_len, generator=torch.Generator().manual_seed(3))
+    walks = viterbi(x, values, k)
+    for n in range(3):
+        best = min(
+            sum((float(x[n, t]) - float(values[s])) ** 2 for t, s in enumerate(walk))
+            for walk in (
+                list(itertools.accumulate(bits, lambda s, b: ((s << k) | b) & (2**nb - 1), initial=s0))
+                for s0 in range(2**nb)
+                for bits in itertools.product(range(2**k), repeat=t_len - 1)
+            )
+        )
+        got = sum((float(x[n, t]) - float(values[s])) ** 2 for t, s in enumerate(walks[n].tolist()))
+        assert got == pytest.approx(best, rel=1e-5)
+
+
+@pytest.mark.parametrize("n", [96, 576, 40])
+def test_input_rotation_is_orthogonal_and_unrotate_inverts_it(n):
+    rot = InputRotation(n, seed=1)
+    r = rot.rotate(torch.eye(n, dtype=torch.float64))  # rows: e_i R, so this is R itself
+    assert torch.allclose(r @ r.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    x = torch.randn(3, n, dtype=torch.float64)
+    assert torch.allclose(rot.rotate(x), x @ r, atol=1e-12)
+    assert torch.allclose(rot.unrotate(rot.rotate(x)), x, atol=1e-12)
+    a = torch.randn(n, n, dtype=torch.float64)
+    h = a @ a.T
+    assert torch.allclose(rot.rotate_hessian(h), r.T @ h @ r, atol=1e-9)
+    assert rot.p * rot.m == n and rot.p & (rot.p - 1) == 0
+
+
+def _layer(out_f: int = 64, in_f: int = 48, bias: bool = True, seed: int = 0) -> TrellisLinear:
+    fmt = TrellisFormat(in_f, out_f, tile_rows=16, tile_cols=8, rotation_seed=seed, bias=bias)
+    walks = _random_walks(fmt.num_tiles, fmt.steps, fmt.state_bits, fmt.bits_per_step, seed)
+    gen = torch.Generator().manual_seed(seed)
+    scales = torch.rand(out_f, generator=gen) + 0.5
+    b = torch.randn(out_f, generator=gen) if bias else None
+    return TrellisLinear.from_walks(fmt, walks, scales, b, dtype=torch.float32)
+
+
+def test_forward_is_the_rotated_dense_product_in_float64():
+    layer = _layer()
+    f = layer.fmt
+    walks = symbols_to_states(layer.codes, f.state_bits, f.bits_per_step)
+    # Independent decode: tile (b, r) holds rows r*16.., columns b*8.., walked row by row.
+    v = computed_values(f.state_bits).double()
+    w_r = torch.zeros(f.out_features, f.in_features, dtype=torch.float64)
+    row_tiles = f.out_features // f.tile_rows
+    for tile in range(f.num_tiles):
+        b, r = divmod(tile, row_tiles)
+        w_r[r * 16 : (r + 1) * 16, b * 8 : (b + 1) * 8] = v[walks[tile]].reshape(16, 8)
+    w_r *= layer.scales.double()
+    rot = InputRotation(f.in_features, f.rotation_seed).rotate(torch.eye(f.in_features, dtype=torch.float64))
+    x = torch.randn(5, f.in_features)
+    ref = x.double() @ rot @ w_r.T + layer.bias.double()
+    assert torch.allclose(layer(x).double(), ref, atol=1e-4)
+    assert torch.allclose(layer.dequantize().double(), w_r @ rot.T, atol=1e-5)  # W = W_r R^T
+    assert torch.equal(tiles_to_matrix(v[walks], f), w_r / layer.scales.double())
+
+
+def test_bits_count_symbols_and_scales_only():
+    fmt = TrellisFormat(576, 576)
+    tiles = (576 // 32) * (576 // 8)
+    expected = (tiles * (5 + 256) * 2 + 576 * 16) / (576 * 576)
+    assert fmt.bits_per_weight() == pytest.approx(expected)
+    assert 2.06 < fmt.bits_per_weight() < 2.07
+
+
+def _hessian(n: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(4 * n, n, generator=gen) @ (torch.randn(n, n, generator=gen) * 0.3 + torch.eye(n))
+    return x.T @ x / x.shape[0]
+
+
+def test_quantizer_with_identity_hessian_is_the_exact_walk_of_each_tile():
+    """With H = I there is no error feedback, so every tile must be Viterbi's least-squares walk of the
+    rotated, scaled weights: checked against an independent Viterbi of each tile."""
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 32, bias=False)
+    cfg = TrellisConfig(state_bits=6, bits_per_step=2, tile_rows=16, tile_cols=8, column_weights=False, damp=0.0)
+    layer = registry.quantize_linear(lin, torch.eye(16), cfg)
+    assert isinstance(layer, TrellisLinear)
+    f = layer.fmt
+    target = InputRotation(16, 0).rotate(lin.weight.detach().double()) / layer.scales.double()
+    v = computed_values(6)
+    walks = symbols_to_states(layer.codes, 6, 2)
+    row_tiles = 32 // 16
+    for tile in range(f.num_tiles):
+        b, r = divmod(tile, row_tiles)
+        x = target[r * 16 : (r + 1) * 16, b * 8 : (b + 1) * 8].reshape(1, -1).float()
+        best = viterbi(x, v, 2)[0]
+        got = float(((x[0] - v[walks[tile]]) ** 2).sum())
+        assert got == pytest.approx(float(((x[0] - v[best]) ** 2).sum()), rel=1e-5)
+
+
+def test_error_feedback_lowers_the_hessian_weighted_error():
+    torch.manual_seed(1)
+    lin = nn.Linear(64, 64, bias=False)
+    h = _hessian(64, 1)
+    w = lin.weight.detach().double()
+
+    def err(cfg: TrellisConfig, hess: torch.Tensor) -> float:
+        d = registry.quantize_linear(lin, hess, cfg).dequantize().double() - w
+        return float(torch.trace(d @ h.double() @ d.T) / torch.trace(w @ h.double() @ w.T))
+
+    cfg = TrellisConfig(tile_rows=32, tile_cols=8)
+    with_feedback, without = err(cfg, h), err(cfg, torch.eye(64))
+    assert with_feedback < 0.8 * without
+
+
+def test_config_refuses_bad_values_naming_them():
+    with pytest.raises(ValueError, match="state_bits=7"):
+        TrellisConfig(state_bits=7, bits_per_step=2)
+    with pytest.raises(ValueError, match="tile_rows=0"):
+        TrellisConfig(tile_rows=0)
+    with pytest.raises(ValueError, match="tile_rows=48 must be >= 1 and divide out_features=64"):
+        TrellisFormat(32, 64, tile_rows=48)
+    assert registry.config_class("trellis") is TrellisConfig
+
+
+def test_lora_merges_into_the_low_rank_slot_and_training_moves_only_scales():
+    from peft import LoraConfig, get_peft_model
+
+    from lit_cb.block_finetune import trainable_parameters
+    from lit_cb.configs.block_finetune import BlockFinetuneConfig
+    from lit_cb.lora import register_dispatcher
+
+    model = nn.Sequential()
+    model.add_module("proj", _layer())
+    x = torch.randn(4, 48)
+    base = model(x)
+    cfg = register_dispatcher(LoraConfig(r=2, lora_alpha=4, target_modules=["proj"]))
+    peft_model = get_peft_model(model, cfg)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p)
+    with torch.no_grad():
+        adapted = peft_model(x)
+    assert not torch.allclose(adapted, base)
+    merged = peft_model.merge_and_unload()
+    assert isinstance(merged.proj, TrellisLinear) and merged.proj.rank == 2
+    assert torch.allclose(merged(x), adapted, atol=1e-5)
+    names = [n for n, _ in trainable_parameters(merged, BlockFinetuneConfig(epochs=1))]
+    assert names == ["proj.scales"]
+
+
+def test_saved_model_loads_with_the_same_outputs_and_two_bit_codes_on_disk(tmp_path, tiny_model):
+    from lit_cb.compress import _set_submodule
+    from lit_cb.serialization import bits_per_weight_on_disk, load_compressed, save_compressed
+
+    model = tiny_model
+    torch.manual_seed(0)
+    cfg = TrellisConfig(tile_rows=32, tile_cols=8)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        lin = model.get_submodule(name)
+        _set_submodule(model, name, registry.quantize_linear(lin, _hessian(lin.in_features, 2), cfg))
+    model.get_submodule("model.layers.0.self_attn.q_proj").add_low_rank(torch.randn(2, 64), torch.randn(64, 2) * 0.01)
+    model.get_submodule("model.layers.0.self_attn.q_proj").round_low_rank(8)
+    ids = torch.randint(0, 512, (1, 12))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    save_compressed(model, tmp_path / "m")
+    loaded, _, meta = load_compressed(tmp_path / "m")
+    assert meta["modules"]["model.layers.1.mlp.down_proj"]["type"] == "TrellisLinear"
+    with torch.no_grad():
+        after = loaded(input_ids=ids).logits
+    assert isinstance(loaded.get_submodule("model.layers.1.mlp.down_proj"), TrellisLinear)
+    assert torch.allclose(before, after, atol=1e-5)
+    disk = bits_per_weight_on_disk(tmp_path / "m")
+    nominal = [model.get_submodule(n).bits_per_weight() for n in ("model.layers.0.self_attn.q_proj",)]
+    assert disk["compressed_linears"] < 3.0 and nominal[0] > 2.0  # codes stored at 2 bits, not 8
