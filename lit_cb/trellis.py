@@ -319,10 +319,42 @@ class TrellisLinear(CompressedLinear):
         w = self.dequantize_rotated()
         return self.rotation().unrotate(w.float()).to(w.dtype)
 
+    def tile_words(self) -> torch.Tensor:
+        """The codes as the decode kernel reads them (:func:`lit_cb.kernels.trellis.pack_tile_words`: 2.1 bits a
+        weight at k = 2), packed once and kept until the codes change."""
+        from lit_cb.kernels.trellis import pack_tile_words
+
+        key = (self.codes._version, self.codes.device, self.codes.data_ptr())
+        cached = self.__dict__.get("_words_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, pack_tile_words(self.codes, self.fmt))
+            self.__dict__["_words_cache"] = cached
+        return cached[1]
+
+    def _kernel_forward(self, xr: torch.Tensor) -> torch.Tensor | None:
+        """``xr @ W_r^T`` through the decode kernel for a few tokens on a GPU (or the interpreter in tests), None
+        where it does not apply (no triton, CPU, more than 16 tokens, a training step, a format it lacks)."""
+        tokens = xr.numel() // self.in_features
+        if not self.use_kernels or tokens > 16 or (torch.is_grad_enabled() and self.scales.requires_grad):
+            return None
+        try:
+            from lit_cb.kernels import dispatch
+            from lit_cb.kernels import trellis as kernels
+        except ImportError:  # no triton: the reference path
+            return None
+        if not dispatch._device_ok(xr) or not kernels.supports(self.fmt):
+            return None
+        flat = xr.reshape(tokens, self.in_features)
+        out = kernels.trellis_gemv(flat, self.tile_words(), self.scales, self.fmt)
+        return out.to(xr.dtype).reshape(*xr.shape[:-1], self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantize_rotated()
         xr = self.rotation().rotate(x.float()).to(x.dtype)
-        out = F.linear(xr, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        out = self._kernel_forward(xr)
+        if out is None:
+            out = F.linear(xr, self.dequantize_rotated().to(x.dtype))
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype)
         return self.add_low_rank_output(x, out)
 
     @classmethod

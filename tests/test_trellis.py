@@ -5,6 +5,7 @@ save/load round trip through transformers."""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,8 @@ from lit_cb.trellis import (
     viterbi,
     walk_to_symbols,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _hash_value(s: int) -> float:
@@ -235,3 +238,13 @@ def test_saved_model_loads_with_the_same_outputs_and_two_bit_codes_on_disk(tmp_p
     disk = bits_per_weight_on_disk(tmp_path / "m")
     nominal = [model.get_submodule(n).bits_per_weight() for n in ("model.layers.0.self_attn.q_proj",)]
     assert disk["compressed_linears"] < 3.0 and nominal[0] > 2.0  # codes stored at 2 bits, not 8
+
+
+def test_run_config_refuses_code_training_for_the_trellis_before_any_work():
+    from lit_cb.config import load_config
+
+    base = ["compression.method=trellis", "compression.method_config={}"]
+    with pytest.raises(ValueError, match="code_update_every=10 updates codebook codes.*'trellis'"):
+        load_config(ROOT / "configs/smollm2_trellis_lora2.yaml", ["recovery.code_update_every=10"])
+    with pytest.raises(ValueError, match="ste_codes=true trains codes.*'trellis'"):
+        load_config(ROOT / "configs/smollm2_codebook.yaml", [*base, "recovery.ste_codes=true"])

@@ -147,6 +147,12 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.recovery.ste_codes and self.recovery.max_steps:
             self._check_one_codebook()
+        if self.recovery.code_update_every and self.compression.method not in MIXED_PRECISION_METHODS:
+            raise ValueError(
+                f"recovery.code_update_every={self.recovery.code_update_every} updates codebook codes, which "
+                f"compression.method={self.compression.method!r} does not make; allowed: "
+                f"{list(MIXED_PRECISION_METHODS)} (or code_update_every=0)"
+            )
         if self.recovery.val_every_n_steps and self.data.num_val_samples < 1:
             raise ValueError(
                 f"recovery.val_every_n_steps={self.recovery.val_every_n_steps} measures held-out perplexity, but "

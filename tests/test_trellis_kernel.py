@@ -1,0 +1,95 @@
+"""The trellis decode kernel (lit_cb.kernels.trellis) against float64 references, on CPU under the Triton
+interpreter (CI has no GPU; the GPU check and timings are in bench/trellis_kernel_bench.py)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import triton  # noqa: E402, F401  (a missing Triton fails the module, never skips it)
+
+from lit_cb.kernels.dispatch import interpreter_on_cpu  # noqa: E402
+from lit_cb.trellis import TrellisFormat, TrellisLinear, symbols_to_states  # noqa: E402
+
+from .test_trellis import _random_walks  # noqa: E402
+
+
+def _kernels():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    mod = importlib.import_module("lit_cb.kernels.trellis")
+    if not isinstance(mod._trellis_gemv_kernel, InterpretedFunction):
+        mod = importlib.reload(mod)  # decorated before TRITON_INTERPRET was set
+    return mod
+
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.fail("TRITON_INTERPRET is set to something other than 1: the kernel tests need the interpreter")
+
+KT = _kernels()
+
+
+def _layer(fmt: TrellisFormat, seed: int) -> TrellisLinear:
+    walks = _random_walks(fmt.num_tiles, fmt.steps, fmt.state_bits, fmt.bits_per_step, seed)
+    gen = torch.Generator().manual_seed(seed)
+    scales = torch.rand(fmt.out_features, generator=gen) + 0.5
+    bias = torch.randn(fmt.out_features, generator=gen) if fmt.bias else None
+    return TrellisLinear.from_walks(fmt, walks, scales, bias, dtype=torch.float32)
+
+
+@pytest.mark.parametrize(("state_bits", "k"), [(12, 2), (16, 4), (8, 1)])
+def test_packed_words_hold_each_state_as_the_window_the_kernel_reads(state_bits, k):
+    fmt = TrellisFormat(16, 32, state_bits=state_bits, bits_per_step=k, tile_rows=8, tile_cols=8)
+    layer = _layer(fmt, seed=state_bits)
+    words = KT.pack_tile_words(layer.codes, fmt)
+    states = symbols_to_states(layer.codes, state_bits, k)
+    per_word = 32 // k
+    for tile in (0, fmt.num_tiles - 1):
+        w = [int(v) & 0xFFFFFFFF for v in words[tile]]
+        for t in range(fmt.steps):
+            q, s = divmod(t, per_word)
+            window = ((w[q] << 32 | w[q + 1]) >> (64 - state_bits - k * s)) & (2**state_bits - 1)
+            assert window == int(states[tile, t])
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 16])
+@pytest.mark.parametrize("split_k", [1, 2, 5])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_gemv_matches_the_float64_product(tokens, split_k, dtype):
+    fmt = TrellisFormat(40, 64, tile_rows=16, tile_cols=8, rotation_seed=1)
+    layer = _layer(fmt, seed=tokens * 7 + split_k)
+    x = torch.randn(tokens, 40, generator=torch.Generator().manual_seed(split_k)).to(dtype)
+    w = layer.dequantize_rotated().double()
+    ref = x.double() @ w.T
+    got = KT.trellis_gemv(x, KT.pack_tile_words(layer.codes, fmt), layer.scales, fmt, split_k=split_k)
+    bound = 1e-5 * (x.double().abs() @ w.abs().T) + 1e-6  # fp32 accumulation of exact fp32 products
+    assert torch.all((got.double() - ref).abs() <= bound)
+
+
+def test_layer_forward_takes_the_kernel_and_agrees_with_the_reference_path():
+    fmt = TrellisFormat(48, 32, tile_rows=16, tile_cols=8, bias=True)
+    layer = _layer(fmt, seed=3)
+    x = torch.randn(2, 5, 48)
+    with torch.no_grad():
+        ref = layer(x)  # CPU without the interpreter context: the dense reference path
+        calls = []
+        original = KT.trellis_gemv
+        try:
+            KT.trellis_gemv = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+            with interpreter_on_cpu():
+                got = layer(x[:, :3])  # 6 tokens: the kernel
+        finally:
+            KT.trellis_gemv = original
+    assert calls and torch.allclose(got, ref[:, :3], atol=1e-4)
+
+
+def test_formats_the_kernel_cannot_read_are_refused_and_left_to_the_reference():
+    fmt = TrellisFormat(24, 32, state_bits=12, bits_per_step=3, tile_rows=8, tile_cols=8)
+    assert not KT.supports(fmt)
+    with pytest.raises(ValueError, match="does not take"):
+        KT.trellis_gemv(torch.zeros(1, 24), torch.zeros(1, 1, dtype=torch.int32), torch.ones(32), fmt)
