@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lit_cb.configs.trellis import check_walk_bits
 from lit_cb.layers import CompressedLinear
 
 HASH_MUL = 1664525  # the Numerical Recipes LCG: odd multiplier, full period mod 2**32
 HASH_ADD = 1013904223
-_MAX_STATE_BITS = 16
 
 
 def computed_values(state_bits: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -215,12 +215,7 @@ class TrellisFormat:
     bias: bool = False
 
     def __post_init__(self) -> None:
-        k, nb = self.bits_per_step, self.state_bits
-        if not (1 <= k < nb <= _MAX_STATE_BITS and nb % k == 0):
-            raise ValueError(
-                f"bits_per_step={k}, state_bits={nb}: need 1 <= bits_per_step < state_bits <= {_MAX_STATE_BITS} "
-                "with state_bits a multiple of bits_per_step"
-            )
+        check_walk_bits(self.state_bits, self.bits_per_step)
         for name, size, dim in (("tile_rows", self.tile_rows, "out"), ("tile_cols", self.tile_cols, "in")):
             total = getattr(self, f"{dim}_features")
             if size < 1 or total % size:

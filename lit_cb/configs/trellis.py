@@ -14,6 +14,16 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def check_walk_bits(state_bits: int, bits_per_step: int) -> None:
+    """The one check of (L, k) that the config and :class:`lit_cb.trellis.TrellisFormat` share."""
+    k, nb = bits_per_step, state_bits
+    if not (1 <= k < nb <= MAX_STATE_BITS and nb % k == 0):
+        raise ValueError(
+            f"bits_per_step={k}, state_bits={nb}: need 1 <= bits_per_step < state_bits <= {MAX_STATE_BITS}, "
+            "state_bits a multiple of bits_per_step (e.g. 2 and 12)"
+        )
+
+
 @dataclass(frozen=True)
 class TrellisConfig:
     """Settings of the trellis quantizer: ``bits_per_step`` bits per weight through ``2**state_bits`` states.
@@ -45,12 +55,7 @@ class TrellisConfig:
         for name in ("state_bits", "bits_per_step", "tile_rows", "tile_cols", "rotation_seed"):
             if not _is_int(getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be an int")
-        k, nb = self.bits_per_step, self.state_bits
-        if not (1 <= k < nb <= MAX_STATE_BITS and nb % k == 0):
-            raise ValueError(
-                f"bits_per_step={k}, state_bits={nb}: need 1 <= bits_per_step < state_bits <= {MAX_STATE_BITS}, "
-                "state_bits a multiple of bits_per_step (e.g. 2 and 12)"
-            )
+        check_walk_bits(self.state_bits, self.bits_per_step)
         if self.tile_rows < 1 or self.tile_cols < 1:
             raise ValueError(f"tile_rows={self.tile_rows}, tile_cols={self.tile_cols} must be >= 1 (e.g. 32 and 8)")
         if self.tile_rows * self.tile_cols < 2:
