@@ -30,14 +30,18 @@ def _layer_formats(modules: dict) -> str:
     kinds: Counter = Counter()
     ranks: Counter = Counter()
     for spec in modules.values():
-        if spec.get("type") == "CodebookLinear":
+        kind = spec.get("type")
+        if kind == "CodebookLinear":
             f = spec["format"]
             og = f" og{f['out_group_size']}" if f.get("out_group_size", 1) != 1 else ""
             kinds[f"CodebookLinear {f['num_codebooks']}x{f['nbits_per_codebook']} g{f['in_group_size']}{og}"] += 1
-            if spec.get("low_rank"):
-                ranks[(spec["low_rank"], spec.get("low_rank_bits", 16))] += 1
+        elif kind == "TrellisLinear":
+            f = spec["format"]
+            kinds[f"TrellisLinear L{f['state_bits']} k{f['bits_per_step']} tiles {f['tile_rows']}x{f['tile_cols']}"] += 1
         else:
-            kinds[str(spec.get("type", "unknown"))] += 1
+            kinds[str(kind or "unknown")] += 1
+        if spec.get("low_rank"):
+            ranks[(spec["low_rank"], spec.get("low_rank_bits", 16))] += 1
     text = ", ".join(f"{n} x {kind}" for kind, n in kinds.most_common())
     if ranks:
         slots = ", ".join(f"rank {r} in {bits} bits: {n}" for (r, bits), n in sorted(ranks.items()))

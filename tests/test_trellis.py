@@ -238,6 +238,10 @@ def test_saved_model_loads_with_the_same_outputs_and_two_bit_codes_on_disk(tmp_p
     disk = bits_per_weight_on_disk(tmp_path / "m")
     nominal = [model.get_submodule(n).bits_per_weight() for n in ("model.layers.0.self_attn.q_proj",)]
     assert disk["compressed_linears"] < 3.0 and nominal[0] > 2.0  # codes stored at 2 bits, not 8
+    from lit_cb.model_card import lit_cb_card
+
+    card = lit_cb_card(tmp_path / "m")
+    assert "2 x TrellisLinear L12 k2 tiles 32x8" in card and "rank 2 in 8 bits: 1" in card
 
 
 def test_run_config_refuses_code_training_for_the_trellis_before_any_work():
