@@ -37,7 +37,8 @@ def _layer_formats(modules: dict) -> str:
             kinds[f"CodebookLinear {f['num_codebooks']}x{f['nbits_per_codebook']} g{f['in_group_size']}{og}"] += 1
         elif kind == "TrellisLinear":
             f = spec["format"]
-            kinds[f"TrellisLinear L{f['state_bits']} k{f['bits_per_step']} tiles {f['tile_rows']}x{f['tile_cols']}"] += 1
+            walk = f"L{f['state_bits']} k{f['bits_per_step']} tiles {f['tile_rows']}x{f['tile_cols']}"
+            kinds[f"TrellisLinear {walk}"] += 1
         else:
             kinds[str(kind or "unknown")] += 1
         if spec.get("low_rank"):
