@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from lit_cb.quant.gptq import upper_cholesky_of_inverse
-from lit_cb.quant.trellis import row_scales
+from lit_cb.quant.trellis import ldlq_walks, row_scales
 from lit_cb.trellis import HASH_ADD, HASH_MUL, block_ldlq, computed_values, viterbi
 
 __all__ = ["HASH_ADD", "HASH_MUL", "block_ldlq", "computed_values", "row_scales", "viterbi"]  # the tests use them
@@ -90,22 +90,8 @@ def trellis_ldlq(
     wr = w @ rot
     hr = rot.T.double() @ hessian.double() @ rot.double()
     scale = row_scales(wr, values, k).half().float()
-    tiles = w.shape[0] // tile_rows
     u = upper_cholesky_of_inverse(hr, 0.01)
-    where = [0]
-
-    def code(x: torch.Tensor) -> torch.Tensor:  # [rows, block_cols] -> one walk per tile of tile_rows rows
-        b0 = where[0]
-        where[0] += x.shape[1]
-        d = None
-        if column_weights:
-            inv = torch.linalg.inv(u[b0 : where[0], b0 : where[0]])
-            diag = (inv @ inv.T).diagonal()
-            d = (diag / diag.mean()).repeat(tile_rows)  # the walk goes row by row through the tile
-        walks = viterbi(x.reshape(tiles, tile_rows * block_cols).float(), values, k, weights=d)
-        return values[walks].double().reshape(x.shape)
-
-    coded, _ = block_ldlq((wr / scale).double(), u, block_cols, code)
+    coded, _ = ldlq_walks((wr / scale).double(), u, values, k, tile_rows, block_cols, column_weights)
     return ((coded * scale.double()) @ rot.T.double()).float()
 
 

@@ -295,14 +295,23 @@ class TrellisLinear(CompressedLinear):
         from the codes once and kept until they change (keyed on their version and device, as
         :func:`lit_cb.layers._code_segments`): the dense reference path would otherwise decode every
         symbol window on every forward of a recovery run, whose codes never change."""
-        key = (self.codes._version, self.codes.device, self.codes.data_ptr())
-        cached = self.__dict__.get("_unit_cache")
-        if cached is None or cached[0] != key:
+
+        def decode() -> torch.Tensor:
             f = self.fmt
             values = computed_values(f.state_bits, self.codes.device)
             states = symbols_to_states(self.codes, f.state_bits, f.bits_per_step)
-            cached = (key, tiles_to_matrix(values[states], f).contiguous())
-            self.__dict__["_unit_cache"] = cached
+            return tiles_to_matrix(values[states], f).contiguous()
+
+        return self._from_codes("_unit_cache", decode)
+
+    def _from_codes(self, slot: str, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``build()``, kept in ``slot`` (outside the state dict) until the codes change: keyed on their
+        version counter (an in-place update), device and storage (a move or a load)."""
+        key = (self.codes._version, self.codes.device, self.codes.data_ptr())
+        cached = self.__dict__.get(slot)
+        if cached is None or cached[0] != key:
+            cached = (key, build())
+            self.__dict__[slot] = cached
         return cached[1]
 
     def dequantize_rotated(self) -> torch.Tensor:
@@ -319,12 +328,7 @@ class TrellisLinear(CompressedLinear):
         weight at k = 2), packed once and kept until the codes change."""
         from lit_cb.kernels.trellis import pack_tile_words
 
-        key = (self.codes._version, self.codes.device, self.codes.data_ptr())
-        cached = self.__dict__.get("_words_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, pack_tile_words(self.codes, self.fmt))
-            self.__dict__["_words_cache"] = cached
-        return cached[1]
+        return self._from_codes("_words_cache", lambda: pack_tile_words(self.codes, self.fmt))
 
     def _kernel_forward(self, xr: torch.Tensor) -> torch.Tensor | None:
         """``xr @ W_r^T`` through the decode kernel for a few tokens on a GPU (or the interpreter in tests), None

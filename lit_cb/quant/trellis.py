@@ -31,6 +31,40 @@ def row_scales(w: torch.Tensor, values: torch.Tensor, k: int, probe_rows: int = 
     return rms * min(SCALE_MULTIPLIERS, key=err)
 
 
+def ldlq_walks(
+    target: torch.Tensor,
+    u: torch.Tensor,
+    values: torch.Tensor,
+    k: int,
+    tile_rows: int,
+    tile_cols: int,
+    column_weights: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Code ``target`` (float64 ``[rows, n]``, rotated and divided by the row scales) ``tile_cols`` columns at a
+    time inside :func:`block_ldlq` (``u``: the upper Cholesky factor of ``H^-1``), each block's
+    ``tile_rows x tile_cols`` tiles one Viterbi walk each (row by row). ``column_weights`` weighs each column's
+    squared error in the walk by the diagonal of the block's own error weight ``U_BB^-1 U_BB^-T`` (the walk
+    cannot take its off-diagonal part). Returns the coded matrix (float64) and the walks ``[tiles, steps]`` in
+    the tile order of :func:`lit_cb.trellis.tiles_to_matrix` (column block major)."""
+    row_tiles = target.shape[0] // tile_rows
+    walks: list[torch.Tensor] = []
+    vals64 = values.double()
+
+    def code(x: torch.Tensor) -> torch.Tensor:  # [rows, tile_cols] -> coded
+        b0 = len(walks) * tile_cols
+        d = None
+        if column_weights:
+            inv = torch.linalg.inv(u[b0 : b0 + tile_cols, b0 : b0 + tile_cols])
+            diag = (inv @ inv.T).diagonal()
+            d = (diag / diag.mean()).repeat(tile_rows)  # the walk goes row by row through the tile
+        states = viterbi(x.reshape(row_tiles, tile_rows * tile_cols).float(), values, k, weights=d)
+        walks.append(states)
+        return vals64[states].reshape(x.shape)
+
+    coded, _ = block_ldlq(target, u, tile_cols, code)
+    return coded, torch.cat(walks)
+
+
 @register_method(TrellisConfig, "trellis")
 def quantize_trellis(
     weight: torch.Tensor, hessian: torch.Tensor, config: TrellisConfig, bias: torch.Tensor | None = None
@@ -55,21 +89,5 @@ def quantize_trellis(
     values = computed_values(config.state_bits, dev)
     scale = row_scales(wr.float(), values, k).half().float()
     u = upper_cholesky_of_inverse(hr, config.damp)
-    row_tiles, tc = out_f // config.tile_rows, config.tile_cols
-    walks: list[torch.Tensor] = []
-    vals64 = values.double()
-
-    def code(x: torch.Tensor) -> torch.Tensor:  # [out, tile_cols] -> coded, one walk per tile of tile_rows rows
-        b0 = len(walks) * tc
-        d = None
-        if config.column_weights:
-            inv = torch.linalg.inv(u[b0 : b0 + tc, b0 : b0 + tc])
-            diag = (inv @ inv.T).diagonal()
-            d = (diag / diag.mean()).repeat(config.tile_rows)  # the walk goes row by row through the tile
-        states = viterbi(x.reshape(row_tiles, fmt.steps).float(), values, k, weights=d)
-        walks.append(states)
-        return vals64[states].reshape(x.shape)
-
-    block_ldlq(wr / scale.double(), u, tc, code)
-    states = torch.cat(walks)  # [col_blocks * row_tiles, steps]: tile b * row_tiles + r
+    _, states = ldlq_walks(wr / scale.double(), u, values, k, config.tile_rows, config.tile_cols, config.column_weights)
     return TrellisLinear.from_walks(fmt, states, scale, bias)
