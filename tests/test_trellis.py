@@ -252,3 +252,25 @@ def test_run_config_refuses_code_training_for_the_trellis_before_any_work():
         load_config(ROOT / "configs/smollm2_trellis_lora2.yaml", ["recovery.code_update_every=10"])
     with pytest.raises(ValueError, match="ste_codes=true trains codes.*'trellis'"):
         load_config(ROOT / "configs/smollm2_codebook.yaml", [*base, "recovery.ste_codes=true"])
+
+
+def test_column_weights_of_a_single_block_are_the_rotated_hessian_diagonal():
+    """With one 8-column block, U_BB^-1 U_BB^-T is (U^T U)^-1 = H_r itself, so each tile's walk must be the
+    walk that minimises the squared error weighted by diag(R^T H R): checked with an independent Viterbi."""
+    torch.manual_seed(2)
+    lin = nn.Linear(8, 32, bias=False)
+    h = _hessian(8, 5)
+    cfg = TrellisConfig(state_bits=6, bits_per_step=2, tile_rows=16, tile_cols=8, damp=0.0)
+    layer = registry.quantize_linear(lin, h, cfg)
+    r = InputRotation(8, 0).rotate(torch.eye(8, dtype=torch.float64))
+    diag = torch.diagonal(r.T @ h.double() @ r)
+    d = (diag / diag.mean()).repeat(16).float()
+    target = (lin.weight.detach().double() @ r) / layer.scales.double()
+    v = computed_values(6)
+    walks = symbols_to_states(layer.codes, 6, 2)
+    for tile in range(2):
+        x = target[tile * 16 : (tile + 1) * 16].reshape(1, -1).float()
+        best = viterbi(x, v, 2, weights=d)[0]
+        cost = lambda w, x=x: float((d * (x[0] - v[w]) ** 2).sum())  # noqa: E731
+        assert cost(walks[tile]) == pytest.approx(cost(best), rel=1e-5)
+        assert cost(walks[tile]) <= cost(viterbi(x, v, 2)[0]) * (1 + 1e-6)  # the unweighted walk is no better
