@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 HIDDEN, MLP, LAYERS, HEADS, VOCAB = 4096, 11008, 32, 32, 32000
 FORMATS = {"2x8_g8": (2, 8, 8), "1x8_g4": (1, 8, 4)}  # (M, B, g); 1x8 g4 is the LLM-Codebook default
+TRELLIS = "trellis"  # computed codes (lit_cb/trellis.py): L12 k2 walks in 32x8 tiles, 2.06 bits; not fused
 
 
 class RMSNorm(nn.Module):
@@ -164,6 +165,21 @@ def codebook_linear_factory(m: int, b: int, g: int, device: str = "cuda"):
     return make
 
 
+def trellis_linear_factory(device: str = "cuda"):
+    """TrellisLinear layers with random symbol streams (any stream is a walk) and row scales: its decode path,
+    the input rotation (signs, Hadamard groups, mix) then the decode kernel (:mod:`lit_cb.kernels.trellis`)."""
+    from lit_cb.trellis import TrellisFormat, TrellisLinear
+
+    def make(i: int, o: int) -> nn.Module:
+        fmt = TrellisFormat(i, o)
+        layer = TrellisLinear(fmt, device=device)
+        layer.codes.copy_(torch.randint(0, 2**fmt.bits_per_step, layer.codes.shape, device=device).to(torch.uint8))
+        layer.scales.data.uniform_(0.5 / math.sqrt(i), 1.5 / math.sqrt(i))
+        return layer
+
+    return make
+
+
 FUSE_GROUPS = (("q", "k", "v"), ("gate", "up"))  # this model's names for q/k/v and gate/up
 
 
@@ -222,6 +238,9 @@ def _variants(formats: list[str], fuse: bool, baselines: bool, device: str) -> l
     if baselines:
         runs += [("bnb_nf4", NF4Linear, False), ("aqlm_cuda_2x8_g8", AQLMLinear, False)]
     for fname in formats:
+        if fname == TRELLIS:
+            runs.append((fname, trellis_linear_factory(device), False))
+            continue
         runs.append((fname, codebook_linear_factory(*FORMATS[fname], device=device), False))
         if fuse:
             runs.append((fname + "+fused", codebook_linear_factory(*FORMATS[fname], device=device), True))
@@ -241,8 +260,8 @@ def main() -> None:
     args = p.parse_args()
     t_start = time.time()
     formats = args.formats.split(",")
-    if [f for f in formats if f not in FORMATS]:
-        sys.exit(f"unknown --formats {args.formats!r}; expected some of {list(FORMATS)}")
+    if [f for f in formats if f not in [*FORMATS, TRELLIS]]:
+        sys.exit(f"unknown --formats {args.formats!r}; expected some of {[*FORMATS, TRELLIS]}")
     if args.smoke:
         HIDDEN, MLP, LAYERS, HEADS, VOCAB = 64, 128, 2, 4, 100
         args.no_baselines = True

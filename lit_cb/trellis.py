@@ -163,28 +163,47 @@ class InputRotation:
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def _parts(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Signs, the Hadamard factor ``H_q`` and the mix in ``like``'s device and dtype (``H_p = H_a (x) H_q``
+        with ``a = p / q``; ``H_a`` is ``H_q``'s leading block, as Sylvester's matrices nest)."""
         key = (like.device, like.dtype)
         if key not in self._cache:
             self._cache[key] = (
                 self._signs.to(like.device, like.dtype),
-                _hadamard(self.p, like.device, like.dtype),
+                _hadamard(self._q, like.device, like.dtype),
                 self._mix.to(like.device, like.dtype),
             )
         return self._cache[key]
 
+    @property
+    def _q(self) -> int:
+        """The larger Kronecker factor of ``p``: ``2**ceil(log2(p) / 2)``."""
+        return 2 ** ((self.p.bit_length() - 1 + 1) // 2)
+
+    def _hadamard_groups(self, z: torch.Tensor, had_q: torch.Tensor) -> torch.Tensor:
+        """``z @ H_p`` on the last axis (``[..., p]``) as ``H_a Z H_q`` on its ``[a, q]`` view: Sylvester's
+        ``H_p = H_a (x) H_q`` (row-major index ``i = i_a q + i_q``), so a decode step reads two small factors
+        (at most 64 x 64 for ``p = 4096``) instead of a dense ``p x p`` matrix (64 MB in fp32)."""
+        q = self._q
+        a = self.p // q
+        z = z.reshape(*z.shape[:-1], a, q) @ had_q
+        if a > 1:
+            h_a = had_q[:a, :a] * math.sqrt(q / a)  # H_q's leading a x a block is sqrt(a/q) H_a
+            z = h_a @ z
+        return z.reshape(*z.shape[:-2], self.p)
+
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        signs, had, mix = self._parts(x)
-        y = (x * signs).reshape(*x.shape[:-1], self.m, self.p) @ had
+        signs, had_q, mix = self._parts(x)
+        y = self._hadamard_groups((x * signs).reshape(*x.shape[:-1], self.m, self.p), had_q)
         if self.m > 1:
             y = torch.einsum("ji,...jp->...ip", mix, y)
         return y.reshape(x.shape)
 
     def unrotate(self, y: torch.Tensor) -> torch.Tensor:
-        signs, had, mix = self._parts(y)
+        signs, had_q, mix = self._parts(y)
         z = y.reshape(*y.shape[:-1], self.m, self.p)
         if self.m > 1:
             z = torch.einsum("ij,...jp->...ip", mix, z)
-        return (z @ had).reshape(y.shape) * signs
+        return self._hadamard_groups(z, had_q).reshape(y.shape) * signs
 
     def rotate_hessian(self, h: torch.Tensor) -> torch.Tensor:
         """``R^T H R`` of a symmetric ``H``: the second moment of the rotated inputs."""

@@ -98,6 +98,20 @@ def test_input_rotation_is_orthogonal_and_unrotate_inverts_it(n):
     assert rot.p * rot.m == n and rot.p & (rot.p - 1) == 0
 
 
+@pytest.mark.parametrize("n", [2, 96, 1536, 2048])
+def test_input_rotation_is_signs_then_sylvester_hadamard_groups_then_the_mix(n):
+    """R = diag(signs) (I_m (x) H_p) (mix (x) I_p) (no mix for one group), built densely from the bit-parity form of Sylvester's matrix,
+    H[i, j] = (-1)**popcount(i & j) / sqrt(p): the factored (Kronecker) transform must be exactly this map."""
+    rot = InputRotation(n, seed=4)
+    idx = torch.arange(rot.p)
+    parity = torch.tensor([[bin(i & j).count("1") % 2 for j in idx.tolist()] for i in idx.tolist()])
+    had = (1 - 2 * parity).double() / rot.p**0.5
+    dense = torch.diag(rot._signs) @ torch.block_diag(*[had] * rot.m)
+    if rot.m > 1:
+        dense = dense @ torch.kron(rot._mix.contiguous(), torch.eye(rot.p).double())
+    assert torch.allclose(rot.rotate(torch.eye(n, dtype=torch.float64)), dense, atol=1e-12)
+
+
 def _layer(out_f: int = 64, in_f: int = 48, bias: bool = True, seed: int = 0) -> TrellisLinear:
     fmt = TrellisFormat(in_f, out_f, tile_rows=16, tile_cols=8, rotation_seed=seed, bias=bias)
     walks = _random_walks(fmt.num_tiles, fmt.steps, fmt.state_bits, fmt.bits_per_step, seed)
