@@ -100,8 +100,9 @@ def test_input_rotation_is_orthogonal_and_unrotate_inverts_it(n):
 
 @pytest.mark.parametrize("n", [2, 96, 1536, 2048])
 def test_input_rotation_is_signs_then_sylvester_hadamard_groups_then_the_mix(n):
-    """R = diag(signs) (I_m (x) H_p) (mix (x) I_p) (no mix for one group), built densely from the bit-parity form of Sylvester's matrix,
-    H[i, j] = (-1)**popcount(i & j) / sqrt(p): the factored (Kronecker) transform must be exactly this map."""
+    """R = diag(signs) (I_m (x) H_p) (mix (x) I_p) (no mix for one group), built densely from the bit-parity
+    form of Sylvester's matrix, H[i, j] = (-1)**popcount(i & j) / sqrt(p): the factored (Kronecker) transform
+    must be exactly this map."""
     rot = InputRotation(n, seed=4)
     idx = torch.arange(rot.p)
     parity = torch.tensor([[bin(i & j).count("1") % 2 for j in idx.tolist()] for i in idx.tolist()])
