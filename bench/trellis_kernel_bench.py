@@ -6,6 +6,7 @@ bench/kernel_bench.py does):
     fp16            F.linear with an fp16 weight (cuBLAS)
     trellis         TrellisLinear's decode path: the input rotation (PyTorch: signs, Hadamard groups, mix) + the kernel
     trellis_kernel  the kernel alone on an already-rotated input (what a fused rotation would leave)
+    trellis_kernel_no_ptx  the same with plain integer ops for the funnel shift and the byte sum (no inline PTX)
     codebook_1x8_g4 CodebookLinear 1x8 g4 through lit_cb's dispatcher (the shipped 2-bit codebook format)
 Correctness first: every shape's kernel output is checked against the dense float64 product of the same weights.
 Also a split-K sweep at one token (the default split is chosen from the row tiles alone).
@@ -149,6 +150,15 @@ def main() -> None:
                         for w, layer in zip(words, tl, strict=True)
                     ]
                 )
+                if device == "cuda":  # the same kernel with plain integer ops instead of shf.l.wrap / dp4a
+                    row["trellis_kernel_no_ptx_us"] = time_us(
+                        [
+                            lambda w=w, layer=layer, xrs=xrs: KT.trellis_gemv(
+                                xrs, w, layer.scales, layer.fmt, ptx=False
+                            )
+                            for w, layer in zip(words, tl, strict=True)
+                        ]
+                    )
                 row["codebook_1x8_g4_us"] = time_us([lambda layer=layer, xs=xs: layer(xs) for layer in cbs])
                 for key in ("trellis", "trellis_kernel", "codebook_1x8_g4"):
                     row[f"{key}_vs_fp16"] = row["fp16_us"] / row[f"{key}_us"]

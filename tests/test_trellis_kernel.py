@@ -93,3 +93,19 @@ def test_formats_the_kernel_cannot_read_are_refused_and_left_to_the_reference():
     assert not KT.supports(fmt)
     with pytest.raises(ValueError, match="does not take"):
         KT.trellis_gemv(torch.zeros(1, 24), torch.zeros(1, 1, dtype=torch.int32), torch.ones(32), fmt)
+
+
+@pytest.mark.parametrize(
+    ("state_bits", "k", "tile_rows", "out_f"),
+    [(16, 4, 8, 72), (8, 1, 16, 144), (12, 2, 32, 288)],  # 1, 4 and 2 tile rows per word; 9 row tiles (masked)
+)
+def test_gemv_matches_the_float64_product_for_other_walks_and_partial_programs(state_bits, k, tile_rows, out_f):
+    fmt = TrellisFormat(32, out_f, state_bits=state_bits, bits_per_step=k, tile_rows=tile_rows, tile_cols=8)
+    assert KT.supports(fmt) and fmt.out_features // fmt.tile_rows > KT.TILES_PER_PROGRAM
+    layer = _layer(fmt, seed=k)
+    x = torch.randn(10, 32, generator=torch.Generator().manual_seed(k))  # 10 tokens: two launches (8 + 2)
+    w = layer.dequantize_rotated().double()
+    ref = x.double() @ w.T
+    got = KT.trellis_gemv(x, KT.pack_tile_words(layer.codes, fmt), layer.scales, fmt, split_k=3)
+    bound = 1e-5 * (x.double().abs() @ w.abs().T) + 1e-6
+    assert torch.all((got.double() - ref).abs() <= bound)

@@ -4,20 +4,27 @@ ops only, no table and no gather (issue 10's computed-codes route).
 Layout the kernel reads (:func:`pack_tile_words`): each tile's symbols as one MSB-first bit stream in
 ``WORDS`` uint32 words (stored as int32), symbol ``j`` at stream bits ``[k*j, k*(j+1))``. State ``t`` of the
 tile is the ``L``-bit window starting at stream bit ``k*t``; with ``32 / k`` states starting in each word,
-state ``t = (32/k) * w + s`` lies in the 64 bits of words ``w`` and ``w + 1``:
-``state = ((word[w] << 32 | word[w+1]) >> (64 - L - k*s)) & (2**L - 1)``. So a program loads each tile's words
-twice as two contiguous vectors (offset by one word) and shifts: coalesced loads, no per-weight gather.
+state ``t = (32/k) * w + s`` lies in the 64 bits of words ``w`` and ``w + 1``: it is the top ``L`` bits of the
+funnel shift ``(word[w] << k*s) | (word[w+1] >> (32 - k*s))``. So a program loads each tile's words twice as two
+contiguous vectors (offset by one word) and shifts in 32-bit registers: coalesced loads, no per-weight gather.
 That is what the codebook kernels could not get past (L1 gathers of codewords, ``bench/README.md``).
 
 The value of a state is the hash of :func:`lit_cb.trellis.computed_values` (one multiply-add mod 2**32, a
 byte sum), scaled by the row's scale; the kernel multiplies it into the rotated input ``x R`` (the rotation
 runs before, in PyTorch). Each program owns one row tile (``tile_rows`` rows) and a range of column blocks
 (split-K when the output is narrow); it decodes each tile once for all of the (up to 16) tokens.
+
+Why it is shaped so: decoding is integer work, and on an H100 an fp16 matvec streams weights at about
+3 TB/s, so a computed code wins only with a few instructions per weight. The first version (64-bit shifts,
+masked byte extraction, an int-to-float conversion, a per-block row reduction) ran at 0.13-0.34x fp16
+(bench/results/trellis_kernel_h100.json); this one spends a funnel shift, a shift, a multiply-add, a ``dp4a``
+byte sum, an OR, a subtraction and an FMA per weight, and reduces rows once per program.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -27,12 +34,37 @@ from lit_cb.trellis import HASH_ADD, HASH_MUL, TrellisFormat
 
 _SD = math.sqrt(4 * (256**2 - 1) / 12)
 MAX_TOKENS = 16
+TILES_PER_PROGRAM = 8  # row tiles per program: 8 x 16 words = 128 lanes (4 warps), one word each
+TOKENS_PER_LAUNCH = 8  # each thread keeps 16 states x tokens accumulators: 8 tokens fit in 168 registers on
+# sm_90 (cuobjdump -res-usage), 16 spill, so more tokens are taken 8 at a time
 
 
 def supports(fmt: TrellisFormat) -> bool:
-    """Formats the kernel takes: k dividing 32, a tile a whole number of words' states, L + 32 <= 64."""
+    """Formats the kernel takes: k dividing 32, the states starting in one word a whole number (a power of two)
+    of tile rows, so a state's column is its place in the word; tile columns and words per tile powers of two
+    (``tl.arange``); L <= 32."""
     k = fmt.bits_per_step
-    return 32 % k == 0 and fmt.steps % (32 // k) == 0 and fmt.state_bits <= 32 and fmt.tile_cols >= 2
+    if 32 % k or (32 // k) % fmt.tile_cols:
+        return False
+    halves = (32 // k) // fmt.tile_cols
+
+    def pow2(n: int) -> bool:
+        return n >= 1 and n & (n - 1) == 0
+
+    return (
+        fmt.tile_rows % halves == 0
+        and pow2(halves)
+        and pow2(fmt.tile_cols)
+        and pow2(fmt.tile_rows // halves)
+        and fmt.state_bits <= 32
+        and fmt.tile_cols >= 2
+    )
+
+
+def use_ptx(x: torch.Tensor) -> bool:
+    """Inline PTX (``shf.l.wrap``, ``dp4a``) on an NVIDIA GPU; the plain integer ops elsewhere (the interpreter,
+    which cannot run PTX, and other backends). ``LIT_CB_TRELLIS_PTX=0`` turns it off (the bench compares)."""
+    return x.is_cuda and torch.version.cuda is not None and os.environ.get("LIT_CB_TRELLIS_PTX", "1") != "0"
 
 
 def words_per_tile(fmt: TrellisFormat) -> int:
@@ -52,6 +84,42 @@ def pack_tile_words(symbols: torch.Tensor, fmt: TrellisFormat) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
+# 8388608.0 + n has the bit pattern 0x4B000000 | n for 0 <= n < 2**23: a byte sum becomes a float with one OR
+# and one subtraction (exact), not an int-to-float conversion (a quarter-rate instruction on sm_90).
+_MAGIC_BITS = 0x4B000000
+_MAGIC_MINUS_MEAN = 8388608.0 + 510.0
+
+
+@triton.jit
+def _state_windows(hi, lo, sh, PTX: tl.constexpr):
+    """The 32 stream bits starting ``sh`` bits into ``hi`` (then ``lo``): ``(hi << sh) | (lo >> (32 - sh))``, a
+    funnel shift (one ``shf.l.wrap`` with ``PTX``; ``sh`` < 32)."""
+    if PTX:
+        return tl.inline_asm_elementwise(
+            "shf.l.wrap.b32 $0, $1, $2, $3;", "=r,r,r,r", [lo, hi, sh], dtype=tl.uint32, is_pure=True, pack=1
+        )
+    else:
+        return (hi << sh) | ((lo >> 1) >> (31 - sh))
+
+
+@triton.jit
+def _byte_sum(h, PTX: tl.constexpr):
+    """The sum of the 4 bytes of ``h`` (uint32): one ``dp4a`` against 0x01010101 with ``PTX``; else two byte
+    pairs summed in 16-bit lanes, then the lanes by a multiply (their sum, at most 1020, lands in bits 16-31)."""
+    if PTX:
+        return tl.inline_asm_elementwise(
+            "{\n.reg .u32 ones, zero;\nmov.u32 ones, 16843009;\nmov.u32 zero, 0;\ndp4a.u32.u32 $0, $1, ones, zero;\n}",
+            "=r,r",
+            [h],
+            dtype=tl.uint32,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        t = (h & 0x00FF00FF) + ((h >> 8) & 0x00FF00FF)
+        return (t * 0x10001) >> 16
+
+
 @triton.jit
 def _trellis_gemv_kernel(
     x_ptr,  # [M, IN] rotated input (fp16/bf16/fp32)
@@ -68,51 +136,85 @@ def _trellis_gemv_kernel(
     TILE_COLS: tl.constexpr,
     STATE_BITS: tl.constexpr,
     K: tl.constexpr,
-    PER_WORD: tl.constexpr,  # states starting in one word: 32 // K
-    N_WORDS: tl.constexpr,  # words whose states are used: TILE_ROWS * TILE_COLS // PER_WORD
+    HALVES: tl.constexpr,  # tile rows whose states start in one word: (32 // K) // TILE_COLS
+    N_WORDS: tl.constexpr,  # words whose states are used: TILE_ROWS // HALVES
+    TILES_PER_PROGRAM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     MUL: tl.constexpr,
     ADD: tl.constexpr,
     INV_SD: tl.constexpr,
+    MAGIC_BITS: tl.constexpr,
+    MAGIC_MINUS_MEAN: tl.constexpr,
+    PTX: tl.constexpr,
 ):
-    r = tl.program_id(0)
+    """Each program: ``TILES_PER_PROGRAM`` row tiles, ``BLOCKS_PER_PROGRAM`` column blocks. A block's states are
+    held as ``[HALVES, TILE_COLS, Q]`` with ``Q`` = every word of every row tile the program owns (the last, the
+    lanes' axis): word ``w`` of a tile holds rows ``w * HALVES + h``, state ``(h, c)`` at stream bit
+    ``K * (h * TILE_COLS + c)`` of it. So each thread loads its two words once per block and decodes all of their
+    states in registers, the input's ``TILE_COLS`` values are shared by every lane, the products accumulate
+    elementwise, and rows are summed once, after the loop. Per weight: a funnel shift, a shift, a multiply-add
+    (the hash), a byte sum, an OR and a subtraction (to float), and one FMA per token."""
+    g = tl.program_id(0)
     split = tl.program_id(1)
-    w_idx = tl.arange(0, N_WORDS)
-    s_idx = tl.arange(0, PER_WORD)
-    m_idx = tl.arange(0, BLOCK_M)
+    Q: tl.constexpr = TILES_PER_PROGRAM * N_WORDS
+    q = tl.arange(0, Q)
+    tile = g * TILES_PER_PROGRAM + q // N_WORDS
+    w = q % N_WORDS
+    q_ok = tile < ROW_TILES
+    word_off = (tile * WORDS + w).to(tl.int64)
+    h_idx = tl.arange(0, HALVES)
     c_idx = tl.arange(0, TILE_COLS)
+    sh = (K * (h_idx[:, None] * TILE_COLS + c_idx[None, :])).to(tl.uint32)  # [HALVES, TILE_COLS]
+    sh = tl.broadcast_to(sh[:, :, None], (HALVES, TILE_COLS, Q))
+    m_idx = tl.arange(0, BLOCK_M)
     m_ok = m_idx < M
-    shift = (64 - STATE_BITS - K * s_idx).to(tl.int64)
-    acc = tl.zeros((BLOCK_M, TILE_ROWS), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HALVES, TILE_COLS, Q), dtype=tl.float32)
     b_start = split * BLOCKS_PER_PROGRAM
     n_blocks = IN // TILE_COLS
     for i in range(BLOCKS_PER_PROGRAM):
         b = b_start + i
         if b < n_blocks:
-            base = words_ptr + (b * ROW_TILES + r).to(tl.int64) * WORDS
-            hi = tl.load(base + w_idx).to(tl.int64) & 0xFFFFFFFF
-            lo = tl.load(base + w_idx + 1).to(tl.int64) & 0xFFFFFFFF
-            v = (hi << 32) | lo  # [N_WORDS]
-            state = (v[:, None] >> shift[None, :]) & ((1 << STATE_BITS) - 1)  # [N_WORDS, PER_WORD]: t = w*PER_WORD+s
-            h = state.to(tl.uint32) * MUL + ADD  # uint32 arithmetic wraps mod 2**32, as the hash asks
-            total = (h & 0xFF) + ((h >> 8) & 0xFF) + ((h >> 16) & 0xFF) + (h >> 24)
-            val = (total.to(tl.int32) - 510).to(tl.float32) * INV_SD
-            tile = tl.reshape(val, (TILE_ROWS, TILE_COLS))  # t = row * TILE_COLS + col
-            xs = tl.load(
-                x_ptr + m_idx[:, None] * IN + b * TILE_COLS + c_idx[None, :], mask=m_ok[:, None], other=0.0
-            ).to(tl.float32)  # [BLOCK_M, TILE_COLS]
-            acc += tl.sum(tile[None, :, :] * xs[:, None, :], axis=2)
-    rows = r * TILE_ROWS + tl.arange(0, TILE_ROWS)
-    acc = acc * tl.load(scales_ptr + rows).to(tl.float32)[None, :]
-    tl.atomic_add(out_ptr + m_idx[:, None] * OUT + rows[None, :], acc, mask=m_ok[:, None])
+            base = words_ptr + b.to(tl.int64) * ROW_TILES * WORDS + word_off
+            hi = tl.load(base, mask=q_ok, other=0, eviction_policy="evict_first").to(tl.uint32, bitcast=True)
+            lo = tl.load(base + 1, mask=q_ok, other=0, eviction_policy="evict_first").to(tl.uint32, bitcast=True)
+            hi3 = tl.broadcast_to(hi[None, None, :], (HALVES, TILE_COLS, Q))
+            lo3 = tl.broadcast_to(lo[None, None, :], (HALVES, TILE_COLS, Q))
+            state = _state_windows(hi3, lo3, sh, PTX) >> (32 - STATE_BITS)
+            total = _byte_sum(state * MUL + ADD, PTX)  # uint32 arithmetic wraps mod 2**32, as the hash asks
+            val = (total | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC_MINUS_MEAN  # byte sum - 510, exact
+            xs = tl.load(x_ptr + m_idx[:, None] * IN + b * TILE_COLS + c_idx[None, :], mask=m_ok[:, None], other=0.0)
+            acc += val[None, :, :, :] * xs.to(tl.float32)[:, None, :, None]
+    sums = tl.sum(acc, axis=2)  # [BLOCK_M, HALVES, Q]
+    rows = tile[None, :] * TILE_ROWS + w[None, :] * HALVES + h_idx[:, None]  # [HALVES, Q]
+    row_scale = tl.load(scales_ptr + rows, mask=q_ok[None, :], other=0.0).to(tl.float32) * INV_SD
+    ok = m_ok[:, None, None] & q_ok[None, None, :]
+    tl.atomic_add(out_ptr + m_idx[:, None, None] * OUT + rows[None, :, :], sums * row_scale[None, :, :], mask=ok)
+
+
+def default_split_k(fmt: TrellisFormat, on_gpu: bool) -> int:
+    """Programs per row tile: enough for about 8,192 programs (the sweep in bench/results/trellis_kernel_h100.json:
+    at one token, time falls until 4,096-28,672 programs), each keeping at least 16 column blocks."""
+    if not on_gpu:
+        return 1
+    row_tiles = fmt.out_features // fmt.tile_rows
+    n_blocks = fmt.in_features // fmt.tile_cols
+    groups = -(-row_tiles // TILES_PER_PROGRAM)
+    return max(1, min(-(-4096 // groups), n_blocks // 16))
 
 
 def trellis_gemv(
-    x_rot: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, fmt: TrellisFormat, split_k: int | None = None
+    x_rot: torch.Tensor,
+    words: torch.Tensor,
+    scales: torch.Tensor,
+    fmt: TrellisFormat,
+    split_k: int | None = None,
+    num_warps: int = 4,
+    ptx: bool | None = None,
 ) -> torch.Tensor:
     """``x_rot @ W_r^T`` (float32 ``[M, out]``) for ``M <= MAX_TOKENS`` rotated tokens ``[M, in]``; ``words`` from
     :func:`pack_tile_words`, ``scales`` ``[out]`` or ``[out, 1]``. ``split_k`` programs share each row tile's
-    columns (default: enough to give the GPU about 4 programs per SM's worth of row tiles)."""
+    columns (default :func:`default_split_k`); ``ptx`` (default :func:`use_ptx`) picks the inline-PTX integer
+    path."""
     if not supports(fmt):
         raise ValueError(f"the trellis kernel does not take {fmt}")
     m, n_in = x_rot.shape
@@ -120,33 +222,43 @@ def trellis_gemv(
         raise ValueError(f"x has shape {tuple(x_rot.shape)}; expected [<= {MAX_TOKENS}, {fmt.in_features}]")
     row_tiles = fmt.out_features // fmt.tile_rows
     n_blocks = fmt.in_features // fmt.tile_cols
+    groups = -(-row_tiles // TILES_PER_PROGRAM)
     if split_k is None:
-        target = 528 if x_rot.is_cuda else 1  # about 4 programs per SM on an H100 (132 SMs)
-        split_k = max(1, min(n_blocks, target // max(1, row_tiles)))
-    per_program = -(-n_blocks // split_k)
+        split_k = default_split_k(fmt, x_rot.is_cuda)
+    per_program = -(-n_blocks // max(1, min(split_k, n_blocks)))
     split_k = -(-n_blocks // per_program)
     out = torch.zeros(m, fmt.out_features, dtype=torch.float32, device=x_rot.device)
     k = fmt.bits_per_step
-    _trellis_gemv_kernel[(row_tiles, split_k)](
-        x_rot.contiguous(),
-        words,
-        scales.reshape(-1).contiguous(),
-        out,
-        m,
-        n_in,
-        fmt.out_features,
-        row_tiles,
-        per_program,
-        WORDS=words.shape[1],
-        TILE_ROWS=fmt.tile_rows,
-        TILE_COLS=fmt.tile_cols,
-        STATE_BITS=fmt.state_bits,
-        K=k,
-        PER_WORD=32 // k,
-        N_WORDS=fmt.steps * k // 32,
-        BLOCK_M=max(1, triton.next_power_of_2(m)),
-        MUL=HASH_MUL,
-        ADD=HASH_ADD,
-        INV_SD=1.0 / _SD,
-    )
+    halves = (32 // k) // fmt.tile_cols
+    x_rot = x_rot.contiguous()
+    scales = scales.reshape(-1).contiguous()
+    for t0 in range(0, m, TOKENS_PER_LAUNCH):
+        chunk = min(TOKENS_PER_LAUNCH, m - t0)
+        _trellis_gemv_kernel[(groups, split_k)](
+            x_rot[t0 : t0 + chunk],
+            words,
+            scales,
+            out[t0 : t0 + chunk],
+            chunk,
+            n_in,
+            fmt.out_features,
+            row_tiles,
+            per_program,
+            WORDS=words.shape[1],
+            TILE_ROWS=fmt.tile_rows,
+            TILE_COLS=fmt.tile_cols,
+            STATE_BITS=fmt.state_bits,
+            K=k,
+            HALVES=halves,
+            N_WORDS=fmt.tile_rows // halves,
+            TILES_PER_PROGRAM=TILES_PER_PROGRAM,
+            BLOCK_M=max(1, triton.next_power_of_2(chunk)),
+            MUL=HASH_MUL,
+            ADD=HASH_ADD,
+            INV_SD=1.0 / _SD,
+            MAGIC_BITS=_MAGIC_BITS,
+            MAGIC_MINUS_MEAN=_MAGIC_MINUS_MEAN,
+            PTX=use_ptx(x_rot) if ptx is None else ptx,
+            num_warps=num_warps,
+        )
     return out
