@@ -5,7 +5,8 @@ What each row times (CUDA-graph median per call over weight copies rotated past 
 bench/kernel_bench.py does):
     fp16            F.linear with an fp16 weight (cuBLAS)
     trellis         TrellisLinear's decode path: the input rotation (PyTorch: signs, Hadamard groups, mix) + the kernel
-    trellis_kernel  the kernel alone on an already-rotated input (what a fused rotation would leave)
+    trellis_kernel  the kernel alone on an already-rotated input (tensor cores from 2 tokens, fp16)
+    trellis_kernel_fma  the FMA kernel (the one-token path) at 2 tokens or more, for comparison
     trellis_kernel_no_ptx  the same with plain integer ops for the funnel shift and the byte sum (no inline PTX)
     codebook_1x8_g4 CodebookLinear 1x8 g4 through lit_cb's dispatcher (the shipped 2-bit codebook format)
 Correctness first: every shape's kernel output is checked against the dense float64 product of the same weights.
@@ -39,6 +40,12 @@ def _load(name: str, file: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _forget_rotation(layer) -> None:
+    """Drop the rotation the layer's width shares (TrellisLinear.rotated_input keeps the last one), so that a
+    timed call rotates its input as a layer with its own input would."""
+    layer.rotation().last_rotated = None
 
 
 def random_trellis(out_f: int, in_f: int, device: str, seed: int):
@@ -143,13 +150,24 @@ def main() -> None:
                 xrs = tl[0].rotation().rotate(xs.float()).half()
                 row = {"shape": shape, "tokens": m}
                 row["fp16_us"] = time_us([lambda w=w, xs=xs: F.linear(xs, w) for w in dense])
-                row["trellis_us"] = time_us([lambda layer=layer, xs=xs: layer(xs) for layer in tl])
+                row["trellis_us"] = time_us(  # the rotation's reuse cache cleared: each call rotates its input
+                    [lambda layer=layer, xs=xs: (_forget_rotation(layer), layer(xs))[1] for layer in tl]
+                )
                 row["trellis_kernel_us"] = time_us(
                     [
                         lambda w=w, layer=layer, xrs=xrs: KT.trellis_gemv(xrs, w, layer.scales, layer.fmt)
                         for w, layer in zip(words, tl, strict=True)
                     ]
                 )
+                if m > 1:  # the FMA kernel that one token takes, at this token count (the default is the MMA one)
+                    row["trellis_kernel_fma_us"] = time_us(
+                        [
+                            lambda w=w, layer=layer, xrs=xrs: KT.trellis_gemv(
+                                xrs, w, layer.scales, layer.fmt, mma=False
+                            )
+                            for w, layer in zip(words, tl, strict=True)
+                        ]
+                    )
                 if device == "cuda":  # the same kernel with plain integer ops instead of shf.l.wrap / dp4a
                     row["trellis_kernel_no_ptx_us"] = time_us(
                         [

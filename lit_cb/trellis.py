@@ -27,6 +27,7 @@ block-LDLQ error feedback (:func:`block_ldlq`), by :mod:`lit_cb.quant.trellis`.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -161,6 +162,8 @@ class InputRotation:
         q, r = torch.linalg.qr(torch.randn(self.m, self.m, generator=gen, dtype=torch.float64))
         self._mix = q * torch.sign(torch.diagonal(r))[None, :]
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # (weak ref to an input, its version, its rotation): see TrellisLinear.rotated_input
+        self.last_rotated: tuple[weakref.ref, int, torch.Tensor] | None = None
 
     def _parts(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Signs, the Hadamard factor ``H_q`` and the mix in ``like``'s device and dtype (``H_p = H_a (x) H_q``
@@ -366,8 +369,22 @@ class TrellisLinear(CompressedLinear):
         out = kernels.trellis_gemv(flat, self.tile_words(), self.scales, self.fmt)
         return out.to(xr.dtype).reshape(*xr.shape[:-1], self.out_features)
 
+    def rotated_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x R`` in ``x``'s dtype. Without autograd the last result is kept on the shared rotation (keyed on the
+        input object and its version), so layers that read the same input, as q/k/v and gate/up do, rotate it once:
+        a decode step makes 4 rotations per block instead of 7."""
+        rot = self.rotation()
+        if torch.is_grad_enabled():
+            return rot.rotate(x.float()).to(x.dtype)
+        last = rot.last_rotated
+        if last is not None and last[0]() is x and last[1] == x._version:
+            return last[2]
+        xr = rot.rotate(x.float()).to(x.dtype)
+        rot.last_rotated = (weakref.ref(x), x._version, xr)
+        return xr
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xr = self.rotation().rotate(x.float()).to(x.dtype)
+        xr = self.rotated_input(x)
         out = self._kernel_forward(xr)
         if out is None:
             out = F.linear(xr, self.dequantize_rotated().to(x.dtype))

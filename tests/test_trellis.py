@@ -289,3 +289,35 @@ def test_column_weights_of_a_single_block_are_the_rotated_hessian_diagonal():
         cost = lambda w, x=x: float((d * (x[0] - v[w]) ** 2).sum())  # noqa: E731
         assert cost(walks[tile]) == pytest.approx(cost(best), rel=1e-5)
         assert cost(walks[tile]) <= cost(viterbi(x, v, 2)[0]) * (1 + 1e-6)  # the unweighted walk is no better
+
+
+def test_layers_reading_one_input_rotate_it_once_and_a_changed_input_is_rotated_again():
+    """q/k/v-style sharing: without autograd, layers of one width given the same tensor reuse its rotation; an
+    in-place change of the input (a new version) or a new tensor is rotated afresh; with autograd nothing is
+    kept. Outputs always equal the float64 product of the rotated input and the decoded weights."""
+    q, k = _layer(seed=1), _layer(seed=1)  # one rotation seed (layers of one width share the rotation)
+    k.scales.data.mul_(2)
+    x = torch.randn(3, 48)
+    rot = q.rotation()
+    assert rot is k.rotation()
+    calls = []
+    original = rot.rotate
+    rot.rotate = lambda t: calls.append(1) or original(t)
+    try:
+        with torch.no_grad():
+            outs = [q(x), k(x)]
+            assert len(calls) == 1
+            x.mul_(2)  # same object, new version
+            outs.append(q(x))
+            assert len(calls) == 2
+            outs.append(k(x.clone()))  # another tensor
+            assert len(calls) == 3
+        q(x)  # autograd on: rotated every time
+        q(x)
+        assert len(calls) == 5
+    finally:
+        rot.rotate = original
+    r = InputRotation(48, q.fmt.rotation_seed).rotate(torch.eye(48, dtype=torch.float64))
+    for layer, inp, got in zip((q, k, q, k), (x / 2, x / 2, x, x), outs, strict=True):
+        ref = inp.double() @ r @ layer.dequantize_rotated().double().T + layer.bias.double()
+        assert torch.allclose(got.double(), ref, atol=1e-4)

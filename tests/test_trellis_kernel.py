@@ -109,3 +109,20 @@ def test_gemv_matches_the_float64_product_for_other_walks_and_partial_programs(s
     got = KT.trellis_gemv(x, KT.pack_tile_words(layer.codes, fmt), layer.scales, fmt, split_k=3)
     bound = 1e-5 * (x.double().abs() @ w.abs().T) + 1e-6
     assert torch.all((got.double() - ref).abs() <= bound)
+
+
+@pytest.mark.parametrize(("state_bits", "k", "tile_rows", "out_f"), [(16, 4, 8, 72), (8, 1, 16, 144)])
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_tensor_core_kernel_matches_the_float64_product(state_bits, k, tile_rows, out_f, tokens):
+    """The MMA kernel (fp16 only; two column blocks a step, so 5 blocks leave half a pair) against float64: the
+    values are exact in fp16, so only the fp32 sums round."""
+    fmt = TrellisFormat(40, out_f, state_bits=state_bits, bits_per_step=k, tile_rows=tile_rows, tile_cols=8)
+    layer = _layer(fmt, seed=k + tokens)
+    x = torch.randn(tokens, 40, generator=torch.Generator().manual_seed(tokens)).half()
+    w = layer.dequantize_rotated().double()
+    ref = x.double() @ w.T
+    got = KT.trellis_gemv(x, KT.pack_tile_words(layer.codes, fmt), layer.scales, fmt, split_k=2, mma=True)
+    bound = 1e-5 * (x.double().abs() @ w.abs().T) + 1e-6
+    assert torch.all((got.double() - ref).abs() <= bound)
+    with pytest.raises(ValueError, match="takes fp16"):
+        KT.trellis_gemv(x.float(), KT.pack_tile_words(layer.codes, fmt), layer.scales, fmt, mma=True)

@@ -35,6 +35,7 @@ from lit_cb.trellis import HASH_ADD, HASH_MUL, TrellisFormat
 _SD = math.sqrt(4 * (256**2 - 1) / 12)
 MAX_TOKENS = 16
 TILES_PER_PROGRAM = 8  # row tiles per program: 8 x 16 words = 128 lanes (4 warps), one word each
+MMA_MIN_TOKENS = 2  # fp16 input with this many tokens or more goes to the tensor-core kernel
 TOKENS_PER_LAUNCH = 8  # each thread keeps 16 states x tokens accumulators: 8 tokens fit in 168 registers on
 # sm_90 (cuobjdump -res-usage), 16 spill, so more tokens are taken 8 at a time
 
@@ -121,6 +122,25 @@ def _byte_sum(h, PTX: tl.constexpr):
 
 
 @triton.jit
+def _decode(
+    hi,
+    lo,
+    sh,
+    STATE_BITS: tl.constexpr,
+    MUL: tl.constexpr,
+    ADD: tl.constexpr,
+    MAGIC_BITS: tl.constexpr,
+    MAGIC_MINUS_MEAN: tl.constexpr,
+    PTX: tl.constexpr,
+):
+    """The value (float32, before the row scale and ``1 / sd``) of the state starting ``sh`` bits into word ``hi``
+    (then ``lo``): its byte-sum hash minus 510, an exact integer in [-510, 510]."""
+    state = _state_windows(hi, lo, sh, PTX) >> (32 - STATE_BITS)
+    total = _byte_sum(state * MUL + ADD, PTX)  # uint32 arithmetic wraps mod 2**32, as the hash asks
+    return (total | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC_MINUS_MEAN
+
+
+@triton.jit
 def _trellis_gemv_kernel(
     x_ptr,  # [M, IN] rotated input (fp16/bf16/fp32)
     words_ptr,  # [NUM_TILES, WORDS] int32
@@ -179,9 +199,7 @@ def _trellis_gemv_kernel(
             lo = tl.load(base + 1, mask=q_ok, other=0, eviction_policy="evict_first").to(tl.uint32, bitcast=True)
             hi3 = tl.broadcast_to(hi[None, None, :], (HALVES, TILE_COLS, Q))
             lo3 = tl.broadcast_to(lo[None, None, :], (HALVES, TILE_COLS, Q))
-            state = _state_windows(hi3, lo3, sh, PTX) >> (32 - STATE_BITS)
-            total = _byte_sum(state * MUL + ADD, PTX)  # uint32 arithmetic wraps mod 2**32, as the hash asks
-            val = (total | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC_MINUS_MEAN  # byte sum - 510, exact
+            val = _decode(hi3, lo3, sh, STATE_BITS, MUL, ADD, MAGIC_BITS, MAGIC_MINUS_MEAN, PTX)
             xs = tl.load(x_ptr + m_idx[:, None] * IN + b * TILE_COLS + c_idx[None, :], mask=m_ok[:, None], other=0.0)
             acc += val[None, :, :, :] * xs.to(tl.float32)[:, None, :, None]
     sums = tl.sum(acc, axis=2)  # [BLOCK_M, HALVES, Q]
@@ -189,6 +207,86 @@ def _trellis_gemv_kernel(
     row_scale = tl.load(scales_ptr + rows, mask=q_ok[None, :], other=0.0).to(tl.float32) * INV_SD
     ok = m_ok[:, None, None] & q_ok[None, None, :]
     tl.atomic_add(out_ptr + m_idx[:, None, None] * OUT + rows[None, :, :], sums * row_scale[None, :, :], mask=ok)
+
+
+@triton.jit
+def _trellis_mma_kernel(
+    x_ptr,  # [M, IN] rotated input, fp16
+    words_ptr,  # [NUM_TILES, WORDS] int32
+    scales_ptr,  # [OUT] row scales
+    out_ptr,  # [M, OUT] float32, zeroed (atomic adds across split-K programs)
+    M,
+    IN,
+    OUT,
+    ROW_TILES,
+    PAIRS_PER_PROGRAM,
+    WORDS: tl.constexpr,
+    TILE_ROWS: tl.constexpr,
+    TILE_COLS: tl.constexpr,
+    STATE_BITS: tl.constexpr,
+    K: tl.constexpr,
+    HALVES: tl.constexpr,
+    N_WORDS: tl.constexpr,
+    TILES_PER_PROGRAM: tl.constexpr,
+    MUL: tl.constexpr,
+    ADD: tl.constexpr,
+    INV_SD: tl.constexpr,
+    MAGIC_BITS: tl.constexpr,
+    MAGIC_MINUS_MEAN: tl.constexpr,
+    PTX: tl.constexpr,
+):
+    """2-16 tokens on tensor cores: the same decode as :func:`_trellis_gemv_kernel`, two column blocks at a time
+    (``[HALVES, 2, TILE_COLS, Q]``, reshaped to ``[HALVES, 2 * TILE_COLS, Q]``: per h, k = input column and
+    n = word), then one batched fp16 MMA of the ``[16, 2 * TILE_COLS]`` input into a ``[HALVES, 16, Q]`` fp32
+    accumulator. The values are integers
+    in [-510, 510], exact in fp16, so the products are exact and only the fp32 sums round; the decode is paid
+    once for all tokens instead of one FMA per token and weight."""
+    g = tl.program_id(0)
+    split = tl.program_id(1)
+    Q: tl.constexpr = TILES_PER_PROGRAM * N_WORDS
+    q = tl.arange(0, Q)
+    tile = g * TILES_PER_PROGRAM + q // N_WORDS
+    q_ok = tile < ROW_TILES
+    word_off = (tile * WORDS + q % N_WORDS).to(tl.int64)
+    h_idx = tl.arange(0, HALVES)
+    c_idx = tl.arange(0, TILE_COLS)
+    j_idx = tl.arange(0, 2)
+    # states as [HALVES, 2, TILE_COLS, Q] (q last: the lanes' axis, as in the FMA kernel, so a thread loads its
+    # two words per block and decodes their states in registers); per h the [2 * TILE_COLS, Q] slab is the
+    # (k = input column, n = word) operand of a batched MMA
+    sh = (K * (h_idx[:, None] * TILE_COLS + c_idx[None, :])).to(tl.uint32)  # [HALVES, TILE_COLS]
+    sh = tl.broadcast_to(sh[:, None, :, None], (HALVES, 2, TILE_COLS, Q))
+    m_idx = tl.arange(0, 16)
+    m_ok = m_idx < M
+    k_idx = tl.arange(0, 2 * TILE_COLS)
+    acc = tl.zeros((HALVES, 16, Q), dtype=tl.float32)
+    n_blocks = IN // TILE_COLS
+    b_start = split * 2 * PAIRS_PER_PROGRAM
+    for i in range(PAIRS_PER_PROGRAM):
+        b0 = b_start + 2 * i
+        if b0 < n_blocks:
+            bj = b0 + j_idx
+            ok = (bj[:, None] < n_blocks) & q_ok[None, :]  # [2, Q]
+            ptrs = words_ptr + bj.to(tl.int64)[:, None] * ROW_TILES * WORDS + word_off[None, :]
+            hi = tl.load(ptrs, mask=ok, other=0, eviction_policy="evict_first").to(tl.uint32, bitcast=True)
+            lo = tl.load(ptrs + 1, mask=ok, other=0, eviction_policy="evict_first").to(tl.uint32, bitcast=True)
+            hi4 = tl.broadcast_to(hi[None, :, None, :], (HALVES, 2, TILE_COLS, Q))
+            lo4 = tl.broadcast_to(lo[None, :, None, :], (HALVES, 2, TILE_COLS, Q))
+            val = _decode(hi4, lo4, sh, STATE_BITS, MUL, ADD, MAGIC_BITS, MAGIC_MINUS_MEAN, PTX)
+            w_t = tl.reshape(val, (HALVES, 2 * TILE_COLS, Q)).to(tl.float16)
+            cols = b0 * TILE_COLS + k_idx
+            xs = tl.load(  # [16 tokens, 2 * TILE_COLS]
+                x_ptr + m_idx[:, None] * IN + cols[None, :], mask=m_ok[:, None] & (cols[None, :] < IN), other=0.0
+            )
+            acc = tl.dot(tl.broadcast_to(xs[None, :, :], (HALVES, 16, 2 * TILE_COLS)), w_t, acc)
+    qn = tl.arange(0, Q)
+    tile_n = g * TILES_PER_PROGRAM + qn // N_WORDS
+    rows = tile_n[None, :] * TILE_ROWS + (qn % N_WORDS)[None, :] * HALVES + h_idx[:, None]  # [HALVES, Q]
+    n_ok = tile_n < ROW_TILES
+    row_scale = tl.load(scales_ptr + rows, mask=n_ok[None, :], other=0.0).to(tl.float32) * INV_SD
+    ok = m_ok[None, :, None] & n_ok[None, None, :]
+    out = acc * row_scale[:, None, :]
+    tl.atomic_add(out_ptr + m_idx[None, :, None] * OUT + rows[:, None, :], out, mask=ok)
 
 
 def default_split_k(fmt: TrellisFormat, on_gpu: bool) -> int:
@@ -202,6 +300,28 @@ def default_split_k(fmt: TrellisFormat, on_gpu: bool) -> int:
     return max(1, min(-(-4096 // groups), n_blocks // 16))
 
 
+def _common(fmt: TrellisFormat, words: torch.Tensor, ptx: bool) -> dict:
+    """The constexprs both kernels take."""
+    k = fmt.bits_per_step
+    halves = (32 // k) // fmt.tile_cols
+    return dict(
+        WORDS=words.shape[1],
+        TILE_ROWS=fmt.tile_rows,
+        TILE_COLS=fmt.tile_cols,
+        STATE_BITS=fmt.state_bits,
+        K=k,
+        HALVES=halves,
+        N_WORDS=fmt.tile_rows // halves,
+        TILES_PER_PROGRAM=TILES_PER_PROGRAM,
+        MUL=HASH_MUL,
+        ADD=HASH_ADD,
+        INV_SD=1.0 / _SD,
+        MAGIC_BITS=_MAGIC_BITS,
+        MAGIC_MINUS_MEAN=_MAGIC_MINUS_MEAN,
+        PTX=ptx,
+    )
+
+
 def trellis_gemv(
     x_rot: torch.Tensor,
     words: torch.Tensor,
@@ -210,28 +330,40 @@ def trellis_gemv(
     split_k: int | None = None,
     num_warps: int = 4,
     ptx: bool | None = None,
+    mma: bool | None = None,
 ) -> torch.Tensor:
     """``x_rot @ W_r^T`` (float32 ``[M, out]``) for ``M <= MAX_TOKENS`` rotated tokens ``[M, in]``; ``words`` from
     :func:`pack_tile_words`, ``scales`` ``[out]`` or ``[out, 1]``. ``split_k`` programs share each row tile's
     columns (default :func:`default_split_k`); ``ptx`` (default :func:`use_ptx`) picks the inline-PTX integer
-    path."""
+    path; ``mma`` (default: fp16 input with at least :data:`MMA_MIN_TOKENS` tokens) the tensor-core kernel, which
+    takes fp16 only."""
     if not supports(fmt):
         raise ValueError(f"the trellis kernel does not take {fmt}")
     m, n_in = x_rot.shape
     if m > MAX_TOKENS or n_in != fmt.in_features:
         raise ValueError(f"x has shape {tuple(x_rot.shape)}; expected [<= {MAX_TOKENS}, {fmt.in_features}]")
+    if mma is None:
+        mma = x_rot.dtype == torch.float16 and m >= MMA_MIN_TOKENS
+    if mma and x_rot.dtype != torch.float16:
+        raise ValueError(f"the tensor-core trellis kernel takes fp16 input, not {x_rot.dtype}")
     row_tiles = fmt.out_features // fmt.tile_rows
     n_blocks = fmt.in_features // fmt.tile_cols
     groups = -(-row_tiles // TILES_PER_PROGRAM)
     if split_k is None:
         split_k = default_split_k(fmt, x_rot.is_cuda)
     per_program = -(-n_blocks // max(1, min(split_k, n_blocks)))
+    if mma:
+        per_program += per_program % 2  # whole pairs of column blocks
     split_k = -(-n_blocks // per_program)
     out = torch.zeros(m, fmt.out_features, dtype=torch.float32, device=x_rot.device)
-    k = fmt.bits_per_step
-    halves = (32 // k) // fmt.tile_cols
     x_rot = x_rot.contiguous()
     scales = scales.reshape(-1).contiguous()
+    const = _common(fmt, words, use_ptx(x_rot) if ptx is None else ptx)
+    if mma:
+        _trellis_mma_kernel[(groups, split_k)](
+            x_rot, words, scales, out, m, n_in, fmt.out_features, row_tiles, per_program // 2, **const, num_warps=4
+        )
+        return out
     for t0 in range(0, m, TOKENS_PER_LAUNCH):
         chunk = min(TOKENS_PER_LAUNCH, m - t0)
         _trellis_gemv_kernel[(groups, split_k)](
@@ -244,21 +376,8 @@ def trellis_gemv(
             fmt.out_features,
             row_tiles,
             per_program,
-            WORDS=words.shape[1],
-            TILE_ROWS=fmt.tile_rows,
-            TILE_COLS=fmt.tile_cols,
-            STATE_BITS=fmt.state_bits,
-            K=k,
-            HALVES=halves,
-            N_WORDS=fmt.tile_rows // halves,
-            TILES_PER_PROGRAM=TILES_PER_PROGRAM,
             BLOCK_M=max(1, triton.next_power_of_2(chunk)),
-            MUL=HASH_MUL,
-            ADD=HASH_ADD,
-            INV_SD=1.0 / _SD,
-            MAGIC_BITS=_MAGIC_BITS,
-            MAGIC_MINUS_MEAN=_MAGIC_MINUS_MEAN,
-            PTX=use_ptx(x_rot) if ptx is None else ptx,
+            **const,
             num_warps=num_warps,
         )
     return out
