@@ -4,7 +4,8 @@
 What each row times (CUDA-graph median per call over weight copies rotated past the 50 MB L2, as
 bench/kernel_bench.py does):
     fp16            F.linear with an fp16 weight (cuBLAS)
-    trellis         TrellisLinear's decode path: the input rotation (PyTorch: signs, Hadamard groups, mix) + the kernel
+    trellis         TrellisLinear's decode path: the input rotation (lit_cb/kernels/rotation.py on a GPU) + the kernel
+    rotation_torch / rotation_kernel   the input rotation alone, in PyTorch ops / through the Triton kernels
     trellis_kernel  the kernel alone on an already-rotated input (tensor cores from 2 tokens, fp16)
     trellis_kernel_fma  the FMA kernel (the one-token path) at 2 tokens or more, for comparison
     trellis_kernel_no_ptx  the same with plain integer ops for the funnel shift and the byte sum (no inline PTX)
@@ -91,6 +92,7 @@ def main() -> None:
     import triton
 
     from lit_cb.kernels import dispatch
+    from lit_cb.kernels import rotation as KR
     from lit_cb.kernels import trellis as KT
 
     bk = None if args.smoke else _load("bench_kernels", "kernel_bench.py")
@@ -140,9 +142,23 @@ def main() -> None:
             layer_out = tl[0](x).double()
             ref_layer = x.double() @ tl[0].dequantize().double().T
             rel_layer = float((layer_out - ref_layer).norm() / ref_layer.norm())
-            doc["check"].append({"shape": shape, "kernel_rel_err": rel, "layer_rel_err": rel_layer})
+            rot = tl[0].rotation()
+            rot_rel = float((KR.rotate(x, rot).double() - rot.rotate(x.double())).norm() / x.double().norm())
+            xh = x[:2].contiguous()  # two tokens: the tensor-core kernel against float64
+            got_mma = KT.trellis_gemv(rot.rotate(xh.float()).half(), words[0], tl[0].scales, tl[0].fmt, mma=True)
+            ref_mma = rot.rotate(xh.float()).half().double() @ tl[0].dequantize_rotated().double().T
+            rel_mma = float((got_mma.double() - ref_mma).norm() / ref_mma.norm())
+            doc["check"].append(
+                {
+                    "shape": shape,
+                    "kernel_rel_err": rel,
+                    "layer_rel_err": rel_layer,
+                    "rotation_kernel_rel_err": rot_rel,
+                    "mma_kernel_rel_err": rel_mma,
+                }
+            )
             print("check", doc["check"][-1], flush=True)
-            if rel > 1e-3 or rel_layer > 1e-2:
+            if rel > 1e-3 or rel_layer > 1e-2 or rot_rel > 1e-3 or rel_mma > 1e-3:
                 flush()
                 sys.exit(f"{shape}: the kernel disagrees with the float64 reference (rel {rel:.2e}, {rel_layer:.2e})")
             for m in tokens_list:
@@ -150,6 +166,8 @@ def main() -> None:
                 xrs = tl[0].rotation().rotate(xs.float()).half()
                 row = {"shape": shape, "tokens": m}
                 row["fp16_us"] = time_us([lambda w=w, xs=xs: F.linear(xs, w) for w in dense])
+                row["rotation_torch_us"] = time_us([lambda xs=xs, rot=rot: rot.rotate(xs.float()).to(xs.dtype)])
+                row["rotation_kernel_us"] = time_us([lambda xs=xs, rot=rot: KR.rotate(xs, rot)])
                 row["trellis_us"] = time_us(  # the rotation's reuse cache cleared: each call rotates its input
                     [lambda layer=layer, xs=xs: (_forget_rotation(layer), layer(xs))[1] for layer in tl]
                 )

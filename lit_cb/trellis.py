@@ -372,14 +372,23 @@ class TrellisLinear(CompressedLinear):
     def rotated_input(self, x: torch.Tensor) -> torch.Tensor:
         """``x R`` in ``x``'s dtype. Without autograd the last result is kept on the shared rotation (keyed on the
         input object and its version), so layers that read the same input, as q/k/v and gate/up do, rotate it once:
-        a decode step makes 4 rotations per block instead of 7."""
+        a decode step makes 4 rotations per block instead of 7; on a GPU the rotation is the Triton kernels'."""
         rot = self.rotation()
         if torch.is_grad_enabled():
             return rot.rotate(x.float()).to(x.dtype)
         last = rot.last_rotated
         if last is not None and last[0]() is x and last[1] == x._version:
             return last[2]
-        xr = rot.rotate(x.float()).to(x.dtype)
+        xr = None
+        if self.use_kernels:
+            try:
+                from lit_cb.kernels import rotation as kernels
+            except ImportError:  # no triton: PyTorch below
+                kernels = None
+            if kernels is not None and kernels.supports(rot, x):
+                xr = kernels.rotate(x, rot)  # one or two launches (lit_cb/kernels/rotation.py)
+        if xr is None:
+            xr = rot.rotate(x.float()).to(x.dtype)
         rot.last_rotated = (weakref.ref(x), x._version, xr)
         return xr
 
