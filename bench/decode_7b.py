@@ -189,6 +189,8 @@ def decode_tok_s(
     """Tokens/s of one CUDA-graph decode step; ``fuse``: q/k/v and gate/up as one fused layer each
     (:func:`lit_cb.fused.fuse_codebook_projections`, 4 launches per block instead of 7). ``smoke``: the same
     model at toy sizes on the CPU, eager, one step (checks the code path, times nothing meaningful)."""
+    from lit_cb.trellis import shared_rotations  # q/k/v and gate/up of trellis layers rotate their input once
+
     torch.manual_seed(0)
     device = "cpu" if smoke else "cuda"
     with torch.device(device):
@@ -201,11 +203,11 @@ def decode_tok_s(
             raise RuntimeError("expected q/k/v and gate/up fused in every block")
     ids = torch.randint(0, VOCAB, (batch, 1), device=device)
     if smoke:
-        with torch.inference_mode():
+        with torch.inference_mode(), shared_rotations():
             t0 = time.perf_counter()
             model(ids, context)
         return batch / (time.perf_counter() - t0)
-    with torch.inference_mode():
+    with torch.inference_mode(), shared_rotations():
         for _ in range(3):
             model(ids, context)
         torch.cuda.synchronize()

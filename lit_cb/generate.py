@@ -26,6 +26,7 @@ pieces it is made of, for scripts (``bench/generate.py``) and tests.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
@@ -73,6 +74,19 @@ class GenerationStats:
             f"decode: {self.decode_tokens} tokens in {self.decode_seconds:.3f} s ({self.decode_tok_s:.1f} tok/s) "
             f"[{mode}]"
         )
+
+
+def _decoding() -> contextlib.ExitStack:
+    """Inference mode, with trellis layers that read one input (q/k/v, gate/up) sharing its rotation
+    (:func:`lit_cb.trellis.shared_rotations`; nothing changes a layer's input in place while decoding)."""
+    import torch
+
+    from lit_cb.trellis import shared_rotations
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode())
+    stack.enter_context(shared_rotations())
+    return stack
 
 
 def _positive_int(text: str) -> int:
@@ -474,7 +488,7 @@ def _graph_generate(
 
     # room for the warm-up steps, whose key/value writes land past the last real position
     cache_len = prompt_len + max_new_tokens + GRAPH_WARMUP_STEPS
-    with torch.inference_mode():
+    with _decoding():
         cache = _static_cache(model, batch, cache_len)
         cache_kw = _cache_keyword(model)
         mask = torch.zeros(batch, cache_len, dtype=torch.long, device=device)
@@ -579,7 +593,7 @@ def generate(
         warmup_cfg = generation_config(model, max_new_tokens, temperature, top_p, compile_backend, tokenizer)
         try:
             torch.manual_seed(seed)
-            with torch.inference_mode():
+            with _decoding():
                 model.generate(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
@@ -592,7 +606,7 @@ def generate(
     cfg = generation_config(model, max_new_tokens, temperature, top_p, compile_backend, tokenizer)
     clock = _Clock()
     torch.manual_seed(seed)
-    with torch.inference_mode():
+    with _decoding():
         out = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -26,9 +26,10 @@ block-LDLQ error feedback (:func:`block_ldlq`), by :mod:`lit_cb.quant.trellis`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -214,6 +215,23 @@ class InputRotation:
 
 
 _ROTATIONS: dict[tuple[int, int], InputRotation] = {}
+_SHARE_INFERENCE_ROTATIONS = False
+
+
+@contextlib.contextmanager
+def shared_rotations() -> Iterator[None]:
+    """Let trellis layers reuse the rotation of an inference-mode input by its identity alone (such tensors carry no
+    version counter). For a model's forward passes, where q/k/v and gate/up read one fresh tensor each and nothing
+    changes it in place in between (``lit_cb generate`` decodes inside it); not for code that mutates a layer's
+    input in place and calls the layer again."""
+    global _SHARE_INFERENCE_ROTATIONS
+    previous, _SHARE_INFERENCE_ROTATIONS = _SHARE_INFERENCE_ROTATIONS, True
+    try:
+        yield
+    finally:
+        _SHARE_INFERENCE_ROTATIONS = previous
+        for rot in _ROTATIONS.values():
+            rot.last_rotated = None
 
 
 def input_rotation(n: int, seed: int) -> InputRotation:
@@ -371,13 +389,17 @@ class TrellisLinear(CompressedLinear):
 
     def rotated_input(self, x: torch.Tensor) -> torch.Tensor:
         """``x R`` in ``x``'s dtype. Without autograd the last result is kept on the shared rotation (keyed on the
-        input object and its version), so layers that read the same input, as q/k/v and gate/up do, rotate it once:
+        input object and its version; inference-mode tensors carry no version, so they are kept only inside
+        :func:`shared_rotations`), so layers that read the same input, as q/k/v and gate/up do, rotate it once:
         a decode step makes 4 rotations per block instead of 7; on a GPU the rotation is the Triton kernels'."""
         rot = self.rotation()
         if torch.is_grad_enabled():
             return rot.rotate(x.float()).to(x.dtype)
+        inference = x.is_inference()  # no version counter: an in-place change would be invisible
+        keep = not inference or _SHARE_INFERENCE_ROTATIONS
+        version = -1 if inference else x._version
         last = rot.last_rotated
-        if last is not None and last[0]() is x and last[1] == x._version:
+        if keep and last is not None and last[0]() is x and last[1] == version:
             return last[2]
         xr = None
         if self.use_kernels:
@@ -389,7 +411,8 @@ class TrellisLinear(CompressedLinear):
                 xr = kernels.rotate(x, rot)  # one or two launches (lit_cb/kernels/rotation.py)
         if xr is None:
             xr = rot.rotate(x.float()).to(x.dtype)
-        rot.last_rotated = (weakref.ref(x), x._version, xr)
+        if keep:
+            rot.last_rotated = (weakref.ref(x), version, xr)
         return xr
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from lit_cb.trellis import (
     TrellisFormat,
     TrellisLinear,
     computed_values,
+    shared_rotations,
     symbols_to_states,
     tiles_to_matrix,
     viterbi,
@@ -315,6 +316,13 @@ def test_layers_reading_one_input_rotate_it_once_and_a_changed_input_is_rotated_
         q(x)  # autograd on: rotated every time
         q(x)
         assert len(calls) == 5
+        with torch.inference_mode():  # inference tensors carry no version counter: kept only when asked
+            xi = x.clone()
+            q(xi), k(xi)
+            assert len(calls) == 7
+            with shared_rotations():
+                q(xi), k(xi)
+            assert len(calls) == 8 and rot.last_rotated is None  # nothing is left behind on exit
     finally:
         rot.rotate = original
     r = InputRotation(48, q.fmt.rotation_seed).rotate(torch.eye(48, dtype=torch.float64))
