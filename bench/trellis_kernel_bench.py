@@ -115,6 +115,7 @@ def main() -> None:
         "check": [],
         "layers": [],
         "split_k": [],
+        "program_sweep": [],
     }
 
     def flush() -> None:
@@ -201,6 +202,38 @@ def main() -> None:
                 doc["layers"].append(row)
                 print("layer", json.dumps(row), flush=True)
                 flush()
+            # program shape: row tiles per program x warps (x the default split-K, and twice it), 1 and 16 tokens
+            for m_sweep in (1, max(tokens_list)):
+                xm = tl[0].rotation().rotate(torch.randn(m_sweep, in_f, device=device).float()).half()
+                base_split = KT.default_split_k(tl[0].fmt, device == "cuda")
+                for tpp in (4, 8, 16):
+                    for nw in (2, 4, 8):
+                        for split in (base_split, 2 * base_split):
+                            us = time_us(
+                                [
+                                    lambda w=w, layer=layer, xm=xm, tpp=tpp, nw=nw, split=split: KT.trellis_gemv(
+                                        xm,
+                                        w,
+                                        layer.scales,
+                                        layer.fmt,
+                                        split_k=split,
+                                        num_warps=nw,
+                                        tiles_per_program=tpp,
+                                    )
+                                    for w, layer in zip(words, tl, strict=True)
+                                ]
+                            )
+                            doc["program_sweep"].append(
+                                {
+                                    "shape": shape,
+                                    "tokens": m_sweep,
+                                    "tiles_per_program": tpp,
+                                    "num_warps": nw,
+                                    "split_k": split,
+                                    "kernel_us": us,
+                                }
+                            )
+            flush()
             x1 = tl[0].rotation().rotate(torch.randn(1, in_f, device=device).float()).half()
             for split in (int(s) for s in args.splits.split(",")):
                 us = time_us(

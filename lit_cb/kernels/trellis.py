@@ -289,18 +289,18 @@ def _trellis_mma_kernel(
     tl.atomic_add(out_ptr + m_idx[None, :, None] * OUT + rows[:, None, :], out, mask=ok)
 
 
-def default_split_k(fmt: TrellisFormat, on_gpu: bool) -> int:
+def default_split_k(fmt: TrellisFormat, on_gpu: bool, tiles_per_program: int = TILES_PER_PROGRAM) -> int:
     """Programs per row tile: enough for about 8,192 programs (the sweep in bench/results/trellis_kernel_h100.json:
     at one token, time falls until 4,096-28,672 programs), each keeping at least 16 column blocks."""
     if not on_gpu:
         return 1
     row_tiles = fmt.out_features // fmt.tile_rows
     n_blocks = fmt.in_features // fmt.tile_cols
-    groups = -(-row_tiles // TILES_PER_PROGRAM)
+    groups = -(-row_tiles // tiles_per_program)
     return max(1, min(-(-4096 // groups), n_blocks // 16))
 
 
-def _common(fmt: TrellisFormat, words: torch.Tensor, ptx: bool) -> dict:
+def _common(fmt: TrellisFormat, words: torch.Tensor, ptx: bool, tiles_per_program: int) -> dict:
     """The constexprs both kernels take."""
     k = fmt.bits_per_step
     halves = (32 // k) // fmt.tile_cols
@@ -312,7 +312,7 @@ def _common(fmt: TrellisFormat, words: torch.Tensor, ptx: bool) -> dict:
         K=k,
         HALVES=halves,
         N_WORDS=fmt.tile_rows // halves,
-        TILES_PER_PROGRAM=TILES_PER_PROGRAM,
+        TILES_PER_PROGRAM=tiles_per_program,
         MUL=HASH_MUL,
         ADD=HASH_ADD,
         INV_SD=1.0 / _SD,
@@ -331,12 +331,14 @@ def trellis_gemv(
     num_warps: int = 4,
     ptx: bool | None = None,
     mma: bool | None = None,
+    tiles_per_program: int = TILES_PER_PROGRAM,
 ) -> torch.Tensor:
     """``x_rot @ W_r^T`` (float32 ``[M, out]``) for ``M <= MAX_TOKENS`` rotated tokens ``[M, in]``; ``words`` from
     :func:`pack_tile_words`, ``scales`` ``[out]`` or ``[out, 1]``. ``split_k`` programs share each row tile's
     columns (default :func:`default_split_k`); ``ptx`` (default :func:`use_ptx`) picks the inline-PTX integer
     path; ``mma`` (default: fp16 input with at least :data:`MMA_MIN_TOKENS` tokens) the tensor-core kernel, which
-    takes fp16 only."""
+    takes fp16 only; ``tiles_per_program`` (a power of two) and ``num_warps`` shape the programs (the bench
+    sweeps them)."""
     if not supports(fmt):
         raise ValueError(f"the trellis kernel does not take {fmt}")
     m, n_in = x_rot.shape
@@ -348,9 +350,11 @@ def trellis_gemv(
         raise ValueError(f"the tensor-core trellis kernel takes fp16 input, not {x_rot.dtype}")
     row_tiles = fmt.out_features // fmt.tile_rows
     n_blocks = fmt.in_features // fmt.tile_cols
-    groups = -(-row_tiles // TILES_PER_PROGRAM)
+    if tiles_per_program < 1 or tiles_per_program & (tiles_per_program - 1):
+        raise ValueError(f"tiles_per_program must be a power of two, got {tiles_per_program}")
+    groups = -(-row_tiles // tiles_per_program)
     if split_k is None:
-        split_k = default_split_k(fmt, x_rot.is_cuda)
+        split_k = default_split_k(fmt, x_rot.is_cuda, tiles_per_program)
     per_program = -(-n_blocks // max(1, min(split_k, n_blocks)))
     if mma:
         per_program += per_program % 2  # whole pairs of column blocks
@@ -358,10 +362,20 @@ def trellis_gemv(
     out = torch.zeros(m, fmt.out_features, dtype=torch.float32, device=x_rot.device)
     x_rot = x_rot.contiguous()
     scales = scales.reshape(-1).contiguous()
-    const = _common(fmt, words, use_ptx(x_rot) if ptx is None else ptx)
+    const = _common(fmt, words, use_ptx(x_rot) if ptx is None else ptx, tiles_per_program)
     if mma:
         _trellis_mma_kernel[(groups, split_k)](
-            x_rot, words, scales, out, m, n_in, fmt.out_features, row_tiles, per_program // 2, **const, num_warps=4
+            x_rot,
+            words,
+            scales,
+            out,
+            m,
+            n_in,
+            fmt.out_features,
+            row_tiles,
+            per_program // 2,
+            **const,
+            num_warps=num_warps,
         )
         return out
     for t0 in range(0, m, TOKENS_PER_LAUNCH):
