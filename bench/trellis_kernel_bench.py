@@ -79,6 +79,7 @@ def main() -> None:
     p.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008,28672x8192", help="OUTxIN")
     p.add_argument("--tokens", default="1,4,16")
     p.add_argument("--splits", default="1,2,4,8,16,32", help="split-K values swept at one token")
+    p.add_argument("--prefill", type=int, default=2048, help="tokens of the prefill row")
     args = p.parse_args()
     if args.out and pathlib.Path(args.out).exists():
         p.error(f"--out {args.out} exists; choose another path (nothing is overwritten)")
@@ -86,7 +87,7 @@ def main() -> None:
     if args.smoke:
         if os.environ.get("TRITON_INTERPRET") != "1":
             sys.exit("--smoke needs TRITON_INTERPRET=1 (the kernel runs in Triton's CPU interpreter)")
-        args.shapes, args.tokens, args.splits = "64x48", "1,3", "1,2"
+        args.shapes, args.tokens, args.splits, args.prefill = "64x48", "1,3", "1,2", 20
     elif not torch.cuda.is_available():
         sys.exit("no GPU: use --smoke (with TRITON_INTERPRET=1) on a CPU")
     import triton
@@ -116,6 +117,7 @@ def main() -> None:
         "layers": [],
         "split_k": [],
         "program_sweep": [],
+        "prefill": [],
     }
 
     def flush() -> None:
@@ -202,6 +204,22 @@ def main() -> None:
                 doc["layers"].append(row)
                 print("layer", json.dumps(row), flush=True)
                 flush()
+            # prefill: the layer decodes its weight on the device per call, then one GEMM (issue 10: >= 0.9x fp16)
+            xp = torch.randn(args.prefill, in_f, device=device, dtype=torch.float16)
+            row = {"shape": shape, "tokens": args.prefill}
+            row["fp16_us"] = time_us([lambda w=w, xp=xp: F.linear(xp, w) for w in dense])
+            row["trellis_us"] = time_us(
+                [lambda layer=layer, xp=xp: (_forget_rotation(layer), layer(xp))[1] for layer in tl]
+            )
+            row["dequantize_us"] = time_us(
+                [
+                    lambda w=w, layer=layer: KT.trellis_dequantize(w, layer.scales, layer.fmt, torch.float16)
+                    for w, layer in zip(words, tl, strict=True)
+                ]
+            )
+            row["trellis_vs_fp16"] = row["fp16_us"] / row["trellis_us"]
+            doc["prefill"].append(row)
+            print("prefill", json.dumps(row), flush=True)
             # program shape: row tiles per program x warps (x the default split-K, and twice it), 1 and 16 tokens
             for m_sweep in (1, max(tokens_list)):
                 xm = tl[0].rotation().rotate(torch.randn(m_sweep, in_f, device=device).float()).half()

@@ -371,10 +371,12 @@ class TrellisLinear(CompressedLinear):
         return self._from_codes("_words_cache", lambda: pack_tile_words(self.codes, self.fmt))
 
     def _kernel_forward(self, xr: torch.Tensor) -> torch.Tensor | None:
-        """``xr @ W_r^T`` through the decode kernel for a few tokens on a GPU (or the interpreter in tests), None
-        where it does not apply (no triton, CPU, more than 16 tokens, a training step, a format it lacks)."""
+        """``xr @ W_r^T`` through the kernels on a GPU (or the interpreter in tests): the decode kernels for up to 16
+        tokens; for more, the weight decoded on the device for this call alone, then one dense matmul (the reference
+        path's float32 cache of every weight is for training, not serving). None where no kernel applies (no
+        triton, CPU, a training step, a format they lack)."""
         tokens = xr.numel() // self.in_features
-        if not self.use_kernels or tokens > 16 or (torch.is_grad_enabled() and self.scales.requires_grad):
+        if not self.use_kernels or (torch.is_grad_enabled() and self.scales.requires_grad):
             return None
         try:
             from lit_cb.kernels import dispatch
@@ -383,6 +385,8 @@ class TrellisLinear(CompressedLinear):
             return None
         if not dispatch._device_ok(xr) or not kernels.supports(self.fmt):
             return None
+        if tokens > kernels.MAX_TOKENS:
+            return F.linear(xr, kernels.trellis_dequantize(self.tile_words(), self.scales, self.fmt, xr.dtype))
         flat = xr.reshape(tokens, self.in_features)
         out = kernels.trellis_gemv(flat, self.tile_words(), self.scales, self.fmt)
         return out.to(xr.dtype).reshape(*xr.shape[:-1], self.out_features)

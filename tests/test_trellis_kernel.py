@@ -126,3 +126,27 @@ def test_tensor_core_kernel_matches_the_float64_product(state_bits, k, tile_rows
     assert torch.all((got.double() - ref).abs() <= bound)
     with pytest.raises(ValueError, match="takes fp16"):
         KT.trellis_gemv(x.float(), KT.pack_tile_words(layer.codes, fmt), layer.scales, fmt, mma=True)
+
+
+@pytest.mark.parametrize(("state_bits", "k", "tile_rows", "out_f"), [(12, 2, 32, 288), (16, 4, 8, 72), (8, 1, 16, 48)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_device_dequantize_is_the_reference_weight(state_bits, k, tile_rows, out_f, dtype):
+    fmt = TrellisFormat(24, out_f, state_bits=state_bits, bits_per_step=k, tile_rows=tile_rows, tile_cols=8)
+    layer = _layer(fmt, seed=state_bits)
+    ref = layer.dequantize_rotated().double()
+    got = KT.trellis_dequantize(KT.pack_tile_words(layer.codes, fmt), layer.scales, fmt, dtype)
+    assert got.dtype == dtype and got.shape == ref.shape
+    assert torch.all((got.double() - ref).abs() <= torch.finfo(dtype).eps * ref.abs() + 1e-7)
+
+
+def test_many_tokens_decode_the_weight_per_call_and_keep_no_float_copy():
+    fmt = TrellisFormat(48, 32, tile_rows=16, tile_cols=8, bias=True)
+    layer = _layer(fmt, seed=5)
+    x = torch.randn(3, 9, 48)  # 27 tokens: more than the matvec kernels take
+    with torch.no_grad():
+        ref = x.double() @ layer.dequantize().double().T + layer.bias.double()
+        layer.__dict__.pop("_unit_cache", None)
+        with interpreter_on_cpu():
+            got = layer(x)
+    assert "_unit_cache" not in layer.__dict__  # the serving path decoded on the device, kept nothing
+    assert torch.allclose(got.double(), ref, atol=1e-4)

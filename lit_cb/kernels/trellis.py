@@ -289,6 +289,56 @@ def _trellis_mma_kernel(
     tl.atomic_add(out_ptr + m_idx[None, :, None] * OUT + rows[:, None, :], out, mask=ok)
 
 
+@triton.jit
+def _trellis_dequant_kernel(
+    words_ptr,  # [NUM_TILES, WORDS] int32
+    scales_ptr,  # [OUT] row scales
+    w_ptr,  # [IN, OUT] output: W_r^T in the rotated basis, scales applied
+    OUT,
+    ROW_TILES,
+    WORDS: tl.constexpr,
+    TILE_ROWS: tl.constexpr,
+    TILE_COLS: tl.constexpr,
+    STATE_BITS: tl.constexpr,
+    K: tl.constexpr,
+    HALVES: tl.constexpr,
+    N_WORDS: tl.constexpr,
+    TILES_PER_PROGRAM: tl.constexpr,
+    MUL: tl.constexpr,
+    ADD: tl.constexpr,
+    INV_SD: tl.constexpr,
+    MAGIC_BITS: tl.constexpr,
+    MAGIC_MINUS_MEAN: tl.constexpr,
+    PTX: tl.constexpr,
+):
+    """One column block of ``TILES_PER_PROGRAM`` row tiles per program: the same decode as the matvec kernels,
+    times the row scale, written as ``W_r^T[col, row]`` (for many tokens, where a dense matmul of the decoded
+    weight beats decoding per token and nothing is kept between calls). Transposed because the lanes own rows:
+    a warp's store then spans 64 consecutive rows of one column (4 sectors), not 32 rows of ``W_r`` (32 sectors)."""
+    g = tl.program_id(0)
+    b = tl.program_id(1)
+    Q: tl.constexpr = TILES_PER_PROGRAM * N_WORDS
+    q = tl.arange(0, Q)
+    tile = g * TILES_PER_PROGRAM + q // N_WORDS
+    w = q % N_WORDS
+    q_ok = tile < ROW_TILES
+    h_idx = tl.arange(0, HALVES)
+    c_idx = tl.arange(0, TILE_COLS)
+    sh = (K * (h_idx[:, None] * TILE_COLS + c_idx[None, :])).to(tl.uint32)
+    sh = tl.broadcast_to(sh[:, :, None], (HALVES, TILE_COLS, Q))
+    base = words_ptr + b.to(tl.int64) * ROW_TILES * WORDS + (tile * WORDS + w).to(tl.int64)
+    hi = tl.load(base, mask=q_ok, other=0, eviction_policy="evict_first").to(tl.uint32, bitcast=True)
+    lo = tl.load(base + 1, mask=q_ok, other=0, eviction_policy="evict_first").to(tl.uint32, bitcast=True)
+    hi3 = tl.broadcast_to(hi[None, None, :], (HALVES, TILE_COLS, Q))
+    lo3 = tl.broadcast_to(lo[None, None, :], (HALVES, TILE_COLS, Q))
+    val = _decode(hi3, lo3, sh, STATE_BITS, MUL, ADD, MAGIC_BITS, MAGIC_MINUS_MEAN, PTX)
+    rows = tile[None, :] * TILE_ROWS + w[None, :] * HALVES + h_idx[:, None]  # [HALVES, Q]
+    scale = tl.load(scales_ptr + rows, mask=q_ok[None, :], other=0.0).to(tl.float32) * INV_SD
+    cols = b * TILE_COLS + c_idx
+    ptrs = w_ptr + cols[None, :, None].to(tl.int64) * OUT + rows[:, None, :]
+    tl.store(ptrs, (val * scale[:, None, :]).to(w_ptr.dtype.element_ty), mask=q_ok[None, None, :])
+
+
 def default_split_k(fmt: TrellisFormat, on_gpu: bool, tiles_per_program: int = TILES_PER_PROGRAM) -> int:
     """Programs per row tile: enough for about 8,192 programs (the sweep in bench/results/trellis_kernel_h100.json:
     at one token, time falls until 4,096-28,672 programs), each keeping at least 16 column blocks."""
@@ -395,3 +445,20 @@ def trellis_gemv(
             num_warps=num_warps,
         )
     return out
+
+
+def trellis_dequantize(
+    words: torch.Tensor, scales: torch.Tensor, fmt: TrellisFormat, dtype: torch.dtype, ptx: bool | None = None
+) -> torch.Tensor:
+    """``W_r`` (``[out, in]`` in ``dtype``, a transposed view: the rotated-basis weight, row scales applied) decoded on
+    the device from :func:`pack_tile_words`'s words, for calls with more tokens than the matvec kernels take.
+    Nothing is kept: the layer's reference path caches a float32 copy of every weight, which a served model cannot
+    afford."""
+    if not supports(fmt):
+        raise ValueError(f"the trellis kernel does not take {fmt}")
+    row_tiles = fmt.out_features // fmt.tile_rows
+    w_t = torch.empty(fmt.in_features, fmt.out_features, dtype=dtype, device=words.device)
+    const = _common(fmt, words, use_ptx(words) if ptx is None else ptx, TILES_PER_PROGRAM)
+    grid = (-(-row_tiles // TILES_PER_PROGRAM), fmt.in_features // fmt.tile_cols)
+    _trellis_dequant_kernel[grid](words, scales.reshape(-1).contiguous(), w_t, fmt.out_features, row_tiles, **const)
+    return w_t.t()  # [out, in], a view: F.linear hands the transpose to the GEMM
