@@ -220,37 +220,24 @@ def main() -> None:
             row["trellis_vs_fp16"] = row["fp16_us"] / row["trellis_us"]
             doc["prefill"].append(row)
             print("prefill", json.dumps(row), flush=True)
-            # program shape: row tiles per program x warps (x the default split-K, and twice it), 1 and 16 tokens
-            for m_sweep in (1, max(tokens_list)):
+            # program shape: row tiles per program x warps at the default split-K, 1 and 16 tokens
+            for m_sweep, shapes_swept in (
+                (1, ((4, 2), (4, 4), (8, 2), (8, 8), (16, 4), (16, 8))),
+                (16, ((4, 4), (16, 8))),
+            ):
                 xm = tl[0].rotation().rotate(torch.randn(m_sweep, in_f, device=device).float()).half()
-                base_split = KT.default_split_k(tl[0].fmt, device == "cuda")
-                for tpp in (4, 8, 16):
-                    for nw in (2, 4, 8):
-                        for split in (base_split, 2 * base_split):
-                            us = time_us(
-                                [
-                                    lambda w=w, layer=layer, xm=xm, tpp=tpp, nw=nw, split=split: KT.trellis_gemv(
-                                        xm,
-                                        w,
-                                        layer.scales,
-                                        layer.fmt,
-                                        split_k=split,
-                                        num_warps=nw,
-                                        tiles_per_program=tpp,
-                                    )
-                                    for w, layer in zip(words, tl, strict=True)
-                                ]
+                for tpp, nw in shapes_swept:
+                    us = time_us(
+                        [
+                            lambda w=w, layer=layer, xm=xm, tpp=tpp, nw=nw: KT.trellis_gemv(
+                                xm, w, layer.scales, layer.fmt, num_warps=nw, tiles_per_program=tpp
                             )
-                            doc["program_sweep"].append(
-                                {
-                                    "shape": shape,
-                                    "tokens": m_sweep,
-                                    "tiles_per_program": tpp,
-                                    "num_warps": nw,
-                                    "split_k": split,
-                                    "kernel_us": us,
-                                }
-                            )
+                            for w, layer in zip(words, tl, strict=True)
+                        ]
+                    )
+                    doc["program_sweep"].append(
+                        {"shape": shape, "tokens": m_sweep, "tiles_per_program": tpp, "num_warps": nw, "kernel_us": us}
+                    )
             flush()
             x1 = tl[0].rotation().rotate(torch.randn(1, in_f, device=device).float()).half()
             for split in (int(s) for s in args.splits.split(",")):
