@@ -35,7 +35,8 @@ from lit_cb.trellis import HASH_ADD, HASH_MUL, TrellisFormat
 _SD = math.sqrt(4 * (256**2 - 1) / 12)
 MAX_TOKENS = 16
 TILES_PER_PROGRAM = 8  # row tiles per program: 8 x 16 words = 128 lanes (4 warps), one word each
-MMA_MIN_TOKENS = 2  # fp16 input with this many tokens or more goes to the tensor-core kernel
+MMA_MIN_TOKENS = 9  # fp16 input with more tokens than one FMA launch takes goes to the tensor-core kernel: on the
+# H100 it is 2.4-2.7x slower than the FMA kernel at 4 tokens and 1.4-2.4x faster at 16 (trellis_kernel_v3_h100.json)
 TOKENS_PER_LAUNCH = 8  # each thread keeps 16 states x tokens accumulators: 8 tokens fit in 168 registers on
 # sm_90 (cuobjdump -res-usage), 16 spill, so more tokens are taken 8 at a time
 
