@@ -35,6 +35,8 @@ from lit_cb.trellis import HASH_ADD, HASH_MUL, TrellisFormat
 _SD = math.sqrt(4 * (256**2 - 1) / 12)
 MAX_TOKENS = 16
 TILES_PER_PROGRAM = 8  # row tiles per program: 8 x 16 words = 128 lanes (4 warps), one word each
+MMA_TILES_PER_PROGRAM = 4  # the tensor-core kernel's: 1.2-1.4x faster than 8 at 16 tokens on the H100, 4 warps
+# (trellis_kernel_v5_h100.json "program_sweep": 40.5 / 82.5 / 83.3 / 241.7 µs against 51.9 / 99.9 / 101.9 / 330.7)
 MMA_MIN_TOKENS = 9  # fp16 input with more tokens than one FMA launch takes goes to the tensor-core kernel: on the
 # H100 it is 2.4-2.7x slower than the FMA kernel at 4 tokens and 1.4-2.4x faster at 16 (trellis_kernel_v3_h100.json)
 TOKENS_PER_LAUNCH = 8  # each thread keeps 16 states x tokens accumulators: 8 tokens fit in 168 registers on
@@ -382,13 +384,14 @@ def trellis_gemv(
     num_warps: int = 4,
     ptx: bool | None = None,
     mma: bool | None = None,
-    tiles_per_program: int = TILES_PER_PROGRAM,
+    tiles_per_program: int | None = None,
 ) -> torch.Tensor:
     """``x_rot @ W_r^T`` (float32 ``[M, out]``) for ``M <= MAX_TOKENS`` rotated tokens ``[M, in]``; ``words`` from
     :func:`pack_tile_words`, ``scales`` ``[out]`` or ``[out, 1]``. ``split_k`` programs share each row tile's
     columns (default :func:`default_split_k`); ``ptx`` (default :func:`use_ptx`) picks the inline-PTX integer
     path; ``mma`` (default: fp16 input with at least :data:`MMA_MIN_TOKENS` tokens) the tensor-core kernel, which
-    takes fp16 only; ``tiles_per_program`` (a power of two) and ``num_warps`` shape the programs (the bench
+    takes fp16 only; ``tiles_per_program`` (a power of two; default :data:`TILES_PER_PROGRAM`, or
+    :data:`MMA_TILES_PER_PROGRAM` for the tensor-core kernel) and ``num_warps`` shape the programs (the bench
     sweeps them)."""
     if not supports(fmt):
         raise ValueError(f"the trellis kernel does not take {fmt}")
@@ -401,6 +404,8 @@ def trellis_gemv(
         raise ValueError(f"the tensor-core trellis kernel takes fp16 input, not {x_rot.dtype}")
     row_tiles = fmt.out_features // fmt.tile_rows
     n_blocks = fmt.in_features // fmt.tile_cols
+    if tiles_per_program is None:
+        tiles_per_program = MMA_TILES_PER_PROGRAM if mma else TILES_PER_PROGRAM
     if tiles_per_program < 1 or tiles_per_program & (tiles_per_program - 1):
         raise ValueError(f"tiles_per_program must be a power of two, got {tiles_per_program}")
     groups = -(-row_tiles // tiles_per_program)
