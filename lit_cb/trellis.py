@@ -299,8 +299,10 @@ def tiles_to_matrix(tiles: torch.Tensor, fmt: TrellisFormat) -> torch.Tensor:
 class TrellisLinear(CompressedLinear):
     """A linear layer in the computed-codes trellis format (module docstring). Codes (the symbols) are a
     frozen buffer; the row scales are a parameter that block fine-tuning and recovery may train. The
-    values are computed from the state, so there is no codebook to train. Forward: the dense reference
-    (rotate the input, then one matmul with the decoded rotated weight); a decode kernel is future work."""
+    values are computed from the state, so there is no codebook to train. Forward: rotate the input (shared with
+    layers that read the same tensor), then on a GPU the decode kernels (:mod:`lit_cb.kernels.trellis`: up to 16
+    tokens decoded per call, more through a per-call dense decode), elsewhere or in training the dense reference
+    (one matmul with the decoded rotated weight, kept while the codes are unchanged)."""
 
     quant_parameter_names = ("scales",)
 
