@@ -47,6 +47,17 @@ def compressed_dir(tmp_path_factory, tiny_tokenizer):
 
 
 @pytest.fixture(scope="module")
+def trellis_dir(tmp_path_factory, tiny_tokenizer):
+    """The tiny model compressed with the computed-codes trellis (its q/k/v and gate/up share one rotated input
+    under lit_cb generate's shared_rotations)."""
+    model = _tiny(tiny_tokenizer)
+    windows = torch.randint(0, len(tiny_tokenizer), (6, 12), generator=torch.Generator().manual_seed(0))
+    cfg = CompressionConfig(method="trellis", method_config={"state_bits": 6, "tile_rows": 16, "tile_cols": 8})
+    compress_model(model, windows, cfg, device="cpu", progress=False)
+    return save_compressed(model, tmp_path_factory.mktemp("gen_trellis") / "model", tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
 def float_dir(tmp_path_factory, tiny_tokenizer):
     path = tmp_path_factory.mktemp("float") / "model"
     _tiny(tiny_tokenizer).save_pretrained(path)
@@ -67,9 +78,9 @@ def _reference(folder: Path, prompt: str, max_new_tokens: int, **sampling) -> st
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("which", ["compressed", "float"])
-def test_greedy_output_equals_transformers_generate(which, compressed_dir, float_dir, capsys):
-    folder = compressed_dir if which == "compressed" else float_dir
+@pytest.mark.parametrize("which", ["compressed", "trellis", "float"])
+def test_greedy_output_equals_transformers_generate(which, compressed_dir, trellis_dir, float_dir, capsys):
+    folder = {"compressed": compressed_dir, "trellis": trellis_dir, "float": float_dir}[which]
     rc = main([str(folder), "--prompt", PROMPT, "--max-new-tokens", "12"])
     out = capsys.readouterr()
     assert rc == 0, out.err
