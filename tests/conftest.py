@@ -97,6 +97,23 @@ TINY_RUN = {
 }
 
 
+def interpreted_module(name: str, kernel: str):
+    """The kernel module ``name`` with its Triton kernels run by the CPU interpreter. A module imported before
+    ``TRITON_INTERPRET`` was set holds compiled-mode kernels (``kernel`` is then no ``InterpretedFunction``), so it
+    is reloaded in place; anything else than ``TRITON_INTERPRET=1`` fails the calling module, never skips it."""
+    import importlib
+
+    import triton  # noqa: F401  (a missing Triton fails the module)
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.fail("TRITON_INTERPRET is set to something other than 1: the kernel tests need the interpreter")
+    module = importlib.import_module(name)
+    if not isinstance(getattr(module, kernel), InterpretedFunction):
+        module = importlib.reload(module)
+    return module
+
+
 def load_script(relative_path: str):
     """A script of the repository (``bench/x.py``, ``scripts/x.py``: folders that are no packages) as a
     module, loaded by path so its functions can be tested."""

@@ -3,33 +3,15 @@ under the Triton interpreter (the GPU timing is in bench/trellis_kernel_bench.py
 
 from __future__ import annotations
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+from lit_cb.kernels.dispatch import interpreter_on_cpu
+from lit_cb.trellis import InputRotation, TrellisFormat, TrellisLinear
 
-import importlib  # noqa: E402
+from .conftest import interpreted_module
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import triton  # noqa: E402, F401  (a missing Triton fails the module, never skips it)
-
-from lit_cb.kernels.dispatch import interpreter_on_cpu  # noqa: E402
-from lit_cb.trellis import InputRotation, TrellisFormat, TrellisLinear  # noqa: E402
-
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.fail("TRITON_INTERPRET is set to something other than 1: the kernel tests need the interpreter")
-
-
-def _kernels():
-    from triton.runtime.interpreter import InterpretedFunction
-
-    mod = importlib.import_module("lit_cb.kernels.rotation")
-    if not isinstance(mod._signs_hadamard_kernel, InterpretedFunction):
-        mod = importlib.reload(mod)  # decorated before TRITON_INTERPRET was set
-    return mod
-
-
-KR = _kernels()
+KR = interpreted_module("lit_cb.kernels.rotation", "_signs_hadamard_kernel")
 
 
 @pytest.mark.parametrize("n", [64, 48, 40, 576, 2])  # one group; 3 x 16; 5 x 8; 9 x 64; p = 2

@@ -3,35 +3,16 @@ interpreter (CI has no GPU; the GPU check and timings are in bench/trellis_kerne
 
 from __future__ import annotations
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+from lit_cb.kernels.dispatch import interpreter_on_cpu
+from lit_cb.trellis import TrellisFormat, TrellisLinear, symbols_to_states
 
-import importlib  # noqa: E402
+from .conftest import interpreted_module
+from .test_trellis import _random_walks
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import triton  # noqa: E402, F401  (a missing Triton fails the module, never skips it)
-
-from lit_cb.kernels.dispatch import interpreter_on_cpu  # noqa: E402
-from lit_cb.trellis import TrellisFormat, TrellisLinear, symbols_to_states  # noqa: E402
-
-from .test_trellis import _random_walks  # noqa: E402
-
-
-def _kernels():
-    from triton.runtime.interpreter import InterpretedFunction
-
-    mod = importlib.import_module("lit_cb.kernels.trellis")
-    if not isinstance(mod._trellis_gemv_kernel, InterpretedFunction):
-        mod = importlib.reload(mod)  # decorated before TRITON_INTERPRET was set
-    return mod
-
-
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.fail("TRITON_INTERPRET is set to something other than 1: the kernel tests need the interpreter")
-
-KT = _kernels()
+KT = interpreted_module("lit_cb.kernels.trellis", "_trellis_gemv_kernel")
 
 
 def _layer(fmt: TrellisFormat, seed: int) -> TrellisLinear:

@@ -6,33 +6,15 @@ where no two costs tie (random ``x``), and every returned walk must be a trellis
 
 from __future__ import annotations
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+from lit_cb.kernels.dispatch import interpreter_on_cpu
+from lit_cb.trellis import computed_values, viterbi
 
-import importlib  # noqa: E402
+from .conftest import interpreted_module
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import triton  # noqa: E402, F401  (a missing Triton fails the module, never skips it)
-
-from lit_cb.kernels.dispatch import interpreter_on_cpu  # noqa: E402
-from lit_cb.trellis import computed_values, viterbi  # noqa: E402
-
-
-def _kernels():
-    from triton.runtime.interpreter import InterpretedFunction
-
-    mod = importlib.import_module("lit_cb.kernels.viterbi")
-    if not isinstance(mod._viterbi_kernel, InterpretedFunction):
-        mod = importlib.reload(mod)  # decorated before TRITON_INTERPRET was set
-    return mod
-
-
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.fail("TRITON_INTERPRET is set to something other than 1: the kernel tests need the interpreter")
-
-KV = _kernels()
+KV = interpreted_module("lit_cb.kernels.viterbi", "_viterbi_kernel")
 
 
 def _objective(x: torch.Tensor, values: torch.Tensor, walks: torch.Tensor, d: torch.Tensor | None) -> torch.Tensor:
