@@ -144,6 +144,35 @@ def _decode(
 
 
 @triton.jit
+def _block_values(
+    words_ptr,
+    b,
+    ROW_TILES,
+    word_off,
+    q_ok,
+    sh,
+    WORDS: tl.constexpr,
+    HALVES: tl.constexpr,
+    TILE_COLS: tl.constexpr,
+    Q: tl.constexpr,
+    STATE_BITS: tl.constexpr,
+    MUL: tl.constexpr,
+    ADD: tl.constexpr,
+    MAGIC_BITS: tl.constexpr,
+    MAGIC_MINUS_MEAN: tl.constexpr,
+    PTX: tl.constexpr,
+):
+    """Column block ``b``'s values as ``[HALVES, TILE_COLS, Q]`` (lane ``q`` loads its word and the next once, then
+    decodes the word's states in registers): the step the FMA matvec and the dequantize kernels share."""
+    base = words_ptr + b.to(tl.int64) * ROW_TILES * WORDS + word_off
+    hi = tl.load(base, mask=q_ok, other=0, eviction_policy="evict_first").to(tl.uint32, bitcast=True)
+    lo = tl.load(base + 1, mask=q_ok, other=0, eviction_policy="evict_first").to(tl.uint32, bitcast=True)
+    hi3 = tl.broadcast_to(hi[None, None, :], (HALVES, TILE_COLS, Q))
+    lo3 = tl.broadcast_to(lo[None, None, :], (HALVES, TILE_COLS, Q))
+    return _decode(hi3, lo3, sh, STATE_BITS, MUL, ADD, MAGIC_BITS, MAGIC_MINUS_MEAN, PTX)
+
+
+@triton.jit
 def _trellis_gemv_kernel(
     x_ptr,  # [M, IN] rotated input (fp16/bf16/fp32)
     words_ptr,  # [NUM_TILES, WORDS] int32
@@ -197,12 +226,10 @@ def _trellis_gemv_kernel(
     for i in range(BLOCKS_PER_PROGRAM):
         b = b_start + i
         if b < n_blocks:
-            base = words_ptr + b.to(tl.int64) * ROW_TILES * WORDS + word_off
-            hi = tl.load(base, mask=q_ok, other=0, eviction_policy="evict_first").to(tl.uint32, bitcast=True)
-            lo = tl.load(base + 1, mask=q_ok, other=0, eviction_policy="evict_first").to(tl.uint32, bitcast=True)
-            hi3 = tl.broadcast_to(hi[None, None, :], (HALVES, TILE_COLS, Q))
-            lo3 = tl.broadcast_to(lo[None, None, :], (HALVES, TILE_COLS, Q))
-            val = _decode(hi3, lo3, sh, STATE_BITS, MUL, ADD, MAGIC_BITS, MAGIC_MINUS_MEAN, PTX)
+            val = _block_values(
+                words_ptr, b, ROW_TILES, word_off, q_ok, sh,
+                WORDS, HALVES, TILE_COLS, Q, STATE_BITS, MUL, ADD, MAGIC_BITS, MAGIC_MINUS_MEAN, PTX,
+            )  # fmt: skip
             xs = tl.load(x_ptr + m_idx[:, None] * IN + b * TILE_COLS + c_idx[None, :], mask=m_ok[:, None], other=0.0)
             acc += val[None, :, :, :] * xs.to(tl.float32)[:, None, :, None]
     sums = tl.sum(acc, axis=2)  # [BLOCK_M, HALVES, Q]
@@ -329,12 +356,11 @@ def _trellis_dequant_kernel(
     c_idx = tl.arange(0, TILE_COLS)
     sh = (K * (h_idx[:, None] * TILE_COLS + c_idx[None, :])).to(tl.uint32)
     sh = tl.broadcast_to(sh[:, :, None], (HALVES, TILE_COLS, Q))
-    base = words_ptr + b.to(tl.int64) * ROW_TILES * WORDS + (tile * WORDS + w).to(tl.int64)
-    hi = tl.load(base, mask=q_ok, other=0, eviction_policy="evict_first").to(tl.uint32, bitcast=True)
-    lo = tl.load(base + 1, mask=q_ok, other=0, eviction_policy="evict_first").to(tl.uint32, bitcast=True)
-    hi3 = tl.broadcast_to(hi[None, None, :], (HALVES, TILE_COLS, Q))
-    lo3 = tl.broadcast_to(lo[None, None, :], (HALVES, TILE_COLS, Q))
-    val = _decode(hi3, lo3, sh, STATE_BITS, MUL, ADD, MAGIC_BITS, MAGIC_MINUS_MEAN, PTX)
+    word_off = (tile * WORDS + w).to(tl.int64)
+    val = _block_values(
+        words_ptr, b, ROW_TILES, word_off, q_ok, sh,
+        WORDS, HALVES, TILE_COLS, Q, STATE_BITS, MUL, ADD, MAGIC_BITS, MAGIC_MINUS_MEAN, PTX,
+    )  # fmt: skip
     rows = tile[None, :] * TILE_ROWS + w[None, :] * HALVES + h_idx[:, None]  # [HALVES, Q]
     scale = tl.load(scales_ptr + rows, mask=q_ok[None, :], other=0.0).to(tl.float32) * INV_SD
     cols = b * TILE_COLS + c_idx
