@@ -296,6 +296,44 @@ def tiles_to_matrix(tiles: torch.Tensor, fmt: TrellisFormat) -> torch.Tensor:
     return t.permute(1, 2, 0, 3).reshape(fmt.out_features, fmt.in_features)
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul of ``x`` runs in: autocast's where it is on for ``x``'s device, else ``x``'s."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
+
+
+class _DeviceDecodedLinear(torch.autograd.Function):
+    """``F.linear(xr, unit * scales)`` with ``unit`` (the decoded weight before its row scales) decoded on the
+    device in the forward and again in the backward, in the dtype the matmul runs in: only the input and the
+    scales are saved, so training a trellis model holds no weight-sized tensor between calls. Gradients: the
+    input's ``g @ (unit * scales)``; a row scale's ``sum_t g[t, o] * (xr @ unit^T)[t, o]``."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, xr: torch.Tensor, scales: torch.Tensor, layer: TrellisLinear) -> torch.Tensor:
+        dtype = _compute_dtype(xr)
+        ctx.save_for_backward(xr, scales)
+        ctx.layer = layer
+        return F.linear(xr.to(dtype), layer.device_unit_weight(dtype) * scales.to(dtype))
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_out: torch.Tensor):
+        xr, scales = ctx.saved_tensors
+        dtype = grad_out.dtype
+        unit = ctx.layer.device_unit_weight(dtype)
+        grad_x = grad_s = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_out @ (unit * scales.to(dtype))).to(xr.dtype)
+        if ctx.needs_input_grad[1]:
+            y_unit = F.linear(xr.to(dtype), unit).float()
+            per_row = (grad_out.float() * y_unit).reshape(-1, y_unit.shape[-1]).sum(0)
+            grad_s = per_row.reshape(scales.shape).to(scales.dtype)
+        return grad_x, grad_s, None
+
+
 class TrellisLinear(CompressedLinear):
     """A linear layer in the computed-codes trellis format (module docstring). Codes (the symbols) are a
     frozen buffer; the row scales are a parameter that block fine-tuning and recovery may train. The
@@ -373,12 +411,14 @@ class TrellisLinear(CompressedLinear):
         return self._from_codes("_words_cache", lambda: pack_tile_words(self.codes, self.fmt))
 
     def _kernel_forward(self, xr: torch.Tensor) -> torch.Tensor | None:
-        """``xr @ W_r^T`` through the kernels on a GPU (or the interpreter in tests): the decode kernels for up to 16
-        tokens; for more, the weight decoded on the device for this call alone, then one dense matmul (the reference
-        path's float32 cache of every weight is for training, not serving). None where no kernel applies (no
-        triton, CPU, a training step, a format they lack)."""
-        tokens = xr.numel() // self.in_features
-        if not self.use_kernels or (torch.is_grad_enabled() and self.scales.requires_grad):
+        """``xr @ W_r^T`` through the kernels on a GPU (or the interpreter in tests), None where none applies (no
+        triton, CPU, a format they lack): the reference path then decodes once and keeps a float32 copy.
+        - Autograd (training: the scales or the input need a gradient): :class:`_DeviceDecodedLinear`, which
+          decodes the weight on the device in the forward and again in the backward, so no copy of the weight's
+          size outlives a call (the float32 copies would take 26 GB for a 7B model).
+        - Up to 16 tokens: the decode kernels. More: the weight decoded on the device for this call, then one
+          dense matmul."""
+        if not self.use_kernels:
             return None
         try:
             from lit_cb.kernels import dispatch
@@ -387,11 +427,22 @@ class TrellisLinear(CompressedLinear):
             return None
         if not dispatch._device_ok(xr) or not kernels.supports(self.fmt):
             return None
+        if torch.is_grad_enabled() and (xr.requires_grad or self.scales.requires_grad):
+            return _DeviceDecodedLinear.apply(xr, self.scales, self)
+        tokens = xr.numel() // self.in_features
         if tokens > kernels.MAX_TOKENS:
             return F.linear(xr, kernels.trellis_dequantize(self.tile_words(), self.scales, self.fmt, xr.dtype))
         flat = xr.reshape(tokens, self.in_features)
         out = kernels.trellis_gemv(flat, self.tile_words(), self.scales, self.fmt)
         return out.to(xr.dtype).reshape(*xr.shape[:-1], self.out_features)
+
+    def device_unit_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """``v(state)`` of every weight (``[out, in]`` in ``dtype``, a transposed view) decoded on the device for one
+        use (:func:`lit_cb.kernels.trellis.trellis_dequantize` with unit scales); nothing is kept."""
+        from lit_cb.kernels import trellis as kernels
+
+        ones = torch.ones(self.out_features, device=self.codes.device, dtype=torch.float32)
+        return kernels.trellis_dequantize(self.tile_words(), ones, self.fmt, dtype)
 
     def rotated_input(self, x: torch.Tensor) -> torch.Tensor:
         """``x R`` in ``x``'s dtype. Without autograd the last result is kept on the shared rotation (keyed on the

@@ -131,3 +131,31 @@ def test_many_tokens_decode_the_weight_per_call_and_keep_no_float_copy():
             got = layer(x)
     assert "_unit_cache" not in layer.__dict__  # the serving path decoded on the device, kept nothing
     assert torch.allclose(got.double(), ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("train_scales", [True, False])
+def test_training_decodes_on_the_device_per_call_with_the_reference_gradients(train_scales):
+    """With autograd, the kernel path (_DeviceDecodedLinear) decodes the weight in the forward and the backward and
+    keeps no float copy; its output and the gradients of the input and the row scales equal the reference path's
+    (which keeps the float32 decode). Frozen scales still pass the input's gradient on."""
+    fmt = TrellisFormat(48, 32, tile_rows=16, tile_cols=8, bias=True)
+    layers = [_layer(fmt, seed=9), _layer(fmt, seed=9)]
+    x0 = torch.randn(2, 5, 48)
+    results = []
+    for layer, kernel in zip(layers, (False, True), strict=True):
+        layer.scales.requires_grad_(train_scales)
+        layer.__dict__.pop("_unit_cache", None)
+        x = x0.clone().requires_grad_(True)
+        with interpreter_on_cpu(kernel):
+            out = layer(x)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        if kernel:
+            assert "_unit_cache" not in layer.__dict__
+        results.append((out.detach(), x.grad, layer.scales.grad))
+    (ref_out, ref_gx, ref_gs), (got_out, got_gx, got_gs) = results
+    assert torch.allclose(got_out, ref_out, atol=1e-5)
+    assert torch.allclose(got_gx, ref_gx, atol=1e-5)
+    if train_scales:
+        assert torch.allclose(got_gs, ref_gs, rtol=1e-5, atol=1e-5)
+    else:
+        assert got_gs is None and ref_gs is None
