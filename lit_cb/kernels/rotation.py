@@ -13,10 +13,14 @@ fp32 MMA per block of positions). Both compute in float32, as the PyTorch path d
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
+
+if TYPE_CHECKING:
+    from lit_cb.trellis import InputRotation
 
 MAX_GROUP = 4096  # InputRotation's largest Hadamard group: one program's p values in registers
 MAX_GROUPS = 16  # the mix is one [groups, groups] fp32 MMA operand per program: at 43 groups (11008 = 43 x 256)
@@ -68,7 +72,7 @@ def _mix_kernel(
     tl.store(out_ptr + row + i[:, None] * P + pos[None, :], y.to(out_ptr.dtype.element_ty), mask=z_ok)
 
 
-def supports(rot, x: torch.Tensor) -> bool:
+def supports(rot: InputRotation, x: torch.Tensor) -> bool:
     """Whether the kernels take this rotation and input: a Hadamard group of at most :data:`MAX_GROUP` and at most
     :data:`MAX_GROUPS` groups, a float dtype, and a device the kernels run on (a GPU, or the CPU under the
     interpreter in tests)."""
@@ -83,10 +87,14 @@ def supports(rot, x: torch.Tensor) -> bool:
     )
 
 
-def rotate(x: torch.Tensor, rot) -> torch.Tensor:
+def rotate(x: torch.Tensor, rot: InputRotation) -> torch.Tensor:
     """``x R`` (``rot``: an :class:`lit_cb.trellis.InputRotation`) in ``x``'s dtype, computed in float32."""
     if not supports(rot, x):
-        raise ValueError(f"the rotation kernels do not take n={rot.n} (p={rot.p}) with {x.dtype} on {x.device}")
+        raise ValueError(
+            f"the rotation kernels do not take n={rot.n} ({rot.m} groups of {rot.p}) with {tuple(x.shape)} "
+            f"{x.dtype} on {x.device}; they take groups of at most {MAX_GROUP}, at most {MAX_GROUPS} groups, "
+            "float16/bfloat16/float32 inputs of width n, on a GPU (or the CPU under the interpreter)"
+        )
     flat = x.reshape(-1, rot.n).contiguous()
     tokens = flat.shape[0]
     out = torch.empty_like(flat)
