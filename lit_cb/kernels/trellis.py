@@ -65,6 +65,13 @@ def supports(fmt: TrellisFormat) -> bool:
     )
 
 
+def _refusal(fmt: TrellisFormat) -> str:
+    return (
+        f"the trellis kernel does not take {fmt}: it takes bits_per_step k dividing 32 with 32 / k a power-of-two "
+        "multiple of tile_cols, tile_cols and tile_rows / (32 / k / tile_cols) powers of two, and state_bits <= 32"
+    )
+
+
 def use_ptx(x: torch.Tensor) -> bool:
     """Inline PTX (``shf.l.wrap``, ``dp4a``) on an NVIDIA GPU; the plain integer ops elsewhere (the interpreter,
     which cannot run PTX, and other backends). ``LIT_CB_TRELLIS_PTX=0`` turns it off (the bench compares)."""
@@ -420,7 +427,7 @@ def trellis_gemv(
     :data:`MMA_TILES_PER_PROGRAM` for the tensor-core kernel) and ``num_warps`` shape the programs (the bench
     sweeps them)."""
     if not supports(fmt):
-        raise ValueError(f"the trellis kernel does not take {fmt}")
+        raise ValueError(_refusal(fmt))
     m, n_in = x_rot.shape
     if m > MAX_TOKENS or n_in != fmt.in_features:
         raise ValueError(f"x has shape {tuple(x_rot.shape)}; expected [<= {MAX_TOKENS}, {fmt.in_features}]")
@@ -487,7 +494,7 @@ def trellis_dequantize(
     Nothing is kept: the layer's reference path caches a float32 copy of every weight, which a served model cannot
     afford."""
     if not supports(fmt):
-        raise ValueError(f"the trellis kernel does not take {fmt}")
+        raise ValueError(_refusal(fmt))
     row_tiles = fmt.out_features // fmt.tile_rows
     w_t = torch.empty(fmt.in_features, fmt.out_features, dtype=dtype, device=words.device)
     const = _common(fmt, words, use_ptx(words) if ptx is None else ptx, TILES_PER_PROGRAM)
