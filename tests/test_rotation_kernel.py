@@ -30,8 +30,13 @@ def test_kernel_rotation_is_the_float64_rotation(n, dtype):
         assert torch.all((got.double() - ref).abs() <= eps * ref.abs() + 1e-5)
 
 
-def test_refused_where_the_kernels_do_not_apply():
+def test_refused_where_the_kernels_do_not_apply(monkeypatch):
     rot = InputRotation(64, seed=0)
+    with interpreter_on_cpu():
+        assert KR.supports(rot, torch.zeros(1, 64))
+        monkeypatch.setattr(KR, "HAS_TRITON_FEATURES", False)  # an older Triton: the rotation stays in PyTorch
+        assert not KR.supports(rot, torch.zeros(1, 64))
+    monkeypatch.undo()
     assert not KR.supports(rot, torch.zeros(1, 64))  # a CPU tensor outside the interpreter context
     with interpreter_on_cpu():
         assert not KR.supports(rot, torch.zeros(1, 64, dtype=torch.int32))

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from lit_cb.trellis import InputRotation
 
 MAX_GROUP = 4096  # InputRotation's largest Hadamard group: one program's p values in registers
+# the butterflies use tl.split / tl.join / tl.permute (Triton 3.0+); an older Triton leaves the rotation to PyTorch
+HAS_TRITON_FEATURES = all(hasattr(tl, name) for name in ("split", "join", "permute"))
 MAX_GROUPS = 16  # the mix is one [groups, groups] fp32 MMA operand per program: at 43 groups (11008 = 43 x 256)
 # it took 55 µs a token on the H100 against PyTorch's 24 (trellis_kernel_v3_h100.json), so wider mixes stay in PyTorch
 
@@ -73,13 +75,14 @@ def _mix_kernel(
 
 
 def supports(rot: InputRotation, x: torch.Tensor) -> bool:
-    """Whether the kernels take this rotation and input: a Hadamard group of at most :data:`MAX_GROUP` and at most
-    :data:`MAX_GROUPS` groups, a float dtype, and a device the kernels run on (a GPU, or the CPU under the
-    interpreter in tests)."""
+    """Whether the kernels take this rotation and input: a Triton with the ops they use, a Hadamard group of at most
+    :data:`MAX_GROUP` and at most :data:`MAX_GROUPS` groups, a float dtype, and a device the kernels run on (a GPU,
+    or the CPU under the interpreter in tests)."""
     from lit_cb.kernels.dispatch import _device_ok
 
     return (
-        rot.p <= MAX_GROUP
+        HAS_TRITON_FEATURES
+        and rot.p <= MAX_GROUP
         and rot.m <= MAX_GROUPS
         and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
         and x.shape[-1] == rot.n
