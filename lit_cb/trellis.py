@@ -181,7 +181,7 @@ class InputRotation:
     @property
     def _q(self) -> int:
         """The larger Kronecker factor of ``p``: ``2**ceil(log2(p) / 2)``."""
-        return 2 ** ((self.p.bit_length() - 1 + 1) // 2)
+        return 2 ** (self.p.bit_length() // 2)  # p = 2**k: bit_length k + 1, so 2**ceil(k / 2)
 
     def _hadamard_groups(self, z: torch.Tensor, had_q: torch.Tensor) -> torch.Tensor:
         """``z @ H_p`` on the last axis (``[..., p]``) as ``H_a Z H_q`` on its ``[a, q]`` view: Sylvester's
