@@ -268,3 +268,24 @@ def test_sweep_script_smoke_runs_and_writes_its_json(tmp_path):
     assert {r["group"] for r in doc["fused"]} == {"qkv", "gate_up"} and all("speedup" in r for r in doc["fused"])
     variants = {r["variant"] for r in doc["decode_7b"] if "tok_s" in r}
     assert variants == {"fp16", "floor_no_projections", "2x8_g8", "2x8_g8+fused", "1x8_g4", "1x8_g4+fused"}
+
+
+def test_prefill_bench_smoke_checks_every_variant_against_float64(tmp_path):
+    """bench/prefill_bench.py --smoke (the H100 script's float64 check at toy CPU sizes), as a process: every
+    variant (dense, chunks in turn, chunks on a side stream) is checked and recorded; a wrong one fails it."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = tmp_path / "prefill.json"
+    cmd = [sys.executable, "bench/prefill_bench.py", "--smoke", "--out", str(out)]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["passed"] and {"device", "versions", "date", "command"} <= set(doc)
+    assert {c["variant"] for c in doc["check"]} == {"dense", "chunked4_in_turn", "overlap2", "overlap4", "overlap8"}
+    assert all(c["max_rel_error"] < 2e-3 for c in doc["check"])
