@@ -14,7 +14,10 @@
 #   bash bench/background.sh stop NAME           # SIGINT the job's process group (runs checkpoint)
 #
 # BG (default /tmp/lit_cb_bg) holds one folder per job state; RUNS (default /tmp/lit_cb_quality)
-# is where bench/quality_smollm2.py keeps its run folders; only their small files are packed.
+# is where bench/quality_smollm2.py keeps its run folders; only their small files are packed, and the
+# finished shared teacher text ($RUNS/teacher_text/<hash>/tokens.safetensors + meta.json): unpack it into
+# .teacher/ (tar xzf bg.tgz --strip-components=3 -C .teacher tmp/lit_cb_quality/teacher_text) and carry
+# .teacher/ in a later session, where bench/device_setup.sh puts it back and the runs load it.
 set -u
 BG=${BG:-/tmp/lit_cb_bg}
 RUNS=${RUNS:-/tmp/lit_cb_quality}
@@ -45,6 +48,10 @@ pack() {
   find "$RUNS" -maxdepth 2 -type f \( -name '*.json' -o -name '*.yaml' -o -name '*.png' -o -name '*.md' -o -name '*.log' \) \
     -size -4M 2>/dev/null >>"$list"
   find "$RUNS" -path '*/logs/*' -name '*.csv' -size -4M 2>/dev/null >>"$list"
+  # finished shared teacher text, whatever its size (16 MB for 2 M tokens): carried as .teacher/ next time,
+  # it saves the ~190 s of sampling (bench/device_setup.sh puts it back)
+  find "$RUNS/teacher_text" -mindepth 2 -maxdepth 2 \( -name tokens.safetensors -o -name meta.json \) \
+    2>/dev/null >>"$list"
   tar czf "$OUT/bg.tgz" -T "$list" 2>/dev/null
   rm -f "$list"
 }

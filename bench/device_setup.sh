@@ -3,7 +3,8 @@
 #   source bench/device_setup.sh
 # Calls that carry .gguf_a/ or .gguf_b/ (the two halves of the embedded model's GGUF, each under the
 # 64 MiB carry limit) copy their half to /tmp/lit_cb; once both halves are there they are joined and
-# checked. Calls that carry .whl/ install the wheels the machine lacks (datasets, gguf, bitsandbytes).
+# checked. Calls that carry .whl/ install the wheels the machine lacks (datasets, gguf, bitsandbytes); calls that
+# carry .teacher/ restore a teacher-text cache.
 set -e
 STATE=/tmp/lit_cb
 mkdir -p "$STATE"
@@ -12,6 +13,12 @@ mkdir -p "$STATE"
 if [ ! -f "$STATE/smollm2.gguf" ] && [ -f "$STATE/part0" ] && [ -f "$STATE/part1" ]; then
   cat "$STATE/part0" "$STATE/part1" > "$STATE/smollm2.gguf"
   echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $STATE/smollm2.gguf" | sha256sum -c -
+fi
+# .teacher/<hash>/ (teacher text packed by bench/background.sh in an earlier session): into the shared cache
+# the quality runs use, where lit_cb loads it if its fingerprint is theirs (the folder name is its hash)
+if [ -d .teacher ]; then
+  mkdir -p "${RUNS:-/tmp/lit_cb_quality}/teacher_text"
+  cp -rn .teacher/. "${RUNS:-/tmp/lit_cb_quality}/teacher_text/"
 fi
 for d in .whl .whl_bnb; do
   if ls $d/*.whl >/dev/null 2>&1; then

@@ -39,6 +39,11 @@ def test_started_job_is_detached_stoppable_and_packed(tmp_path):
     (runs / "r0").mkdir(parents=True)
     (runs / "r0" / "metrics.json").write_text(json.dumps({"wikitext2_ppl": {"float": 1.0}}))
     (runs / "r0" / "big.bin").write_bytes(b"x" * 1024)  # not a small run file: left out of the pack
+    teacher = runs / "teacher_text" / "0123456789abcdef"
+    teacher.mkdir(parents=True)
+    (teacher / "tokens.safetensors").write_bytes(b"t" * (5 << 20))  # over the 4 MB limit: packed all the same
+    (teacher / "meta.json").write_text("{}")
+    (teacher / "lock").write_text("")
     out.mkdir()
     env = {**os.environ, "BG": str(bg), "RUNS": str(runs), "OUT": str(out)}
     marker = tmp_path / "interrupted.json"
@@ -65,6 +70,10 @@ def test_started_job_is_detached_stoppable_and_packed(tmp_path):
     assert any(n.endswith("r0/metrics.json") for n in names)
     assert any(n.endswith("quick.log") for n in names)
     assert not any(n.endswith("big.bin") for n in names)
+    # the finished teacher text comes back whole, so a later session can carry it as .teacher/
+    assert any(n.endswith("teacher_text/0123456789abcdef/tokens.safetensors") for n in names)
+    assert any(n.endswith("teacher_text/0123456789abcdef/meta.json") for n in names)
+    assert not any(n.endswith("/lock") for n in names)
 
 
 def test_unknown_subcommand_is_refused(tmp_path):
