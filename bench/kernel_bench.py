@@ -61,6 +61,31 @@ L2_BYTES = 50 * 2**20
 ROTATE_BYTES = 4 * L2_BYTES  # each timed call reads weights that are not in L2
 
 
+GRAPH_TIMING = "CUDA-graph median per call over weight copies rotated past the 50 MB L2 (bench/kernel_bench.py)"
+
+
+def result_header(what: str, smoke: bool) -> dict:
+    """The fields every kernel bench's JSON opens with: what it measures, the device, the versions, the date, the
+    command and how it timed (``smoke``: the CPU interpreter, no timing)."""
+    import triton
+
+    return {
+        "what": what,
+        "device": "cpu (Triton interpreter, smoke)" if smoke else torch.cuda.get_device_name(),
+        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__},
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "timing": "none (smoke: checks the code path only)" if smoke else GRAPH_TIMING,
+    }
+
+
+def write_json(path: str | None, doc: dict) -> None:
+    """``doc`` to ``path`` (if given), whole: benches call it after every row, so a cut-off run keeps its rows."""
+    if path:
+        pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(path).write_text(json.dumps(doc, indent=1) + "\n")
+
+
 def ensure_kernels_package():
     """``lit_cb.kernels`` (inside the package since transformers 5.25 imports a top-level ``kernels``)."""
     return importlib.import_module("lit_cb.kernels")

@@ -14,13 +14,11 @@ First a correctness check of every variant against a float64 reference on a ragg
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
 import math
 import os
 import pathlib
-import shlex
 import sys
 
 import torch
@@ -74,26 +72,14 @@ def main() -> None:
     device = "cpu" if args.smoke else "cuda"
     bk = _load("bench_kernels", "kernel_bench.py")
     bk.ensure_kernels_package()
-    import triton
-
     from lit_cb.kernels import codebook as K
     from lit_cb.kernels import dispatch, ops
 
-    doc: dict = {
-        "what": "prefill: dense W + cuBLAS, in turn or with the dequant overlapped on a side stream, vs fp16",
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter, smoke)",
-        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__},
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "timing": "CUDA-graph median per call over weight copies rotated past the 50 MB L2 (bench/kernel_bench.py)",
-        "check": [],
-        "rows": [],
-    }
+    what = "prefill: dense W + cuBLAS, in turn or with the dequant overlapped on a side stream, vs fp16"
+    doc: dict = {**bk.result_header(what, args.smoke), "check": [], "rows": []}
 
     def flush() -> None:
-        if args.out:
-            pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            pathlib.Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+        bk.write_json(args.out, doc)
 
     torch.manual_seed(0)
     ok = True

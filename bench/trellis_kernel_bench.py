@@ -20,12 +20,10 @@ Also a split-K sweep at one token (the default split is chosen from the row tile
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
 import os
 import pathlib
-import shlex
 import sys
 import time
 
@@ -90,13 +88,13 @@ def main() -> None:
         args.shapes, args.tokens, args.splits, args.prefill = "64x48", "1,3", "1,2", 20
     elif not torch.cuda.is_available():
         sys.exit("no GPU: use --smoke (with TRITON_INTERPRET=1) on a CPU")
-    import triton
 
     from lit_cb.kernels import dispatch
     from lit_cb.kernels import rotation as KR
     from lit_cb.kernels import trellis as KT
 
-    bk = None if args.smoke else _load("bench_kernels", "kernel_bench.py")
+    kb = _load("bench_kernels", "kernel_bench.py")  # graph timing, the JSON's header and writer
+    bk = None if args.smoke else kb
 
     def time_us(fns) -> float:
         if bk is not None:
@@ -106,13 +104,9 @@ def main() -> None:
         fns[-1]()
         return (time.perf_counter() - t0) * 1e6
 
+    what = "trellis decode kernel (computed codes, L12 k2, 32x8 tiles) vs fp16 and the 1x8_g4 codebook kernel"
     doc: dict = {
-        "what": "trellis decode kernel (computed codes, L12 k2, 32x8 tiles) vs fp16 and the 1x8_g4 codebook kernel",
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter, smoke)",
-        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__},
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "timing": "CUDA-graph median per call over weight copies rotated past the 50 MB L2 (bench/kernel_bench.py)",
+        **kb.result_header(what, args.smoke),
         "check": [],
         "layers": [],
         "split_k": [],
@@ -121,9 +115,7 @@ def main() -> None:
     }
 
     def flush() -> None:
-        if args.out:
-            pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            pathlib.Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+        kb.write_json(args.out, doc)
 
     tokens_list = [int(t) for t in args.tokens.split(",")]
     with dispatch.interpreter_on_cpu(args.smoke), torch.no_grad():
