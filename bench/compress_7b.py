@@ -8,10 +8,12 @@ LLaMA-7B and C4 (the quality of the result means nothing here).
 
     python bench/compress_7b.py --methods codebook --layers 2 --out $OUT/compress_7b_codebook.json
     python bench/compress_7b.py --methods aqlm --layers 1 --out $OUT/compress_7b_aqlm.json
+    python bench/compress_7b.py --methods trellis --layers 2 --out $OUT/compress_7b_trellis.json
     python bench/compress_7b.py --smoke --out /tmp/compress_7b_smoke.json   # CPU, tiny shapes, seconds
 
-Methods use the compression sections of ``configs/llama7b_codebook.yaml`` (g4 B8, GPTVQ weighting)
-and ``configs/llama7b_aqlm.yaml`` (2x8 g8, beam 8, tol 0.01, 5 block fine-tuning epochs), with
+Methods use the compression sections of ``configs/llama7b_codebook.yaml`` (g4 B8, GPTVQ weighting),
+``configs/llama7b_aqlm.yaml`` (2x8 g8, beam 8, tol 0.01, 5 block fine-tuning epochs) and
+``configs/llama7b_trellis.yaml`` (L12 k2 walks in 32x8 tiles, Viterbi in block-LDLQ, 5 epochs), with
 ``keep_dense: 0`` (the salience pass would move the whole float model to the GPU; it is one
 forward of the model, outside the per-block loop) and ``offload_activations: true``.
 Block 0 is compressed with the same work as every other block, so the projection is
@@ -39,7 +41,7 @@ LLAMA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_head
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "vocab_size": 512}
 FULL_BLOCKS = 32
 FT_KEYS = ("block", "epochs", "best_epoch", "initial_val_loss", "final_val_loss", "seconds")
-CONFIGS = {"codebook": "llama7b_codebook.yaml", "aqlm": "llama7b_aqlm.yaml"}
+CONFIGS = {"codebook": "llama7b_codebook.yaml", "aqlm": "llama7b_aqlm.yaml", "trellis": "llama7b_trellis.yaml"}
 # --smoke: the same code path at tiny shapes and with a fraction of the iterations.
 SMOKE_OVERRIDES = {
     "codebook": {"nbits": 4, "kmeans_iters": 2, "codebook_update_steps": 1},
@@ -51,6 +53,7 @@ SMOKE_OVERRIDES = {
         "codebook_steps": 2,
         "init_kmeans_iters": 2,
     },
+    "trellis": {"state_bits": 8},
 }
 
 
@@ -122,7 +125,7 @@ def run_method(method: str, args, device: torch.device, shape: dict, dtype: torc
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", default="codebook,aqlm", help="comma-separated: codebook, aqlm")
+    parser.add_argument("--methods", default="codebook,aqlm", help="comma-separated: codebook, aqlm, trellis")
     parser.add_argument("--layers", type=int, default=2, help="decoder blocks to build and compress")
     parser.add_argument("--windows", type=int, default=128, help="calibration windows")
     parser.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")

@@ -5,6 +5,7 @@ save/load round trip through transformers."""
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import pytest
@@ -329,3 +330,26 @@ def test_layers_reading_one_input_rotate_it_once_and_a_changed_input_is_rotated_
     for layer, inp, got in zip((q, k, q, k), (x / 2, x / 2, x, x), outs, strict=True):
         ref = inp.double() @ r @ layer.dequantize_rotated().double().T + layer.bias.double()
         assert torch.allclose(got.double(), ref, atol=1e-4)
+
+
+def test_llama7b_trellis_config_compresses_a_7b_shaped_model_in_the_smoke_bench(tmp_path):
+    """bench/compress_7b.py --methods trellis (configs/llama7b_trellis.yaml's compression section at tiny
+    LLaMA shapes on the CPU, offloaded activations, block fine-tuning): every linear becomes a TrellisLinear at
+    about 2 bits with a bounded error, and the JSON records the per-block time and the 32-block projection."""
+    from tests.conftest import load_script
+
+    bench = load_script("bench/compress_7b.py")
+    out = tmp_path / "c7.json"
+    argv = ["compress_7b.py", "--smoke", "--methods", "trellis", "--layers", "1", "--quiet", "--out", str(out)]
+    result = bench.main(argv)
+    r = result["methods"]["trellis"]
+    assert r["config"]["method"] == "trellis" and r["config"]["method_config"]["bits_per_step"] == 2
+    # the tiny block's 4 attention (64x64) and 3 MLP (128x64, 64x128) linears, counted by their formats: 2 bits per
+    # weight, a first state per tile, 16-bit row scales (0.125-0.25 bits at these widths, 0.004 at 4096)
+    shapes = [(64, 64)] * 4 + [(64, 128), (64, 128), (128, 64)]  # (in, out)
+    fmts = [TrellisFormat(i, o, state_bits=8) for i, o in shapes]
+    expected = sum(sum(f.storage_bits().values()) for f in fmts) / sum(i * o for i, o in shapes)
+    assert r["bits_per_weight"] == pytest.approx(expected) and 2.0 < expected < 2.3
+    assert 0 < r["mean_relative_error"] < 0.5
+    assert len(r["block_seconds"]) == 1 and r["projected_seconds_32_blocks"] > 0
+    assert json.loads(out.read_text())["methods"]["trellis"]["bits_per_weight"] == r["bits_per_weight"]
