@@ -70,6 +70,21 @@ WITH_FINETUNE = CompressionConfig(
     forward_batch_size=2,
     block_finetune={"epochs": 2, "lr": 1e-3, "batch_size": 2, "val_fraction": 0.25},
 )
+# The computed-codes trellis (a Viterbi per column block inside block-LDLQ), and the same with data-parallel
+# block fine-tuning of its row scales and norms.
+TRELLIS = CompressionConfig(
+    method="trellis",
+    method_config={"state_bits": 6, "tile_rows": 16, "tile_cols": 8},
+    hessian_dtype="float64",
+    forward_batch_size=2,
+)
+TRELLIS_FT = CompressionConfig(
+    method="trellis",
+    method_config={"state_bits": 6, "tile_rows": 16, "tile_cols": 8},
+    hessian_dtype="float64",
+    forward_batch_size=2,
+    block_finetune={"epochs": 2, "lr": 1e-3, "batch_size": 2, "val_fraction": 0.25},
+)
 # 9-bit codebooks: int16 codes, which gloo cannot carry (broadcast as bytes; DDP must ignore them).
 INT16_CODES = CompressionConfig(
     method="codebook", method_config={"in_group_size": 4, "nbits": 9, "kmeans_iters": 2}, forward_batch_size=4
@@ -210,6 +225,13 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         rep = compress_model(model, windows, WITH_FINETUNE, device="cpu", progress=False)
         res["with_finetune"] = _state(model)
 
+        model = tiny_llama()
+        compress_model(model, windows, TRELLIS, device="cpu", progress=False)
+        res["trellis"] = _state(model)
+        model = tiny_llama()
+        compress_model(model, windows, TRELLIS_FT, device="cpu", progress=False)
+        res["trellis_ft"] = _state(model)
+
         block, inputs, targets, kwargs = _finetune_setup()
         stats = finetune_block(block, _shard(inputs, rank, world), _shard(targets, rank, world), kwargs, FT)
         res["finetune"] = _state(block)
@@ -247,6 +269,9 @@ def runs(tmp_path_factory):
         model = tiny_llama()
         compress_model(model, _windows(), AQLM, device="cpu", progress=False)
         single["aqlm"] = _state(model)
+        model = tiny_llama()
+        compress_model(model, _windows(), TRELLIS, device="cpu", progress=False)
+        single["trellis"] = _state(model)
         block, inputs, targets, kwargs = _finetune_setup()
         single["finetune_initial"] = _state(block)
         single["finetune_stats"] = finetune_block(block, inputs, targets, kwargs, FT)
@@ -297,6 +322,23 @@ def test_layer_split_codebook_two_ranks_equal_one(runs):
 def test_layer_split_aqlm_two_ranks_equal_one(runs):
     for r, res in enumerate(runs["ranks"]):
         _assert_states_equal(res["aqlm"], runs["single"]["aqlm"], f"aqlm rank {r} vs 1 process")
+
+
+def test_layer_split_trellis_two_ranks_equal_one(runs):
+    """The trellis's Viterbi codes and row scales come out bit-equal whether 2 ranks split the layers (each
+    quantizing its own with the all-reduced Hessian, then broadcasting) or one process does all."""
+    for r, res in enumerate(runs["ranks"]):
+        _assert_states_equal(res["trellis"], runs["single"]["trellis"], f"trellis rank {r} vs 1 process")
+    codes = [k for k in runs["single"]["trellis"] if k.endswith(".codes")]
+    assert len(codes) == 14  # 7 linears x 2 blocks, all trellis
+
+
+def test_ranks_end_bit_identical_after_trellis_compression_with_block_finetune(runs):
+    a, b = runs["ranks"][0]["trellis_ft"], runs["ranks"][1]["trellis_ft"]
+    _assert_states_equal(a, b, "trellis + block fine-tuning, rank 0 vs rank 1")
+    # fine-tuning moved the row scales away from what the quantizer set (not vacuous)
+    moved = [k for k in a if k.endswith(".scales") and not torch.equal(a[k], runs["single"]["trellis"][k])]
+    assert moved
 
 
 def test_output_fisher_of_two_shards_is_that_of_all_windows(runs):
