@@ -353,3 +353,27 @@ def test_llama7b_trellis_config_compresses_a_7b_shaped_model_in_the_smoke_bench(
     assert 0 < r["mean_relative_error"] < 0.5
     assert len(r["block_seconds"]) == 1 and r["projected_seconds_32_blocks"] > 0
     assert json.loads(out.read_text())["methods"]["trellis"]["bits_per_weight"] == r["bits_per_weight"]
+
+
+@pytest.mark.parametrize("name", ["smollm2_trellis_lora2", "smollm2_trellis_lora4q8_long"])
+def test_trellis_recovery_configs_stay_inside_issue_14s_bits(name):
+    """Issue 14 counts bits over the compressed linears, adapters included: each SmolLM2-135M linear (30 blocks of
+    q/o 576x576, k/v 192x576, gate/up 1536x576, down 576x1536) in the config's trellis format with the low-rank
+    slot its recovery merges LoRA into (rank and slot bits from the config) must total at most 2.16 bits."""
+    from lit_cb.config import load_config
+
+    cfg = load_config(ROOT / f"configs/{name}.yaml")
+    mc = cfg.compression.method_config
+    shapes = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]  # (in, out)
+    bits = weights = 0.0
+    for in_f, out_f in shapes:
+        fmt = TrellisFormat(
+            in_f, out_f, state_bits=mc["state_bits"], bits_per_step=mc["bits_per_step"],
+            tile_rows=mc["tile_rows"], tile_cols=mc["tile_cols"],
+        )  # fmt: skip
+        layer = TrellisLinear(fmt, device="meta")
+        layer.init_low_rank(cfg.recovery.lora_r, cfg.recovery.low_rank_bits)
+        bits += layer.bits_per_weight() * in_f * out_f
+        weights += in_f * out_f
+    assert cfg.recovery.lora_on_compressed and cfg.recovery.lora_r > 0
+    assert 2.1 < bits / weights <= 2.16, bits / weights
