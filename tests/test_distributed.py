@@ -72,18 +72,15 @@ WITH_FINETUNE = CompressionConfig(
 )
 # The computed-codes trellis (a Viterbi per column block inside block-LDLQ), and the same with data-parallel
 # block fine-tuning of its row scales and norms.
-TRELLIS = CompressionConfig(
-    method="trellis",
-    method_config={"state_bits": 6, "tile_rows": 16, "tile_cols": 8},
-    hessian_dtype="float64",
-    forward_batch_size=2,
-)
+_TRELLIS = {
+    "method": "trellis",
+    "method_config": {"state_bits": 6, "tile_rows": 16, "tile_cols": 8},
+    "hessian_dtype": "float64",
+    "forward_batch_size": 2,
+}
+TRELLIS = CompressionConfig(**_TRELLIS)
 TRELLIS_FT = CompressionConfig(
-    method="trellis",
-    method_config={"state_bits": 6, "tile_rows": 16, "tile_cols": 8},
-    hessian_dtype="float64",
-    forward_batch_size=2,
-    block_finetune={"epochs": 2, "lr": 1e-3, "batch_size": 2, "val_fraction": 0.25},
+    **_TRELLIS, block_finetune={"epochs": 2, "lr": 1e-3, "batch_size": 2, "val_fraction": 0.25}
 )
 # 9-bit codebooks: int16 codes, which gloo cannot carry (broadcast as bytes; DDP must ignore them).
 INT16_CODES = CompressionConfig(
