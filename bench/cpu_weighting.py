@@ -12,6 +12,8 @@ rows differs in one setting only:
     rows_fisher    g4 B8 everywhere, each codebook fitted to the Fisher-weighted rows (compression.row_weighting)
     both_fisher    mixed_fisher + rows_fisher
     mixed_fisher_wide  B 6/7/8/9/10 per layer, allocated by the Fisher-weighted error
+    trellis        the computed-codes trellis (L12 k2) instead of the codebook
+    uniform_ft8    uniform with 8 epochs of block fine-tuning (with --protocol recipe: 2)
 
     python bench/cpu_weighting.py --runs-dir /tmp/cpu_weighting --seeds 0,1 --out bench/results/cpu_weighting.json
     python bench/cpu_weighting.py --protocol recipe --variants uniform,mixed_fisher --runs-dir DIR2 ...
@@ -50,6 +52,9 @@ VARIANTS: dict[str, list[str]] = {
     "rows_fisher": ["compression.row_weighting=fisher"],
     "both_fisher": [*MIXED, "compression.sensitivity_weighting=fisher", "compression.row_weighting=fisher"],
     "trellis": ["compression.method=trellis", "compression.method_config={}"],  # computed codes (issue 10), L12 k2
+    # block fine-tuning 4x longer than the recipe protocol's 2 epochs (on the H100 every block's best epoch was the
+    # last of 5, for the codebook and the trellis alike: trellis_compressed_h100_runs/, quality_smollm2_h100_runs/)
+    "uniform_ft8": ["compression.block_finetune={epochs: 8, lr: 1.0e-4, batch_size: 4}"],
     "mixed_fisher_wide": [
         "compression.bit_budget=2.056",
         "compression.bit_options=[{nbits: 6}, {nbits: 7}, {nbits: 8}, {nbits: 9}, {nbits: 10}]",
