@@ -79,6 +79,20 @@ def result_header(what: str, smoke: bool) -> dict:
     }
 
 
+def bench_device(parser, args) -> str:
+    """The checks a kernel bench with ``--out`` and ``--smoke`` makes before any work, and its device: an existing
+    ``--out`` is refused (nothing is overwritten), ``--smoke`` needs the Triton interpreter, the rest a GPU."""
+    if args.out and pathlib.Path(args.out).exists():
+        parser.error(f"--out {args.out} exists; choose another path (nothing is overwritten)")
+    if args.smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            sys.exit("--smoke needs TRITON_INTERPRET=1 (the kernel runs in Triton's CPU interpreter)")
+        return "cpu"
+    if not torch.cuda.is_available():
+        sys.exit("no GPU: use --smoke (with TRITON_INTERPRET=1) on a CPU")
+    return "cuda"
+
+
 def write_json(path: str | None, doc: dict) -> None:
     """``doc`` to ``path`` (if given), whole: benches call it after every row, so a cut-off run keeps its rows."""
     if path:

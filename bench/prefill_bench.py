@@ -17,7 +17,6 @@ import argparse
 import importlib.util
 import json
 import math
-import os
 import pathlib
 import sys
 
@@ -63,14 +62,8 @@ def main() -> None:
     p.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008,28672x8192", help="OUTxIN")
     p.add_argument("--tokens", default="512,2048")
     args = p.parse_args()
-    if args.out and pathlib.Path(args.out).exists():
-        p.error(f"--out {args.out} exists; choose another path (nothing is overwritten)")
-    if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
-        sys.exit("--smoke needs TRITON_INTERPRET=1")
-    if not args.smoke and not torch.cuda.is_available():
-        sys.exit("no GPU: use --smoke (with TRITON_INTERPRET=1) on a CPU")
-    device = "cpu" if args.smoke else "cuda"
     bk = _load("bench_kernels", "kernel_bench.py")
+    device = bk.bench_device(p, args)
     bk.ensure_kernels_package()
     from lit_cb.kernels import codebook as K
     from lit_cb.kernels import dispatch, ops

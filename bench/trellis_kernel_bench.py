@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import pathlib
 import sys
 import time
@@ -79,21 +78,15 @@ def main() -> None:
     p.add_argument("--splits", default="1,2,4,8,16,32", help="split-K values swept at one token")
     p.add_argument("--prefill", type=int, default=2048, help="tokens of the prefill row")
     args = p.parse_args()
-    if args.out and pathlib.Path(args.out).exists():
-        p.error(f"--out {args.out} exists; choose another path (nothing is overwritten)")
-    device = "cpu" if args.smoke else "cuda"
+    kb = _load("bench_kernels", "kernel_bench.py")  # graph timing, the checks before any work, the JSON
+    device = kb.bench_device(p, args)
     if args.smoke:
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            sys.exit("--smoke needs TRITON_INTERPRET=1 (the kernel runs in Triton's CPU interpreter)")
         args.shapes, args.tokens, args.splits, args.prefill = "64x48", "1,3", "1,2", 20
-    elif not torch.cuda.is_available():
-        sys.exit("no GPU: use --smoke (with TRITON_INTERPRET=1) on a CPU")
 
     from lit_cb.kernels import dispatch
     from lit_cb.kernels import rotation as KR
     from lit_cb.kernels import trellis as KT
 
-    kb = _load("bench_kernels", "kernel_bench.py")  # graph timing, the JSON's header and writer
     bk = None if args.smoke else kb
 
     def time_us(fns) -> float:
