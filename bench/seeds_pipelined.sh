@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Several seeds of one config on one GPU, pipelined: the compressions run one after another (they are
+# GPU-bound: three side by side took 13.8 s a block each against 4.7 s alone, session 18), and each
+# seed's recovery starts in the background as soon as its blocks are done, beside the next compression
+# (recoveries share a GPU well: four at once took 490-496 s each, session 9). The first recovery samples
+# the shared teacher text; the others wait on its lock and load it.
+#
+#   bash bench/seeds_pipelined.sh CONFIG "SEEDS" NAME ["COMMON OVERRIDES"]
+#
+# Same run folders as bench/recovery_variants.sh: $RUNS/${BASE}_s<SEED> (compression only) and
+# $RUNS/<NAME>_s<SEED> (recovered from those blocks, log <NAME>_s<SEED>.log), so they are collected
+# the same way:
+#   python3 bench/quality_smollm2.py --recipe <recipe> --config <config> --name <NAME> --seeds 0,1,2 \
+#       --collect --runs-dir $RUNS --out $OUT
+set -u
+config=$1 seeds=$2 name=$3 common=${4:-}
+RUNS=${RUNS:-/tmp/lit_cb_quality}
+BASE=${BASE:-base}
+mkdir -p "$RUNS"
+compress_overrides=()
+for o in $common; do [[ $o == recovery.* ]] || compress_overrides+=("$o"); done
+for seed in $seeds; do
+  shared="output_dir=$RUNS seed=$seed data.seed=$seed data.teacher_seed=0 data.teacher_cache_dir=$RUNS/teacher_text"
+  echo "== compress ${BASE}_s$seed ($(date -u +%T))"
+  # shellcheck disable=SC2086  # the override lists are word lists
+  python3 -m lit_cb.cli compress --config "$config" run_name="${BASE}_s$seed" $shared "${compress_overrides[@]}" \
+    >"$RUNS/${BASE}_s$seed.log" 2>&1 || { echo "== compress ${BASE}_s$seed failed rc=$?"; continue; }
+  echo "== recover ${name}_s$seed starts in the background: $RUNS/${name}_s$seed.log ($(date -u +%T))"
+  # shellcheck disable=SC2086
+  (python3 -m lit_cb.cli recover --config "$config" run_name="${name}_s$seed" \
+    compression.blocks_from="$RUNS/${BASE}_s$seed" $shared $common >"$RUNS/${name}_s$seed.log" 2>&1
+   echo "== ${name}_s$seed ended rc=$? ($(date -u +%T))") &
+done
+wait
