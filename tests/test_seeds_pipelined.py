@@ -1,0 +1,48 @@
+"""bench/seeds_pipelined.sh, the driver of a several-seed GPU session: seeds compressed one after
+another, each recovered in the background from its own blocks. A real run of the script on the tiny
+model, two seeds."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from lit_cb.config import load_config, save_config
+
+from .conftest import TINY_RUN, save_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_seeds_compress_in_turn_and_recover_from_their_own_blocks(tmp_path, tiny_tokenizer):
+    save_tiny_model(tmp_path / "model", tiny_tokenizer)
+    config = tmp_path / "tiny.yaml"
+    save_config(load_config(None, [f"{k}={v}" for k, v in {**TINY_RUN, "recovery.lora_r": 0, "recovery.train_norms": True}.items()]), config)
+    runs = tmp_path / "runs"
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    env = {**os.environ, "RUNS": str(runs), "BASE": "cmp", "PATH": path}
+    common = f"model.name={tmp_path / 'model'} recovery.max_steps=2 data.num_teacher_samples=0"
+    done = subprocess.run(
+        ["bash", str(ROOT / "bench" / "seeds_pipelined.sh"), str(config), "1 2", "rec", common],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    # One compression after the other; seed 1's recovery starts before seed 2's compression.
+    order = [out.index(s) for s in ("== compress cmp_s1", "== recover rec_s1 starts", "== compress cmp_s2")]
+    assert order == sorted(order), out
+    assert out.count("ended rc=0") == 2 and "failed" not in out, out
+    for seed in (1, 2):
+        run_dir = runs / f"rec_s{seed}"
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["stages"]["recover"]["steps"] == 2, metrics["stages"]
+        cfg = load_config(run_dir / "run_config.yaml", [])
+        assert cfg.seed == seed and cfg.data.seed == seed
+        assert cfg.compression.blocks_from == str(runs / f"cmp_s{seed}")
+        for src in (runs / f"cmp_s{seed}" / "blocks").glob("block_*.safetensors"):  # copied, not compressed again
+            assert src.read_bytes() == (run_dir / "blocks" / src.name).read_bytes()
+    blocks = [(runs / f"cmp_s{s}" / "blocks" / "block_000.safetensors").read_bytes() for s in (1, 2)]
+    assert blocks[0] != blocks[1], "the two seeds compressed alike"
