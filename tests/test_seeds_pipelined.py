@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_seeds_compress_in_turn_and_recover_from_their_own_blocks(tmp_path, tiny_tokenizer):
     save_tiny_model(tmp_path / "model", tiny_tokenizer)
     config = tmp_path / "tiny.yaml"
-    save_config(load_config(None, [f"{k}={v}" for k, v in {**TINY_RUN, "recovery.lora_r": 0, "recovery.train_norms": True}.items()]), config)
+    tiny = {**TINY_RUN, "recovery.lora_r": 0, "recovery.train_norms": True}
+    save_config(load_config(None, [f"{k}={v}" for k, v in tiny.items()]), config)
     runs = tmp_path / "runs"
     path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
     env = {**os.environ, "RUNS": str(runs), "BASE": "cmp", "PATH": path}
