@@ -195,7 +195,21 @@ class InputRotation:
             z = h_a @ z
         return z.reshape(*z.shape[:-2], self.p)
 
-    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+    def matrix(self, like: torch.Tensor) -> torch.Tensor:
+        """``R`` itself (``[n, n]`` in ``like``'s device and dtype, built in float64 once per device and dtype), for
+        :meth:`rotate`'s ``dense`` form."""
+        key = ("dense", like.device, like.dtype)
+        if key not in self._cache:
+            self._cache[key] = self.rotate(torch.eye(self.n, dtype=torch.float64)).to(like.device, like.dtype)
+        return self._cache[key]
+
+    def rotate(self, x: torch.Tensor, dense: bool = False) -> torch.Tensor:
+        """``x R``. ``dense``: one matmul with the ``[n, n]`` matrix (:meth:`matrix`) instead of the factored
+        signs / Hadamard groups / mix: more arithmetic (n per element instead of about p^(1/2) + m), but one GEMM
+        forward and one backward instead of a chain of small batched ones, which is what training at thousands of
+        tokens per call pays for on a GPU (see ``DENSE_TRAINING_ROTATION_MAX``)."""
+        if dense:
+            return x @ self.matrix(x)
         signs, had_q, mix = self._parts(x)
         y = self._hadamard_groups((x * signs).reshape(*x.shape[:-1], self.m, self.p), had_q)
         if self.m > 1:
@@ -216,6 +230,15 @@ class InputRotation:
 
 _ROTATIONS: dict[tuple[int, int], InputRotation] = {}
 _SHARE_INFERENCE_ROTATIONS = False
+# Training (autograd) rotations, two knobs that bench/trellis_step_bench.py times against each other:
+# - widths up to this rotate by one dense float32 matmul (InputRotation.rotate(dense=True)); wider ones by the
+#   factored form, whose arithmetic grows as n (p^(1/2) + m) instead of n^2 (LLaMA's 4096 and 11008: dense would
+#   be 4096 and 11008 multiply-adds per element). 0: always factored.
+DENSE_TRAINING_ROTATION_MAX = 1024
+# - layers that read one tensor (q/k/v, gate/up) share its rotation under autograd too (one rotation forward and
+#   one backward instead of three or two; the gradients of the consumers are summed before it, as for any tensor
+#   read twice). False: every layer rotates its own copy.
+SHARE_TRAINING_ROTATIONS = True
 
 
 @contextlib.contextmanager
@@ -451,12 +474,12 @@ class TrellisLinear(CompressedLinear):
         a decode step makes 4 rotations per block instead of 7; on a GPU the rotation is the Triton kernels'."""
         rot = self.rotation()
         if torch.is_grad_enabled():
-            return rot.rotate(x.float()).to(x.dtype)
+            return self._training_rotation(x, rot)
         inference = x.is_inference()  # no version counter: an in-place change would be invisible
         keep = not inference or _SHARE_INFERENCE_ROTATIONS
         version = -1 if inference else x._version
         last = rot.last_rotated
-        if keep and last is not None and last[0]() is x and last[1] == version:
+        if keep and last is not None and last[0]() is x and last[1] == version and not last[2].requires_grad:
             return last[2]
         xr = None
         if self.use_kernels:
@@ -470,6 +493,25 @@ class TrellisLinear(CompressedLinear):
             xr = rot.rotate(x.float()).to(x.dtype)
         if keep:
             rot.last_rotated = (weakref.ref(x), version, xr)
+        return xr
+
+    @staticmethod
+    def _training_rotation(x: torch.Tensor, rot: InputRotation) -> torch.Tensor:
+        """``x R`` under autograd, in float32 (then ``x``'s dtype): shared by the layers that read ``x`` (keyed on its
+        identity and version, as without autograd) when ``SHARE_TRAINING_ROTATIONS``, and one dense matmul up to
+        ``DENSE_TRAINING_ROTATION_MAX`` inputs."""
+        last = rot.last_rotated
+        share = SHARE_TRAINING_ROTATIONS and not x.is_inference()  # inference tensors have no version counter
+        if (
+            share
+            and last is not None
+            and last[0]() is x
+            and last[1] == x._version
+            and last[2].requires_grad == x.requires_grad
+        ):
+            return last[2]
+        xr = rot.rotate(x.float(), dense=rot.n <= DENSE_TRAINING_ROTATION_MAX).to(x.dtype)
+        rot.last_rotated = (weakref.ref(x), x._version, xr) if share else None
         return xr
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

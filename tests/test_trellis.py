@@ -294,17 +294,19 @@ def test_column_weights_of_a_single_block_are_the_rotated_hessian_diagonal():
 
 
 def test_layers_reading_one_input_rotate_it_once_and_a_changed_input_is_rotated_again():
-    """q/k/v-style sharing: without autograd, layers of one width given the same tensor reuse its rotation; an
-    in-place change of the input (a new version) or a new tensor is rotated afresh; with autograd nothing is
-    kept. Outputs always equal the float64 product of the rotated input and the decoded weights."""
+    """q/k/v-style sharing: layers of one width given the same tensor reuse its rotation; an in-place change of the
+    input (a new version) or a new tensor is rotated afresh; a rotation made without autograd is not reused by a
+    call that tracks gradients for its input, nor the other way round. Outputs always equal the float64 product of
+    the rotated input and the decoded weights."""
     q, k = _layer(seed=1), _layer(seed=1)  # one rotation seed (layers of one width share the rotation)
     k.scales.data.mul_(2)
     x = torch.randn(3, 48)
     rot = q.rotation()
     assert rot is k.rotation()
+    rot.matrix(x)  # the dense R, built once (by a rotation of the identity) before counting
     calls = []
     original = rot.rotate
-    rot.rotate = lambda t: calls.append(1) or original(t)
+    rot.rotate = lambda t, **kw: calls.append(1) or original(t, **kw)
     try:
         with torch.no_grad():
             outs = [q(x), k(x)]
@@ -314,8 +316,11 @@ def test_layers_reading_one_input_rotate_it_once_and_a_changed_input_is_rotated_
             assert len(calls) == 2
             outs.append(k(x.clone()))  # another tensor
             assert len(calls) == 3
-        q(x)  # autograd on: rotated every time
-        q(x)
+        xg = x.clone().requires_grad_(True)
+        q(xg), k(xg)  # autograd on: shared as well
+        assert len(calls) == 4
+        with torch.no_grad():  # not the rotation that carries xg's graph
+            q(xg)
         assert len(calls) == 5
         with torch.inference_mode():  # inference tensors carry no version counter: kept only when asked
             xi = x.clone()
@@ -377,3 +382,74 @@ def test_trellis_recovery_configs_stay_inside_issue_14s_bits(name):
         weights += in_f * out_f
     assert cfg.recovery.lora_on_compressed and cfg.recovery.lora_r > 0
     assert 2.1 < bits / weights <= 2.16, bits / weights
+
+
+@pytest.mark.parametrize("n", [48, 576, 1536])
+def test_dense_rotation_is_the_factored_one(n):
+    """``rotate(dense=True)`` (one matmul with R, the training path's form up to DENSE_TRAINING_ROTATION_MAX) is the
+    same map as the factored transform, R orthogonal."""
+    rot = InputRotation(n, seed=3)
+    r = rot.matrix(torch.empty(0, dtype=torch.float64))
+    assert torch.allclose(r @ r.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    x = torch.randn(4, 7, n, dtype=torch.float64)
+    assert torch.allclose(rot.rotate(x, dense=True), rot.rotate(x), atol=1e-12)
+    x32 = x.float()
+    assert torch.allclose(rot.rotate(x32, dense=True), rot.rotate(x32), atol=1e-5)
+
+
+@pytest.mark.parametrize(("dense_max", "share"), [(1024, True), (0, True), (1024, False), (0, False)])
+def test_training_rotation_gives_the_float64_gradients_shared_or_not_dense_or_not(monkeypatch, dense_max, share):
+    """q/k/v under autograd: three layers of one width read one input. Whether the rotation is shared and dense or
+    not (the knobs bench/trellis_step_bench.py times), the outputs and the gradients of the input and of every
+    layer's row scales are those of float64 dense math: y_j = (x R) W_j^T, W_j = diag(s_j) U_j."""
+    from lit_cb import trellis
+
+    monkeypatch.setattr(trellis, "DENSE_TRAINING_ROTATION_MAX", dense_max)
+    monkeypatch.setattr(trellis, "SHARE_TRAINING_ROTATIONS", share)
+    layers = [_layer(seed=2, bias=False) for _ in range(3)]
+    for i, layer in enumerate(layers):
+        layer.scales.data.mul_(1 + i)
+        layer.scales.requires_grad_(True)
+    rot = layers[0].rotation()
+    rot.matrix(torch.empty(0))  # the dense R, built once (by a rotation of the identity) before counting
+    calls = []
+    original = rot.rotate
+    rot.rotate = lambda t, **kw: calls.append(kw.get("dense", False)) or original(t, **kw)
+    try:
+        x = torch.randn(6, 48, requires_grad=True)
+        weights = torch.linspace(-1, 1, 6 * 64).reshape(6, 64)
+        loss = sum(((j + 1) * weights * layer(x)).sum() for j, layer in enumerate(layers))
+        loss.backward()
+    finally:
+        rot.rotate = original
+    assert calls == [dense_max >= 48] * (1 if share else 3)
+    r = InputRotation(48, 2).rotate(torch.eye(48, dtype=torch.float64))
+    x64 = x.detach().double().requires_grad_(True)
+    scales64 = [layer.scales.detach().double().requires_grad_(True) for layer in layers]
+    ref = sum(
+        ((j + 1) * weights.double() * ((x64 @ r) @ (layer.unit_weight().double() * s).T)).sum()
+        for j, (layer, s) in enumerate(zip(layers, scales64, strict=True))
+    )
+    ref.backward()
+    assert torch.allclose(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-4)
+    for layer, s in zip(layers, scales64, strict=True):
+        assert torch.allclose(layer.scales.grad.double(), s.grad, rtol=1e-4, atol=1e-3)
+
+
+def test_step_bench_smoke_times_the_four_rotation_variants_and_they_agree(tmp_path):
+    """bench/trellis_step_bench.py --smoke (the H100 script on 2 CPU blocks), as a process: every variant timed, the
+    scale gradients of all four the same function, the knobs left at their defaults."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "step.json"
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "bench/trellis_step_bench.py", "--smoke", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert set(doc["variants"]) == {"factored", "shared", "dense", "shared_dense"} and doc["passed"]
+    for row in doc["variants"].values():
+        assert row["step_ms"] > 0 and row["scale_grad_rel_diff_vs_factored"] < 1e-5  # float32 on the CPU
+    again = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=60)
+    assert again.returncode != 0 and "exists" in again.stderr  # nothing is overwritten

@@ -1,0 +1,163 @@
+"""One recovery-sized training step of a trellis model, timed with the training rotation's two knobs on and off
+(issue 14: the trellis recovered at about 1 step/s on the H100, against about 2.5 for the codebook, which decides
+how many seeds of an 800-step schedule fit in a session).
+
+    python bench/trellis_step_bench.py --out $OUT/trellis_step_h100.json          # about a minute on the H100
+    python bench/trellis_step_bench.py --smoke --out /tmp/s.json                  # CPU, 2 blocks, 64 tokens
+
+The model is SmolLM2-135M's shapes with random weights (:func:`lit_cb.models.random_smollm2`), every q/k/v/o,
+gate/up/down a :class:`lit_cb.trellis.TrellisLinear` with random codes and trainable row scales (what recovery
+trains besides LoRA, norms and the embedding). One step is the student's part of a recovery step: forward of
+``batch x seqlen`` tokens under bf16 autocast, a loss on the logits, backward (the float teacher's forward and
+the optimizer are not included). Variants (``lit_cb.trellis`` knobs):
+
+- ``factored``: every layer rotates its own input by the factored transform (signs, Hadamard groups, mix): the
+  path of every run before this bench.
+- ``shared``: layers reading one tensor (q/k/v, gate/up) share its rotation (``SHARE_TRAINING_ROTATIONS``).
+- ``dense``: widths up to 1024 rotate by one dense matmul (``DENSE_TRAINING_ROTATION_MAX``).
+- ``shared_dense``: both (the default).
+
+Each variant: the step's median time over ``--steps`` (CUDA events) and its peak memory; the variants' gradients
+of the row scales must agree (they compute one function). The default variant is also profiled
+(``torch.profiler``): the CUDA kernels with the most total time, and CPU against CUDA time, which says whether
+the step waits on the GPU or on Python and launches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import statistics
+import sys
+import time
+
+import torch
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.kernel_bench import result_header, write_json  # noqa: E402
+
+VARIANTS = {"factored": (0, False), "shared": (0, True), "dense": (1024, False), "shared_dense": (1024, True)}
+
+
+def trellis_model(num_layers: int, device: str) -> torch.nn.Module:
+    """SmolLM2-shaped, every block linear a TrellisLinear with random codes and trainable scales (only those)."""
+    from lit_cb.compress import _set_submodule
+    from lit_cb.models import random_smollm2
+    from lit_cb.trellis import TrellisFormat, TrellisLinear
+
+    model = random_smollm2(num_layers=num_layers)
+    gen = torch.Generator().manual_seed(0)
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, torch.nn.Linear) or name == "lm_head":
+            continue
+        layer = TrellisLinear(TrellisFormat(mod.in_features, mod.out_features), dtype=torch.float32)
+        layer.codes.copy_(torch.randint(0, 4, layer.codes.shape, generator=gen).to(torch.uint8))
+        layer.scales.data.copy_((torch.rand(mod.out_features, 1, generator=gen) + 0.5) * 0.02)
+        _set_submodule(model, name, layer)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for mod in model.modules():
+        if isinstance(mod, TrellisLinear):
+            mod.scales.requires_grad_(True)
+    return model.to(device)
+
+
+def step(model, ids: torch.Tensor, device: str) -> None:
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        logits = model(ids).logits
+    logits.float().logsumexp(-1).mean().backward()
+
+
+def scale_grads(model) -> torch.Tensor:
+    from lit_cb.trellis import TrellisLinear
+
+    return torch.cat([m.scales.grad.flatten().float() for m in model.modules() if isinstance(m, TrellisLinear)])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None)
+    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--smoke", action="store_true", help="CPU, 2 blocks, 2 x 32 tokens: the code path only")
+    args = p.parse_args()
+    if args.out and pathlib.Path(args.out).exists():
+        p.error(f"--out {args.out} exists; choose another path (nothing is overwritten)")
+    if args.smoke:
+        args.layers, args.batch, args.seqlen, args.steps = 2, 2, 32, 2
+        device = "cpu"
+    elif torch.cuda.is_available():
+        device = "cuda"
+    else:
+        sys.exit("no GPU: use --smoke on a CPU")
+    from lit_cb import trellis
+
+    doc = result_header("a trellis model's training step (student forward + backward), rotation knobs", args.smoke)
+    doc["timing"] = "median of --steps steps after 2 warm-up steps (CUDA events); peak memory per variant"
+    doc.update(layers=args.layers, tokens=args.batch * args.seqlen, variants={})
+    model = trellis_model(args.layers, device)
+    ids = torch.randint(0, 49152, (args.batch, args.seqlen), generator=torch.Generator().manual_seed(1)).to(device)
+    grads = {}
+    for name, (dense_max, share) in VARIANTS.items():
+        trellis.DENSE_TRAINING_ROTATION_MAX, trellis.SHARE_TRAINING_ROTATIONS = dense_max, share
+        times = []
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for i in range(args.steps + 2):
+            start = time.perf_counter()
+            if device == "cuda":
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+            step(model, ids, device)
+            if device == "cuda":
+                end.record()
+                torch.cuda.synchronize()
+                ms = begin.elapsed_time(end)
+            else:
+                ms = (time.perf_counter() - start) * 1e3
+            if i >= 2:
+                times.append(ms)
+        grads[name] = scale_grads(model)
+        row = {"dense_training_rotation_max": dense_max, "share_training_rotations": share,
+               "step_ms": statistics.median(times), "step_ms_all": times}  # fmt: skip
+        if device == "cuda":
+            row["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        ref = grads["factored"]
+        row["scale_grad_rel_diff_vs_factored"] = ((grads[name] - ref).abs().max() / ref.abs().max()).item()
+        doc["variants"][name] = row
+        print(name, {k: v for k, v in row.items() if k != "step_ms_all"}, flush=True)
+        write_json(args.out, doc)
+    base = doc["variants"]["factored"]["step_ms"]
+    doc["speedup_vs_factored"] = {n: base / v["step_ms"] for n, v in doc["variants"].items()}
+    # bf16 autocast: the variants round differently; far apart would mean they compute different functions
+    doc["passed"] = all(v["scale_grad_rel_diff_vs_factored"] < 0.05 for v in doc["variants"].values())
+    trellis.DENSE_TRAINING_ROTATION_MAX, trellis.SHARE_TRAINING_ROTATIONS = VARIANTS["shared_dense"]
+    if device == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            wall = time.perf_counter()
+            step(model, ids, device)
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - wall
+        events = prof.key_averages()
+        cuda_total = sum(e.self_device_time_total for e in events) / 1e3
+        top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:15]
+        doc["profile_shared_dense"] = {
+            "wall_ms": wall * 1e3,
+            "cuda_kernel_ms": cuda_total,
+            "top_cuda": [{"name": e.key[:120], "ms": e.self_device_time_total / 1e3, "calls": e.count} for e in top],
+        }
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=15), flush=True)
+    print("speedup vs factored:", doc["speedup_vs_factored"], "passed:", doc["passed"], flush=True)
+    write_json(args.out, doc)
+    sys.exit(0 if doc["passed"] else 1)
+
+
+if __name__ == "__main__":
+    main()
