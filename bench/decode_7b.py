@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 HIDDEN, MLP, LAYERS, HEADS, VOCAB = 4096, 11008, 32, 32, 32000
 FORMATS = {"2x8_g8": (2, 8, 8), "1x8_g4": (1, 8, 4)}  # (M, B, g); 1x8 g4 is the LLM-Codebook default
-TRELLIS = "trellis"  # computed codes (lit_cb/trellis.py): L12 k2 walks in 32x8 tiles, 2.06 bits; not fused
+TRELLIS = "trellis"  # computed codes (lit_cb/trellis.py): L12 k2 walks in 32x8 tiles, 2.06 bits
 
 
 class RMSNorm(nn.Module):
@@ -187,7 +187,7 @@ def decode_tok_s(
     make_linear, batch: int, context: int, reps: int = 20, fuse: bool = False, smoke: bool = False
 ) -> float:
     """Tokens/s of one CUDA-graph decode step; ``fuse``: q/k/v and gate/up as one fused layer each
-    (:func:`lit_cb.fused.fuse_codebook_projections`, 4 launches per block instead of 7). ``smoke``: the same
+    (:func:`lit_cb.fused.fuse_projections`, 4 launches per block instead of 7). ``smoke``: the same
     model at toy sizes on the CPU, eager, one step (checks the code path, times nothing meaningful)."""
     from lit_cb.trellis import shared_rotations  # q/k/v and gate/up of trellis layers rotate their input once
 
@@ -197,9 +197,9 @@ def decode_tok_s(
         model = Llama7BShaped(make_linear, batch, context + 8)
     model = (model.float() if smoke else model.half()).eval()
     if fuse:
-        from lit_cb.fused import fuse_codebook_projections
+        from lit_cb.fused import fuse_projections
 
-        if fuse_codebook_projections(model, FUSE_GROUPS) != 2 * LAYERS:
+        if fuse_projections(model, FUSE_GROUPS) != 2 * LAYERS:
             raise RuntimeError("expected q/k/v and gate/up fused in every block")
     ids = torch.randint(0, VOCAB, (batch, 1), device=device)
     if smoke:
@@ -241,11 +241,12 @@ def _variants(formats: list[str], fuse: bool, baselines: bool, device: str) -> l
         runs += [("bnb_nf4", NF4Linear, False), ("aqlm_cuda_2x8_g8", AQLMLinear, False)]
     for fname in formats:
         if fname == TRELLIS:
-            runs.append((fname, trellis_linear_factory(device), False))
-            continue
-        runs.append((fname, codebook_linear_factory(*FORMATS[fname], device=device), False))
+            make = lambda: trellis_linear_factory(device)  # noqa: E731
+        else:
+            make = lambda: codebook_linear_factory(*FORMATS[fname], device=device)  # noqa: E731, B023
+        runs.append((fname, make(), False))
         if fuse:
-            runs.append((fname + "+fused", codebook_linear_factory(*FORMATS[fname], device=device), True))
+            runs.append((fname + "+fused", make(), True))
     return runs
 
 

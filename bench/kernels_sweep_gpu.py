@@ -344,9 +344,9 @@ def _smoke_decode(D, make, batch: int, fuse: bool) -> float:
     torch.manual_seed(0)
     model = D.Llama7BShaped(make, batch, 16).float().eval()
     if fuse:
-        from lit_cb.fused import fuse_codebook_projections
+        from lit_cb.fused import fuse_projections
 
-        assert fuse_codebook_projections(model, D.FUSE_GROUPS) == 2 * D.LAYERS
+        assert fuse_projections(model, D.FUSE_GROUPS) == 2 * D.LAYERS
     ids = torch.randint(0, D.VOCAB, (batch, 1))
     with torch.inference_mode():
         t0 = time.perf_counter()

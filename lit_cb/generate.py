@@ -652,9 +652,9 @@ def prepare(args: argparse.Namespace) -> tuple:
             if args.fuse == "on":
                 warn(f"--fuse on is not used with --compile {compile_backend}; use --compile graph")
         else:
-            from lit_cb.fused import fuse_codebook_projections
+            from lit_cb.fused import fuse_projections
 
-            fuse_codebook_projections(model)  # inference only: this model is not saved from here
+            fuse_projections(model)  # inference only: this model is not saved from here
     if compile_backend == "graph" and device.type != "cuda":
         warn("CUDA graphs need a GPU; running the same static-cache decode loop eagerly")
     return model, tokenizer, compile_backend

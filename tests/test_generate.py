@@ -95,8 +95,8 @@ def test_fused_projections_give_the_same_greedy_output(compressed_dir, capsys, m
     import lit_cb.fused
 
     fused_groups = []
-    real = lit_cb.fused.fuse_codebook_projections
-    monkeypatch.setattr(lit_cb.fused, "fuse_codebook_projections", lambda m: fused_groups.append(real(m)))
+    real = lit_cb.fused.fuse_projections
+    monkeypatch.setattr(lit_cb.fused, "fuse_projections", lambda m: fused_groups.append(real(m)))
     rc = main([str(compressed_dir), "--prompt", PROMPT, "--max-new-tokens", "12", "--fuse", "on"])
     out = capsys.readouterr()
     assert rc == 0, out.err

@@ -10,8 +10,8 @@ import torch
 from lit_cb.fused import (
     FusedCodebookLinear,
     FusedSlice,
-    fuse_codebook_projections,
-    unfuse_codebook_projections,
+    fuse_projections,
+    unfuse_projections,
 )
 from lit_cb.layers import CodebookLinear
 from tests.conftest import tiny_llama
@@ -174,7 +174,7 @@ def test_incompatible_layers_are_refused():
     with pytest.raises(ValueError, match="1 layers"):
         FusedCodebookLinear([_layer(_fmt(2, 8, 8, 32, 4, False), gen)])
     with pytest.raises(ValueError, match="2 to 4"):
-        fuse_codebook_projections(torch.nn.Linear(2, 2), groups=[("q",)])
+        fuse_projections(torch.nn.Linear(2, 2), groups=[("q",)])
 
 
 def test_slices_compute_the_fused_output_once_per_input():
@@ -183,7 +183,7 @@ def test_slices_compute_the_fused_output_once_per_input():
     parent.q, parent.k, parent.v = _qkv(gen)
     x = torch.randn(2, 32, generator=gen)
     expected = [parent.q(x), parent.k(x), parent.v(x)]
-    assert fuse_codebook_projections(parent, groups=[("q", "k", "v")]) == 1
+    assert fuse_projections(parent, groups=[("q", "k", "v")]) == 1
     assert isinstance(parent.k, FusedSlice) and isinstance(parent.fused_q_k_v, FusedCodebookLinear)
     calls = []
     parent.fused_q_k_v.register_forward_hook(lambda *a: calls.append(1))
@@ -207,7 +207,7 @@ def test_slices_compute_the_fused_output_once_per_input():
     y = parent.k(x)
     assert len(calls) == 2
     torch.testing.assert_close(y, parent.fused_q_k_v(x)[:, 12:16])
-    assert unfuse_codebook_projections(parent) == 1
+    assert unfuse_projections(parent) == 1
     assert isinstance(parent.q, CodebookLinear) and not hasattr(parent, "fused_q_k_v")
 
 
@@ -237,12 +237,12 @@ def test_generation_with_fused_projections_matches_unfused(tiny_tokenizer):
     ids = torch.randint(0, len(tiny_tokenizer), (2, 6), generator=torch.Generator().manual_seed(1))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     plain, _ = generate(model, tiny_tokenizer, ids, max_new_tokens=8, compile_backend="graph")
-    assert fuse_codebook_projections(model) == 4  # q/k/v and gate/up in each of 2 blocks
+    assert fuse_projections(model) == 4  # q/k/v and gate/up in each of 2 blocks
     attn = model.model.layers[0].self_attn
     assert isinstance(attn.q_proj, FusedSlice) and attn.fused_q_proj_k_proj_v_proj.part_sizes[0] == 64
     fused, _ = generate(model, tiny_tokenizer, ids, max_new_tokens=8, compile_backend="graph")
     assert torch.equal(fused, plain)
-    assert unfuse_codebook_projections(model) == 4
+    assert unfuse_projections(model) == 4
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 

@@ -159,3 +159,69 @@ def test_training_decodes_on_the_device_per_call_with_the_reference_gradients(tr
         assert torch.allclose(got_gs, ref_gs, rtol=1e-5, atol=1e-5)
     else:
         assert got_gs is None and ref_gs is None
+
+
+def _parts_for_fusion() -> list[TrellisLinear]:
+    """q/k/v-like trellis layers on one 48-wide input: different heights, one bias, two low-rank terms (one in
+    8-bit slots), one rotation (same width and seed)."""
+    parts = [
+        _layer(TrellisFormat(48, 32, tile_rows=16, tile_cols=8, bias=True), seed=11),
+        _layer(TrellisFormat(48, 16, tile_rows=16, tile_cols=8), seed=12),
+        _layer(TrellisFormat(48, 48, tile_rows=16, tile_cols=8), seed=13),
+    ]
+    gen = torch.Generator().manual_seed(5)
+    parts[0].add_low_rank(torch.randn(2, 48, generator=gen), torch.randn(32, 2, generator=gen) * 0.1)
+    parts[2].add_low_rank(torch.randn(3, 48, generator=gen), torch.randn(48, 3, generator=gen) * 0.1)
+    parts[2].round_low_rank(8)
+    return parts
+
+
+def test_fused_trellis_layer_is_its_parts_side_by_side_and_unfuses_exactly():
+    """FusedTrellisLinear: its weight is the parts' float64 weights stacked (row tiles regrouped per column block),
+    its output on the reference path and on the kernel (interpreter) the parts' outputs concatenated, and
+    unfuse() gives back the parts' codes, scales, bias and low-rank terms bit for bit."""
+    from lit_cb.fused import FusedTrellisLinear
+
+    parts = _parts_for_fusion()
+    fused = FusedTrellisLinear(parts)
+    assert fused.part_sizes == [32, 16, 48] and fused.fmt.out_features == 96 and fused.fmt.bias
+    want = torch.cat([p.dequantize_rotated().double() for p in parts])
+    assert torch.equal(fused.dequantize_rotated().double(), want)
+    x = torch.randn(3, 48)
+    with torch.no_grad():
+        ref = torch.cat([p(x) for p in parts], dim=-1)
+        assert torch.allclose(fused(x), ref, atol=1e-5)
+        with interpreter_on_cpu():
+            assert torch.allclose(fused(x[:2]), ref[:2], atol=1e-4)  # the decode kernel on the fused tiles
+    for part, back in zip(parts, fused.unfuse(), strict=True):
+        assert back.fmt == part.fmt and torch.equal(back.codes, part.codes)
+        assert torch.equal(back.scales, part.scales)
+        assert (back.bias is None) == (part.bias is None) and (back.bias is None or torch.equal(back.bias, part.bias))
+        assert back.rank == part.rank
+        if part.rank:
+            assert torch.equal(back.low_rank_a, part.low_rank_a) and torch.equal(back.low_rank_b, part.low_rank_b)
+        assert back.low_rank_bits == part.low_rank_bits and back.bits_per_weight() == part.bits_per_weight()
+    assert parts[2].low_rank_bits == 8 and torch.equal(fused.unfuse()[2].low_rank_a_scale, parts[2].low_rank_a_scale)
+
+
+def test_fuse_projections_takes_trellis_siblings_and_refuses_mixed_formats():
+    from torch import nn
+
+    from lit_cb.fused import FusedSlice, FusedTrellisLinear, fuse_projections, unfuse_projections
+
+    parent = nn.Module()
+    parent.q, parent.k, parent.v = _parts_for_fusion()
+    x = torch.randn(4, 48)
+    with torch.no_grad():
+        ref = [parent.q(x), parent.k(x), parent.v(x)]
+        assert fuse_projections(parent, groups=[("q", "k", "v")]) == 1
+        assert isinstance(parent.fused_q_k_v, FusedTrellisLinear) and isinstance(parent.k, FusedSlice)
+        got = [parent.q(x), parent.k(x), parent.v(x)]
+    assert all(torch.allclose(g, r, atol=1e-5) for g, r in zip(got, ref, strict=True))
+    assert unfuse_projections(parent) == 1 and isinstance(parent.q, TrellisLinear)
+    other = nn.Module()  # another rotation seed: the input would be rotated differently, so no fusion
+    other.q = _layer(TrellisFormat(48, 32, tile_rows=16, tile_cols=8), seed=1)
+    other.k = _layer(TrellisFormat(48, 32, tile_rows=16, tile_cols=8, rotation_seed=7), seed=2)
+    assert fuse_projections(other, groups=[("q", "k")]) == 0 and isinstance(other.q, TrellisLinear)
+    with pytest.raises(ValueError, match="formats differ"):
+        FusedTrellisLinear([other.q, other.k])
