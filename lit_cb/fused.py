@@ -120,6 +120,16 @@ class _Parts:
     part_sizes: list[int]
     _cache: list | None
 
+    def _take_parts(self, layers: Sequence[nn.Module]):
+        """Check that ``layers`` can be fused (ValueError naming why not) and record their heights and formats;
+        returns the first one's format."""
+        reason = _shared_format(layers)
+        if reason is not None:
+            raise ValueError(f"cannot fuse these layers: {reason}")
+        self.part_sizes = [layer.out_features for layer in layers]
+        self.part_formats = [layer.fmt for layer in layers]
+        return layers[0].fmt
+
     def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """Part ``index``'s output on ``x``: a column slice of the fused output, computed once per input
         tensor for all parts. Under torch.compile there is no cache (the traced graph holds one fused call
@@ -144,12 +154,7 @@ class FusedTrellisLinear(_Parts, TrellisLinear):
     terms stacked along the output rows (module docstring), so one decode kernel launch serves all of them."""
 
     def __init__(self, layers: Sequence[TrellisLinear]) -> None:
-        reason = _shared_format(layers)
-        if reason is not None:
-            raise ValueError(f"cannot fuse these layers: {reason}")
-        f0 = layers[0].fmt
-        self.part_sizes = [layer.out_features for layer in layers]
-        self.part_formats = [layer.fmt for layer in layers]
+        f0 = self._take_parts(layers)
         fmt = dataclasses.replace(
             f0, out_features=sum(self.part_sizes), bias=any(layer.bias is not None for layer in layers)
         )
@@ -196,12 +201,7 @@ class FusedCodebookLinear(_Parts, nn.Module):
 
     def __init__(self, layers: Sequence[CodebookLinear]) -> None:
         super().__init__()
-        reason = _shared_format(layers)
-        if reason is not None:
-            raise ValueError(f"cannot fuse these layers: {reason}")
-        f0 = layers[0].fmt
-        self.part_sizes = [layer.out_features for layer in layers]
-        self.part_formats = [layer.fmt for layer in layers]
+        f0 = self._take_parts(layers)
         self.fmt = CodebookFormat(
             in_features=f0.in_features,
             out_features=sum(self.part_sizes),

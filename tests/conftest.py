@@ -135,6 +135,22 @@ def save_tiny_model(folder, tokenizer, num_layers: int = 2):
     return folder
 
 
+def tiny_script_setup(tmp_path, tokenizer, **overrides) -> tuple:
+    """For tests that run bench/ scripts or ``lit_cb`` as processes on the tiny model: the model folder, a config
+    file of ``TINY_RUN`` plus ``overrides`` (dotted keys), and an environment whose PATH starts with this
+    interpreter's folder (the scripts call ``python3``). Returns ``(model_dir, config_path, env)``."""
+    import sys
+    from pathlib import Path
+
+    from lit_cb.config import load_config, save_config
+
+    model_dir = save_tiny_model(tmp_path / "model", tokenizer)
+    config = tmp_path / "tiny.yaml"
+    save_config(load_config(None, [f"{k}={v}" for k, v in {**TINY_RUN, **overrides}.items()]), config)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return model_dir, config, env
+
+
 def resume_equals(cfg, reference: dict) -> None:
     """Resume the crashed run of ``cfg`` from its ``last.ckpt`` and check that it saves exactly the
     tensors of the uninterrupted run (``reference``, its model.safetensors)."""

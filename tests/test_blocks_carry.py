@@ -5,7 +5,6 @@ the same."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from lit_cb.config import load_config, save_config
-
-from .conftest import TINY_RUN, save_tiny_model
+from .conftest import tiny_script_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,12 +22,9 @@ def _run(*args: str, env=None) -> subprocess.CompletedProcess:
 
 
 def test_packed_blocks_come_back_whole_and_a_recovery_starts_from_them(tmp_path, tiny_tokenizer):
-    save_tiny_model(tmp_path / "model", tiny_tokenizer)
-    config = tmp_path / "tiny.yaml"
-    tiny = {**TINY_RUN, "recovery.lora_r": 0, "recovery.train_norms": True}
-    save_config(load_config(None, [f"{k}={v}" for k, v in tiny.items()]), config)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    common = [f"model.name={tmp_path / 'model'}", f"output_dir={tmp_path / 'runs'}", "data.num_teacher_samples=0"]
+    tiny = {"recovery.lora_r": 0, "recovery.train_norms": True}
+    model_dir, config, env = tiny_script_setup(tmp_path, tiny_tokenizer, **tiny)
+    common = [f"model.name={model_dir}", f"output_dir={tmp_path / 'runs'}", "data.num_teacher_samples=0"]
     done = _run("-m", "lit_cb.cli", "compress", "--config", str(config), "run_name=base", *common, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     base = tmp_path / "runs" / "base"

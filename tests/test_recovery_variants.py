@@ -5,29 +5,22 @@ same compressed codes without compressing again, and each recovers its own way."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 from safetensors.torch import load_file
 
-from lit_cb.config import load_config, save_config
-
-from .conftest import TINY_RUN, save_tiny_model
+from .conftest import tiny_script_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_variants_recover_one_compressed_model_their_own_ways(tmp_path, tiny_tokenizer):
-    save_tiny_model(tmp_path / "model", tiny_tokenizer)
-    config = tmp_path / "tiny.yaml"
-    tiny = {**TINY_RUN, "recovery.lora_r": 0, "recovery.train_codebooks": True, "recovery.train_norms": True}
-    save_config(load_config(None, [f"{k}={v}" for k, v in tiny.items()]), config)
+    tiny = {"recovery.lora_r": 0, "recovery.train_codebooks": True, "recovery.train_norms": True}
+    model_dir, config, env = tiny_script_setup(tmp_path, tiny_tokenizer, **tiny)
     runs = tmp_path / "runs"
-    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
-    env = {**os.environ, "RUNS": str(runs), "PARALLEL": "2", "PATH": path}
-    common = f"model.name={tmp_path / 'model'} recovery.max_steps=3 data.num_teacher_samples=0"
+    env.update(RUNS=str(runs), PARALLEL="2")
+    common = f"model.name={model_dir} recovery.max_steps=3 data.num_teacher_samples=0"
     done = subprocess.run(
         ["bash", str(ROOT / "bench" / "recovery_variants.sh"), str(config), "1", common,
          "plain=", "ste=recovery.ste_codes=true recovery.latent_lr=0.3"],

@@ -5,27 +5,23 @@ model, two seeds."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-from lit_cb.config import load_config, save_config
+from lit_cb.config import load_config
 
-from .conftest import TINY_RUN, save_tiny_model
+from .conftest import tiny_script_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_seeds_compress_in_turn_and_recover_from_their_own_blocks(tmp_path, tiny_tokenizer):
-    save_tiny_model(tmp_path / "model", tiny_tokenizer)
-    config = tmp_path / "tiny.yaml"
-    tiny = {**TINY_RUN, "recovery.lora_r": 0, "recovery.train_norms": True}
-    save_config(load_config(None, [f"{k}={v}" for k, v in tiny.items()]), config)
+    model_dir, config, env = tiny_script_setup(
+        tmp_path, tiny_tokenizer, **{"recovery.lora_r": 0, "recovery.train_norms": True}
+    )
     runs = tmp_path / "runs"
-    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
-    env = {**os.environ, "RUNS": str(runs), "BASE": "cmp", "PATH": path}
-    common = f"model.name={tmp_path / 'model'} recovery.max_steps=2 data.num_teacher_samples=0"
+    env.update(RUNS=str(runs), BASE="cmp")
+    common = f"model.name={model_dir} recovery.max_steps=2 data.num_teacher_samples=0"
     done = subprocess.run(
         ["bash", str(ROOT / "bench" / "seeds_pipelined.sh"), str(config), "1 2", "rec", common],
         env=env, capture_output=True, text=True, timeout=900,
