@@ -153,7 +153,13 @@ def probe_layer(w: torch.Tensor, rows: torch.Tensor | None, state_bits: list[int
 
 
 def probe_layer_hessian(
-    w: torch.Tensor, hessian: torch.Tensor, rows: torch.Tensor | None, state_bits: list[int], k: int, seed: int
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    rows: torch.Tensor | None,
+    state_bits: list[int],
+    k: int,
+    seed: int,
+    tile_rows: int = 32,
 ) -> dict:
     """Relative Hessian-weighted error tr(dW H dW^T) / tr(W H W^T) on ``rows`` (rows are independent under
     this objective, so a seeded subset estimates the layer's): the shipped codebook method with its
@@ -174,7 +180,7 @@ def probe_layer_hessian(
         vals = computed_values(nb)
         for suffix, weighted in (("_ldlq", False), ("_ldlq_w", True)):
             t0 = time.perf_counter()
-            w_hat = trellis_ldlq(w[sel], hessian, vals, k, rot, column_weights=weighted)
+            w_hat = trellis_ldlq(w[sel], hessian, vals, k, rot, column_weights=weighted, tile_rows=tile_rows)
             out[f"trellis_L{nb}{suffix}"] = {
                 "rel_err": relative_layer_error(w[sel], w_hat, hessian),
                 "seconds": time.perf_counter() - t0,
@@ -246,7 +252,7 @@ def fake_quantize_blocks(
         inputs = run_block(block, inputs, kwargs, 4, cpu)
 
 
-def perplexity_probe(config: Path, num_blocks: int, nbits_state: int, k: int, seed: int) -> dict:
+def perplexity_probe(config: Path, num_blocks: int, nbits_state: int, k: int, seed: int, tile_rows: int = 32) -> dict:
     """WikiText-2 perplexity of the float model and of its first ``num_blocks`` blocks fake-quantized by the
     shipped codebook method and by the Hessian-aware trellis, on ``config``'s calibration and test windows."""
     from lit_cb.config import load_config
@@ -262,7 +268,7 @@ def perplexity_probe(config: Path, num_blocks: int, nbits_state: int, k: int, se
     quantizers = {
         "codebook_g4_b8": lambda name, w, h: kmeans_quantize(w, h),
         f"trellis_L{nbits_state}_ldlq": lambda name, w, h: trellis_ldlq(
-            w, h, vals, k, random_rotation(w.shape[1], seed), column_weights=True
+            w, h, vals, k, random_rotation(w.shape[1], seed), column_weights=True, tile_rows=tile_rows
         ),
     }
     out = {"blocks": num_blocks, "float": perplexity(model, test, progress=False)}
@@ -282,6 +288,7 @@ def main() -> None:
     ap.add_argument("--state-bits", default="8,12", help="comma-separated L (trellis state bits)")
     ap.add_argument("--k", type=int, default=2, help="bits per weight of the walk")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tile-rows", type=int, default=32, help="rows of a trellis tile (a walk: tile_rows x 8 weights)")
     ap.add_argument(
         "--hessian",
         type=Path,
@@ -336,11 +343,13 @@ def main() -> None:
         if hessians is None:
             r = probe_layer(w, rows, state_bits, args.k, args.seed)
         else:
-            r = probe_layer_hessian(w, hessians[spec], rows, state_bits, args.k, args.seed)
+            r = probe_layer_hessian(w, hessians[spec], rows, state_bits, args.k, args.seed, args.tile_rows)
         record["layers"][spec] = r
         print(spec, {k: round(v["rel_err"], 4) for k, v in r.items() if isinstance(v, dict)}, flush=True)
     if args.ppl_blocks:
-        record["perplexity"] = perplexity_probe(args.hessian, args.ppl_blocks, state_bits[0], args.k, args.seed)
+        record["perplexity"] = perplexity_probe(
+            args.hessian, args.ppl_blocks, state_bits[0], args.k, args.seed, args.tile_rows
+        )
     names = [n for n, v in next(iter(record["layers"].values())).items() if isinstance(v, dict)]
     record["mean_rel_err"] = {n: float(np.mean([r[n]["rel_err"] for r in record["layers"].values()])) for n in names}
     args.out.parent.mkdir(parents=True, exist_ok=True)
