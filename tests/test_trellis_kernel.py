@@ -78,7 +78,8 @@ def test_formats_the_kernel_cannot_read_are_refused_and_left_to_the_reference():
 
 @pytest.mark.parametrize(
     ("state_bits", "k", "tile_rows", "out_f"),
-    [(16, 4, 8, 72), (8, 1, 16, 144), (12, 2, 32, 288)],  # 1, 4 and 2 tile rows per word; 9 row tiles (masked)
+    # 1, 4 and 2 tile rows per word; 9 row tiles (masked); L14 / L16 walks of 64 x 8 (longer walks: fewer first states)
+    [(16, 4, 8, 72), (8, 1, 16, 144), (12, 2, 32, 288), (14, 2, 64, 576), (16, 2, 64, 576)],
 )
 def test_gemv_matches_the_float64_product_for_other_walks_and_partial_programs(state_bits, k, tile_rows, out_f):
     fmt = TrellisFormat(32, out_f, state_bits=state_bits, bits_per_step=k, tile_rows=tile_rows, tile_cols=8)
@@ -92,7 +93,7 @@ def test_gemv_matches_the_float64_product_for_other_walks_and_partial_programs(s
     assert torch.all((got.double() - ref).abs() <= bound)
 
 
-@pytest.mark.parametrize(("state_bits", "k", "tile_rows", "out_f"), [(16, 4, 8, 72), (8, 1, 16, 144)])
+@pytest.mark.parametrize(("state_bits", "k", "tile_rows", "out_f"), [(16, 4, 8, 72), (8, 1, 16, 144), (14, 2, 64, 192)])
 @pytest.mark.parametrize("tokens", [1, 7])
 def test_tensor_core_kernel_matches_the_float64_product(state_bits, k, tile_rows, out_f, tokens):
     """The MMA kernel (fp16 only; two column blocks a step, so 5 blocks leave half a pair) against float64: the
@@ -109,7 +110,10 @@ def test_tensor_core_kernel_matches_the_float64_product(state_bits, k, tile_rows
         KT.trellis_gemv(x.float(), KT.pack_tile_words(layer.codes, fmt), layer.scales, fmt, mma=True)
 
 
-@pytest.mark.parametrize(("state_bits", "k", "tile_rows", "out_f"), [(12, 2, 32, 288), (16, 4, 8, 72), (8, 1, 16, 48)])
+@pytest.mark.parametrize(
+    ("state_bits", "k", "tile_rows", "out_f"),
+    [(12, 2, 32, 288), (16, 4, 8, 72), (8, 1, 16, 48), (14, 2, 64, 192)],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_device_dequantize_is_the_reference_weight(state_bits, k, tile_rows, out_f, dtype):
     fmt = TrellisFormat(24, out_f, state_bits=state_bits, bits_per_step=k, tile_rows=tile_rows, tile_cols=8)
