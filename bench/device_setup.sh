@@ -4,7 +4,7 @@
 # Calls that carry .gguf_a/ or .gguf_b/ (the two halves of the embedded model's GGUF, each under the
 # 64 MiB carry limit) copy their half to /tmp/lit_cb; once both halves are there they are joined and
 # checked. Calls that carry .whl/ install the wheels the machine lacks (datasets, gguf, bitsandbytes); calls that
-# carry .teacher/ restore a teacher-text cache.
+# carry .teacher/ restore a teacher-text cache; calls that carry .blocks/ bring compressed blocks (bench/blocks_carry.py).
 set -e
 STATE=/tmp/lit_cb
 mkdir -p "$STATE"
@@ -28,4 +28,17 @@ done
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "editable install failed"
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export LIT_CB_SMOLLM2_GGUF=$STATE/smollm2.gguf LIT_CB_CACHE=$STATE/cache PYTHONUNBUFFERED=1
+# .blocks/ (compressed blocks packed by bench/blocks_carry.py in an earlier session; parts may come over several
+# calls, each of which replaces .blocks/): gathered in $STATE/blocks, and each run whose parts are all there is
+# unpacked into ${RUNS}/<run>, where bench/seeds_pipelined.sh finds it and does not compress that seed again
+if [ -d .blocks ]; then
+  mkdir -p "$STATE/blocks"
+  cp -n .blocks/* "$STATE/blocks/" 2>/dev/null || true
+fi
+for m in "$STATE"/blocks/*.manifest.json; do
+  [ -e "$m" ] || continue
+  run=$(basename "$m" .manifest.json)
+  dest="${RUNS:-/tmp/lit_cb_quality}/$run"
+  [ -d "$dest" ] || python3 bench/blocks_carry.py unpack "$m" "$dest" || echo "blocks of $run: not all parts here yet"
+done
 set +e

@@ -7,6 +7,9 @@
 #
 #   bash bench/seeds_pipelined.sh CONFIG "SEEDS" NAME ["COMMON OVERRIDES"]
 #
+# A seed whose $RUNS/${BASE}_s<SEED>/blocks/progress.json exists is not compressed again (blocks from an earlier
+# call, or unpacked by bench/device_setup.sh from a carried .blocks/).
+#
 # Same run folders as bench/recovery_variants.sh: $RUNS/${BASE}_s<SEED> (compression only) and
 # $RUNS/<NAME>_s<SEED> (recovered from those blocks, log <NAME>_s<SEED>.log), so they are collected
 # the same way:
@@ -21,10 +24,16 @@ compress_overrides=()
 for o in $common; do [[ $o == recovery.* ]] || compress_overrides+=("$o"); done
 for seed in $seeds; do
   shared="output_dir=$RUNS seed=$seed data.seed=$seed data.teacher_seed=0 data.teacher_cache_dir=$RUNS/teacher_text"
-  echo "== compress ${BASE}_s$seed ($(date -u +%T))"
-  # shellcheck disable=SC2086  # the override lists are word lists
-  python3 -m lit_cb.cli compress --config "$config" run_name="${BASE}_s$seed" $shared "${compress_overrides[@]}" \
-    >"$RUNS/${BASE}_s$seed.log" 2>&1 || { echo "== compress ${BASE}_s$seed failed rc=$?"; continue; }
+  if [ -f "$RUNS/${BASE}_s$seed/blocks/progress.json" ]; then
+    # blocks there already (an earlier call, or carried in by bench/blocks_carry.py): not compressed again;
+    # compression.blocks_from checks that they fit this config, and a partial set is finished by the recovery
+    echo "== blocks of ${BASE}_s$seed found: not compressed again"
+  else
+    echo "== compress ${BASE}_s$seed ($(date -u +%T))"
+    # shellcheck disable=SC2086  # the override lists are word lists
+    python3 -m lit_cb.cli compress --config "$config" run_name="${BASE}_s$seed" $shared "${compress_overrides[@]}" \
+      >"$RUNS/${BASE}_s$seed.log" 2>&1 || { echo "== compress ${BASE}_s$seed failed rc=$?"; continue; }
+  fi
   echo "== recover ${name}_s$seed starts in the background: $RUNS/${name}_s$seed.log ($(date -u +%T))"
   # shellcheck disable=SC2086
   (python3 -m lit_cb.cli recover --config "$config" run_name="${name}_s$seed" \

@@ -43,3 +43,11 @@ def test_seeds_compress_in_turn_and_recover_from_their_own_blocks(tmp_path, tiny
             assert src.read_bytes() == (run_dir / "blocks" / src.name).read_bytes()
     blocks = [(runs / f"cmp_s{s}" / "blocks" / "block_000.safetensors").read_bytes() for s in (1, 2)]
     assert blocks[0] != blocks[1], "the two seeds compressed alike"
+    # another recovery of seed 1: its blocks are there, so it is not compressed again
+    again = subprocess.run(
+        ["bash", str(ROOT / "bench" / "seeds_pipelined.sh"), str(config), "1", "rec2", common],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert again.returncode == 0 and "== blocks of cmp_s1 found" in again.stdout, again.stdout
+    assert "== compress" not in again.stdout and again.stdout.count("ended rc=0") == 1, again.stdout
+    assert json.loads((runs / "rec2_s1" / "metrics.json").read_text())["stages"]["recover"]["steps"] == 2
