@@ -90,18 +90,21 @@ def test_greedy_output_equals_transformers_generate(which, compressed_dir, trell
     assert "prefill: 7 tokens" in out.err and "decode: 11 tokens" in out.err and "[eager]" in out.err
 
 
-def test_fused_projections_give_the_same_greedy_output(compressed_dir, capsys, monkeypatch):
-    """--fuse on: q/k/v and gate/up run as fused layers (lit_cb.fused), same tokens as transformers."""
+@pytest.mark.parametrize("which", ["compressed", "trellis"])
+def test_fused_projections_give_the_same_greedy_output(which, compressed_dir, trellis_dir, capsys, monkeypatch):
+    """--fuse on: q/k/v and gate/up run as fused layers (lit_cb.fused: codebook and trellis), same tokens as
+    transformers on the unfused model."""
     import lit_cb.fused
 
+    folder = {"compressed": compressed_dir, "trellis": trellis_dir}[which]
     fused_groups = []
     real = lit_cb.fused.fuse_projections
     monkeypatch.setattr(lit_cb.fused, "fuse_projections", lambda m: fused_groups.append(real(m)))
-    rc = main([str(compressed_dir), "--prompt", PROMPT, "--max-new-tokens", "12", "--fuse", "on"])
+    rc = main([str(folder), "--prompt", PROMPT, "--max-new-tokens", "12", "--fuse", "on"])
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert fused_groups == [4]  # q/k/v and gate/up in each of the 2 blocks
-    assert out.out == _reference(compressed_dir, PROMPT, 12) + "\n"
+    assert out.out == _reference(folder, PROMPT, 12) + "\n"
 
 
 def test_sampling_is_seeded_and_matches_transformers(compressed_dir, capsys):
