@@ -451,5 +451,6 @@ def test_step_bench_smoke_times_the_four_rotation_variants_and_they_agree(tmp_pa
     assert set(doc["variants"]) == {"factored", "shared", "dense", "shared_dense"} and doc["passed"]
     for row in doc["variants"].values():
         assert row["step_ms"] > 0 and row["scale_grad_rel_diff_vs_factored"] < 1e-5  # float32 on the CPU
+    assert doc["profile_shared_dense"]["wall_ms"] > 0, doc["profile_shared_dense"]  # the profiler's path ran
     again = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=60)
     assert again.returncode != 0 and "exists" in again.stderr  # nothing is overwritten
