@@ -85,7 +85,7 @@ def probe(
     return {
         "ppl": perplexity(model, dm.test_windows(), progress=False),
         "compress_seconds": seconds,
-        "bits_per_weight": sum(r.bits_per_weight * n for r, n in zip(report.layers, sizes)) / sum(sizes),
+        "bits_per_weight": sum(r.bits_per_weight * n for r, n in zip(report.layers, sizes, strict=True)) / sum(sizes),
         # each layer's error relative to its own calibration Hessian: not comparable across samplings
         "mean_layer_relative_error": statistics.fmean(r.relative_error for r in report.layers),
     }
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_windows": args.eval_windows,
         "device": f"CPU {platform.machine()} ({torch.get_num_threads()} threads)",
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "float_ppl": float_ppl(args.config, args.overrides, args.eval_windows),
         "per_seed": {},
     }
