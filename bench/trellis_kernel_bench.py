@@ -131,7 +131,7 @@ def main() -> None:
             ref_layer = x.double() @ tl[0].dequantize().double().T
             rel_layer = float((layer_out - ref_layer).norm() / ref_layer.norm())
             rot = tl[0].rotation()
-            rot_kernel = KR.supports(rot, x)  # widths of more than 16 groups rotate in PyTorch (rotation.MAX_GROUPS)
+            rot_kernel = KR.supports(rot, x)  # widths of more than rotation.MAX_GROUPS groups rotate in PyTorch
             rot_rel = (
                 float((KR.rotate(x, rot).double() - rot.rotate(x.double())).norm() / x.double().norm())
                 if rot_kernel

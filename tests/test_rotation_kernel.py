@@ -14,7 +14,8 @@ from .conftest import interpreted_module
 KR = interpreted_module("lit_cb.kernels.rotation", "_signs_hadamard_kernel")
 
 
-@pytest.mark.parametrize("n", [64, 48, 40, 576, 2])  # one group; 3 x 16; 5 x 8; 9 x 64; p = 2
+# one group; 3 x 16; 5 x 8; 9 x 64; p = 2; 43 x 16 (LLaMA-7B's 11008 = 43 x 256, narrower); 63 x 2 (the most groups)
+@pytest.mark.parametrize("n", [64, 48, 40, 576, 2, 688, 126])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_kernel_rotation_is_the_float64_rotation(n, dtype):
     rot = InputRotation(n, seed=n)

@@ -7,7 +7,8 @@ in PyTorch (a cast, the signs, two Hadamard-factor matmuls, the mix, a cast back
 the signs and the Walsh-Hadamard transform of its ``p`` inputs as ``log2(p)`` butterfly stages in registers
 (``a + b``, ``a - b`` on pairs ``h`` apart: Sylvester's order, the same ``H_p`` as the PyTorch path), and,
 when the width has more than one group, a second launch mixes the groups (``y_i = sum_j mix[j, i] z_j``, one
-fp32 MMA per block of positions). Both compute in float32, as the PyTorch path does, and write ``x``'s dtype.
+tensor-core MMA per block of positions, ``tf32x3``: see MIX_PRECISION). Both compute in float32, as the PyTorch
+path does, and write ``x``'s dtype.
 """
 
 from __future__ import annotations
@@ -25,8 +26,14 @@ if TYPE_CHECKING:
 MAX_GROUP = 4096  # InputRotation's largest Hadamard group: one program's p values in registers
 # the butterflies use tl.split / tl.join / tl.permute (Triton 3.0+); an older Triton leaves the rotation to PyTorch
 HAS_TRITON_FEATURES = all(hasattr(tl, name) for name in ("split", "join", "permute"))
-MAX_GROUPS = 16  # the mix is one [groups, groups] fp32 MMA operand per program: at 43 groups (11008 = 43 x 256)
-# it took 55 µs a token on the H100 against PyTorch's 24 (trellis_kernel_v3_h100.json), so wider mixes stay in PyTorch
+MAX_GROUPS = 64  # the mix is one [groups, groups] MMA operand per program (43 groups for LLaMA-7B's 11008 = 43 x 256)
+# How the mix multiplies. "ieee" (exact fp32 on CUDA cores) took 55 µs a token at 43 groups on the H100 against
+# PyTorch's 24 (trellis_kernel_v3_h100.json), so it was limited to 16 groups. "tf32x3" splits each fp32 operand into
+# a TF32 high part and a TF32 low part and adds three tensor-core products (hi*hi + hi*lo + lo*hi): about fp32's
+# accuracy (the dropped lo*lo term is 2**-22 relative) at tensor-core speed. MIX_BLOCK positions per program: 8
+# programs a token for the 256-input groups of 11008, where the ieee version ran 4.
+MIX_PRECISION = "tf32x3"
+MIX_BLOCK = 32
 
 
 @triton.jit
@@ -61,6 +68,7 @@ def _mix_kernel(
     M,
     M_PAD: tl.constexpr,  # M rounded up to a power of two, at least 16 (tl.dot)
     BLOCK: tl.constexpr,  # positions per program
+    PRECISION: tl.constexpr,  # tl.dot's input_precision (MIX_PRECISION)
 ):
     t = tl.program_id(0)
     c = tl.program_id(1)
@@ -70,7 +78,7 @@ def _mix_kernel(
     row = t.to(tl.int64) * N
     z = tl.load(z_ptr + row + i[:, None] * P + pos[None, :], mask=z_ok, other=0.0)  # [j, pos]
     mix_t = tl.load(mix_ptr + i[None, :] * M + i[:, None], mask=(i[:, None] < M) & (i[None, :] < M), other=0.0)
-    y = tl.dot(mix_t, z, input_precision="ieee")  # y[i, pos] = sum_j mix[j, i] z[j, pos]
+    y = tl.dot(mix_t, z, input_precision=PRECISION)  # y[i, pos] = sum_j mix[j, i] z[j, pos]
     tl.store(out_ptr + row + i[:, None] * P + pos[None, :], y.to(out_ptr.dtype.element_ty), mask=z_ok)
 
 
@@ -116,7 +124,7 @@ def rotate(x: torch.Tensor, rot: InputRotation) -> torch.Tensor:
         num_warps=max(1, min(8, rot.p // 256)),
     )
     if rot.m > 1:
-        block = 64
+        block = max(16, min(MIX_BLOCK, rot.p))
         _mix_kernel[(tokens, triton.cdiv(rot.p, block))](
             first,
             mix.contiguous(),
@@ -126,5 +134,6 @@ def rotate(x: torch.Tensor, rot: InputRotation) -> torch.Tensor:
             rot.m,
             M_PAD=max(16, triton.next_power_of_2(rot.m)),
             BLOCK=block,
+            PRECISION=MIX_PRECISION,
         )
     return out.reshape(x.shape)
