@@ -30,7 +30,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
-SAMPLINGS = ("document", "concat")
+SAMPLINGS = ("document", "concat", "teacher")
+
+
+def teacher_calibration(folder: Path, num: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``num`` windows of ``seqlen`` tokens, each ``seqlen / L`` random sequences of a teacher-text cache (the
+    float model's own samples, ``[S, L]`` in ``folder/tokens.safetensors``, as recovery's teacher text is)
+    joined: calibration without any dataset (LLM-QAT's data-free idea, applied to the Hessians)."""
+    from safetensors.torch import load_file
+
+    tokens = next(iter(load_file(str(folder / "tokens.safetensors")).values()))
+    per = tokens.shape[1]
+    if seqlen % per:
+        raise ValueError(f"calibration_seqlen {seqlen} is not a multiple of the teacher sequences' {per} tokens")
+    k = seqlen // per
+    if num * k > tokens.shape[0]:
+        raise ValueError(f"{num} windows need {num * k} teacher sequences; {folder} holds {tokens.shape[0]}")
+    pick = torch.randperm(tokens.shape[0], generator=torch.Generator().manual_seed(seed))[: num * k]
+    return tokens[pick].reshape(num, seqlen).long()
 
 
 def truncated_to(model: nn.Module, num_blocks: int):
@@ -54,7 +71,13 @@ def truncated_to(model: nn.Module, num_blocks: int):
 
 
 def probe(
-    config: Path, overrides: list[str], num_blocks: int, sampling: str, seed: int, eval_windows: int
+    config: Path,
+    overrides: list[str],
+    num_blocks: int,
+    sampling: str,
+    seed: int,
+    eval_windows: int,
+    teacher_dir: Path | None = None,
 ) -> dict[str, float]:
     """Compress the first ``num_blocks`` blocks calibrated with ``sampling`` windows of ``seed``; WikiText-2."""
     from lit_cb.compress import compress_model
@@ -67,7 +90,7 @@ def probe(
         config,
         [
             *overrides,
-            f"data.calibration_sampling={sampling}",
+            f"data.calibration_sampling={'concat' if sampling == 'teacher' else sampling}",
             f"seed={seed}",
             f"data.seed={seed}",
             f"data.max_eval_windows={eval_windows}",
@@ -76,7 +99,10 @@ def probe(
     torch.manual_seed(seed)
     model, tokenizer = load_model(cfg.model.name, cfg.model.dtype)
     dm = CompressionDataModule(tokenizer, cfg.data)
-    windows = dm.calibration_windows()
+    if sampling == "teacher":
+        windows = teacher_calibration(teacher_dir, cfg.data.num_calibration_samples, cfg.data.calibration_seqlen, seed)
+    else:
+        windows = dm.calibration_windows()
     t0 = time.perf_counter()
     with truncated_to(model, num_blocks):
         report = compress_model(model, windows, cfg.compression, device="cpu", progress=False)
@@ -115,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--config", type=Path, required=True)
     ap.add_argument("--blocks", type=int, default=2, help="blocks compressed from the first (default 2)")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--samplings", default=",".join(SAMPLINGS))
+    ap.add_argument("--samplings", default="document,concat", help=f"any of {','.join(SAMPLINGS)}")
+    ap.add_argument("--teacher-dir", type=Path, help="a teacher-text cache folder (tokens.safetensors), for 'teacher'")
     ap.add_argument("--eval-windows", type=int, default=16, help="WikiText-2 test windows measured (default 16)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("overrides", nargs="*", help="config overrides, key.sub=value")
@@ -125,6 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
     bad = [s for s in samplings if s not in SAMPLINGS]
     if bad:
         ap.error(f"--samplings {args.samplings}: {bad} not in {list(SAMPLINGS)}")
+    if "teacher" in samplings and (args.teacher_dir is None or not (args.teacher_dir / "tokens.safetensors").is_file()):
+        ap.error(f"--samplings teacher needs --teacher-dir with a tokens.safetensors (got {args.teacher_dir})")
     if args.blocks < 1:
         ap.error(f"--blocks {args.blocks}: must be >= 1")
     if args.eval_windows < 1:
@@ -136,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     load_config(args.config, args.overrides)  # bad keys or values fail here, before any work
 
     result = {
-        "what": f"calibration pool (document vs concat sampling), first {args.blocks} blocks compressed, rest float",
+        "what": f"calibration pool ({' vs '.join(samplings)}), first {args.blocks} blocks compressed, rest float",
         "command": " ".join(["python", *sys.argv]) if argv is None else " ".join(["python", __file__, *argv]),
         "config": str(args.config),
         "overrides": args.overrides,
@@ -152,13 +181,16 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in seeds:
         row = result["per_seed"].setdefault(str(seed), {})
         for sampling in samplings:
-            row[sampling] = probe(args.config, args.overrides, args.blocks, sampling, seed, args.eval_windows)
+            row[sampling] = probe(
+                args.config, args.overrides, args.blocks, sampling, seed, args.eval_windows, args.teacher_dir
+            )
             print(f"seed {seed} {sampling}: {row[sampling]}", flush=True)
             args.out.write_text(json.dumps(result, indent=1))  # partial results survive an interruption
     result["summary"] = {s: summary([r[s]["ppl"] for r in result["per_seed"].values() if s in r]) for s in samplings}
-    if set(samplings) == set(SAMPLINGS):
-        diffs = [r["concat"]["ppl"] - r["document"]["ppl"] for r in result["per_seed"].values()]
-        result["summary"]["concat_minus_document"] = {**summary(diffs), "per_seed": diffs}
+    for other in ("concat", "teacher"):
+        if other in samplings and "document" in samplings:
+            diffs = [r[other]["ppl"] - r["document"]["ppl"] for r in result["per_seed"].values()]
+            result["summary"][f"{other}_minus_document"] = {**summary(diffs), "per_seed": diffs}
     args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result["summary"], indent=1))
     return result
