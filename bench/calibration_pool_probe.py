@@ -25,6 +25,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -50,24 +52,19 @@ def teacher_calibration(folder: Path, num: int, seqlen: int, seed: int) -> torch
     return tokens[pick].reshape(num, seqlen).long()
 
 
-def truncated_to(model: nn.Module, num_blocks: int):
-    """Context manager: ``model``'s decoder blocks cut to the first ``num_blocks`` (the same module objects, so
-    what is done to them stays when the full list is put back)."""
-    from contextlib import contextmanager
-
+@contextmanager
+def truncated_to(model: nn.Module, num_blocks: int) -> Iterator[None]:
+    """``model``'s decoder blocks cut to the first ``num_blocks`` inside the ``with`` (the same module objects, so
+    what is done to them stays when the full list is put back, also after an error)."""
     from lit_cb.models import decoder_layers
 
-    @contextmanager
-    def cut():
-        layers = decoder_layers(model)
-        kept = list(layers)
-        del layers[num_blocks:]
-        try:
-            yield
-        finally:
-            layers.extend(kept[num_blocks:])
-
-    return cut()
+    layers = decoder_layers(model)
+    kept = list(layers)
+    del layers[num_blocks:]
+    try:
+        yield
+    finally:
+        layers.extend(kept[num_blocks:])
 
 
 def probe(
