@@ -10,6 +10,12 @@
 # A seed whose $RUNS/${BASE}_s<SEED>/blocks/progress.json exists is not compressed again (blocks from an earlier
 # call, or unpacked by bench/device_setup.sh from a carried .blocks/).
 #
+# COMPRESS_ONLY=1: compress the seeds in turn and recover none; once the first seed's blocks are there, sample the
+# seeds' shared teacher text beside the next compressions (a 1-step recovery of that seed, run ${NAME}_teacher,
+# which generates and caches the text, then ends). For a session whose device budget holds the compressions but
+# not the recoveries: pack the blocks (bench/blocks_carry.py) and the teacher text (bench/background.sh's bg.tgz),
+# carry them to the next session, and run this script there without COMPRESS_ONLY: it finds both.
+#
 # Same run folders as bench/recovery_variants.sh: $RUNS/${BASE}_s<SEED> (compression only) and
 # $RUNS/<NAME>_s<SEED> (recovered from those blocks, log <NAME>_s<SEED>.log), so they are collected
 # the same way:
@@ -20,6 +26,7 @@ config=$1 seeds=$2 name=$3 common=${4:-}
 RUNS=${RUNS:-/tmp/lit_cb_quality}
 BASE=${BASE:-base}
 mkdir -p "$RUNS"
+teacher_started=""
 compress_overrides=()
 for o in $common; do [[ $o == recovery.* ]] || compress_overrides+=("$o"); done
 for seed in $seeds; do
@@ -33,6 +40,17 @@ for seed in $seeds; do
     # shellcheck disable=SC2086  # the override lists are word lists
     python3 -m lit_cb.cli compress --config "$config" run_name="${BASE}_s$seed" $shared "${compress_overrides[@]}" \
       >"$RUNS/${BASE}_s$seed.log" 2>&1 || { echo "== compress ${BASE}_s$seed failed rc=$?"; continue; }
+  fi
+  if [ "${COMPRESS_ONLY:-0}" = 1 ]; then
+    [ -n "$teacher_started" ] && continue
+    teacher_started=1
+    echo "== teacher text for the seeds starts in the background: $RUNS/${name}_teacher.log ($(date -u +%T))"
+    # shellcheck disable=SC2086
+    (python3 -m lit_cb.cli recover --config "$config" run_name="${name}_teacher" \
+      compression.blocks_from="$RUNS/${BASE}_s$seed" $shared $common recovery.max_steps=1 \
+      >"$RUNS/${name}_teacher.log" 2>&1
+     echo "== ${name}_teacher ended rc=$? ($(date -u +%T))") &
+    continue
   fi
   echo "== recover ${name}_s$seed starts in the background: $RUNS/${name}_s$seed.log ($(date -u +%T))"
   # shellcheck disable=SC2086
