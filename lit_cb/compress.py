@@ -510,15 +510,22 @@ def compress_model(
             every = {n: m for n, m in _all_targets(model, targets).items() if n not in keep}
             row_weights = sensitivity.plan_row_weights(model, windows, every, device, resume_dir)
 
-    # Embeddings (and rotary tables) on the working device to capture block-0 inputs.
-    store = torch.device("cpu") if config.offload_activations else device
-    moved = arch.present_input_modules(model)
-    with stage("capture"):
-        for m in moved:
-            m.to(device)
-        inputs, block_kwargs = capture_block_inputs(model, windows, device, store)
-        for m in moved:
-            m.to(model_device)
+    # A restored block's calibration outputs are only needed as the inputs of a block still to compress: after the
+    # last unfinished block (or in a run whose blocks are all finished, as a recovery from compression.blocks_from
+    # starts) restoring is a load, with no forward (on a CPU a SmolLM2 block's forward of 128 x 2048 tokens takes
+    # about 80 s).
+    last_todo = max((k for k in range(len(layers)) if checkpoints.finished(k) is None), default=-1)
+    inputs, block_kwargs = None, {}
+    if last_todo >= 0:
+        # Embeddings (and rotary tables) on the working device to capture block-0 inputs.
+        store = torch.device("cpu") if config.offload_activations else device
+        moved = arch.present_input_modules(model)
+        with stage("capture"):
+            for m in moved:
+                m.to(device)
+            inputs, block_kwargs = capture_block_inputs(model, windows, device, store)
+            for m in moved:
+                m.to(model_device)
 
     def forward(block: nn.Module, collect: bool = True) -> torch.Tensor | None:
         return run_block(block, inputs, block_kwargs, config.forward_batch_size, device, collect)
@@ -534,8 +541,9 @@ def compress_model(
             report.layers.extend(LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in entry["layers"])
             if entry.get("block_finetune"):
                 report.block_finetune.append(entry["block_finetune"])
-            with stage("forward"):
-                inputs = forward(block)
+            if i < last_todo:
+                with stage("forward"):
+                    inputs = forward(block)
             block.to(model_device)
             bar.update(1)
             bar.set_postfix_str(f"block {i} restored from {resume_dir}")
@@ -586,8 +594,9 @@ def compress_model(
         report.layers.extend(block_layers)
         with stage("save"):
             checkpoints.save(i, block, specs, {"layers": [asdict(r) for r in block_layers], "block_finetune": ft_stats})
-        with stage("forward"):
-            inputs = forward(block)
+        if i < len(layers) - 1:  # the last block's outputs feed nothing
+            with stage("forward"):
+                inputs = forward(block)
         block.to(model_device)
         report.block_seconds.append(time.perf_counter() - t_block)
         bar.update(1)

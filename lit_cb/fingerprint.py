@@ -98,11 +98,29 @@ def file_identity(path: Path) -> str:
     return h.hexdigest()
 
 
+# config.json keys that record who wrote the file, not what the model computes: transformers stamps its own
+# version into every config it saves, so the same checkpoint converted or saved under another release hashes
+# differently byte for byte.
+VOLATILE_CONFIG_KEYS = ("transformers_version",)
+
+
+def semantic_config_hash(config: dict) -> str:
+    """sha256 of a model config without :data:`VOLATILE_CONFIG_KEYS`, keys sorted: equal for the same model written
+    by two transformers releases, different when any field the model is built from differs."""
+    kept = {k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
 def model_identity(name: str, model=None) -> dict[str, str]:
     """Identity of the model a run starts from: the hash of its ``config.json`` and of each
     weight file (size + content edges). For a hub id without a local folder, the config and the
     resolved commit. ``model`` (the loaded transformers model) supplies the config for the
-    embedded model and hub ids."""
+    embedded model and hub ids.
+
+    ``config`` hashes the file's bytes (what fingerprints held before ``config_semantic`` existed, and what teacher-text
+    caches are keyed on); ``config_semantic`` hashes its content without the writer's version
+    (:func:`semantic_config_hash`), so blocks compressed under one transformers release resume, or recover, under
+    another (:func:`differences` compares it when both sides have it)."""
     from lit_cb.models import EMBEDDED_MODELS, cache_dir
 
     folder = Path(name).expanduser()
@@ -117,10 +135,13 @@ def model_identity(name: str, model=None) -> dict[str, str]:
         ident["weights"] = h.hexdigest()
         cfg = folder / "config.json"
         if cfg.is_file():
-            ident["config"] = hashlib.sha256(cfg.read_bytes()).hexdigest()
+            raw = cfg.read_bytes()
+            ident["config"] = hashlib.sha256(raw).hexdigest()
+            ident["config_semantic"] = semantic_config_hash(json.loads(raw))
     elif model is not None:
         text = model.config.to_json_string(use_diff=False)
         ident["config"] = hashlib.sha256(text.encode()).hexdigest()
+        ident["config_semantic"] = semantic_config_hash(json.loads(text))
         ident["commit"] = str(getattr(model.config, "_commit_hash", None))
     return ident
 
@@ -181,11 +202,24 @@ def differences(stored: dict, current: dict, ignore: Iterable[str] = RESUMABLE_K
     for part in ("model", "data"):
         sa, sb = stored.get(part, {}), current.get(part, {})
         changed = sorted(k for k in set(sa) | set(sb) if sa.get(k) != sb.get(k))
+        if part == "model":
+            changed = _model_changes(sa, sb, changed)
         if changed:
             lines.append(f"{part}: {', '.join(changed)} changed ({part} identity {sa} -> {sb})")
     if stored.get("version") != current.get("version"):
         lines.append(f"lit_cb version: {stored.get('version')} -> {current.get('version')}")
     return lines
+
+
+def _model_changes(stored: dict, current: dict, changed: list[str]) -> list[str]:
+    """The model identity's changed keys, with the config judged by content where both sides hash it so: a config
+    that differs only in the writer's transformers version is the same model. A fingerprint from before
+    ``config_semantic`` existed is compared by the file's bytes, as it was made."""
+    if "config_semantic" not in stored or "config_semantic" not in current:
+        return [k for k in changed if k != "config_semantic"]
+    if stored["config_semantic"] == current["config_semantic"]:
+        return [k for k in changed if k != "config"]
+    return changed
 
 
 class FingerprintMismatch(ValueError):

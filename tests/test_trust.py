@@ -491,3 +491,42 @@ def test_a_key_added_to_lit_cb_after_a_run_does_not_stop_it_resuming():
     assert differences(stored, changed) == ["config recovery.low_rank_bits: '<absent>' -> 8"]
     # a key the current config lacks (removed from lit_cb) is still a difference
     assert differences(current, stored) == ["config recovery.low_rank_bits: 16 -> '<absent>'"]
+
+
+def test_a_model_config_written_by_another_transformers_release_is_the_same_model(tmp_path):
+    """Blocks compressed under one transformers release resume under another: config.json files that differ only in
+    the writer's transformers_version are the same model. A changed field is still a change, and a fingerprint made
+    before config_semantic existed is compared by the file's bytes, as it was made."""
+    from lit_cb.fingerprint import differences, model_identity
+
+    def folder(name: str, **fields) -> dict:
+        path = tmp_path / name
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"same weights")
+        config = {"model_type": "llama", "hidden_size": 64, "transformers_version": "5.17.0", **fields}
+        (path / "config.json").write_text(json.dumps(config, indent=2))
+        return {"model": model_identity(str(path))}
+
+    old = folder("a")
+    new = folder("b", transformers_version="5.25.0")
+    wider = folder("c", hidden_size=128)
+    for ident in (old, new, wider):
+        ident["model"]["name"] = "m"  # one model name, as a resume in the same place has
+    assert old["model"]["config"] != new["model"]["config"]  # the bytes differ ...
+    assert differences(old, new) == []  # ... the model does not
+    assert differences(old, wider) == [
+        f"model: config, config_semantic changed (model identity {old['model']} -> {wider['model']})"
+    ]
+    legacy = {"model": {k: v for k, v in old["model"].items() if k != "config_semantic"}}
+    assert differences(legacy, old) == []  # same bytes: resumes
+    assert differences(legacy, new)[0].startswith("model: config changed")  # other bytes, nothing else to go by
+
+
+def test_teacher_text_caches_keep_their_key_when_the_model_identity_gains_a_field():
+    """The shared teacher-text cache folder is the hash of the teacher fingerprint: config_semantic is left out of it,
+    so caches made before it existed (and carried between sessions) are still found."""
+    from lit_cb.data.teacher_text import teacher_fingerprint
+
+    ident = {"name": "m", "weights": "w", "config": "c"}
+    args = (4, 16, 1.0, 0.95, 2, 0, torch.float16)
+    assert teacher_fingerprint({**ident, "config_semantic": "s"}, *args) == teacher_fingerprint(ident, *args)

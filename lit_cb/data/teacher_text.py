@@ -82,7 +82,9 @@ def teacher_fingerprint(
     """What the cached sequences depend on (batch size and dtype too: they change the GPU numerics
     and the order of the random draws)."""
     return {
-        "model": model_identity,
+        # the identity as teacher caches were keyed before config_semantic existed (the shared cache's folder is the
+        # hash of this dict, so a new key would orphan every cache made so far)
+        "model": {k: v for k, v in model_identity.items() if k != "config_semantic"},
         "num_samples": num_samples,
         "seqlen": seqlen,
         "temperature": float(temperature),
