@@ -5,9 +5,15 @@
 #   .whl/                          what the device's Python 3.12 lacks for lit_cb: datasets (+ dill, multiprocess), gguf
 #   .whl_bnb/                      bitsandbytes and aqlm (the kernel baselines), carried only by the calls that need them
 #
+#   .blocks/, .teacher/            what a GPU made and cannot be made here (packed compressed blocks of
+#                                 bench/blocks_carry.py, teacher text): a session commits them under bench/artifacts/
+#                                 and removes them again in its next commit, so main's history keeps them while the
+#                                 working tree, which every device call carries (64 MiB in all), stays small.
+#                                 bench/artifact_commits.txt lists those commits; their files come back from git here
+#
 #   bash bench/carry_prepare.sh          # from the repo root; needs PyPI, not a GPU
 #
-# Folders already there are left as they are (nothing is overwritten); delete one to rebuild it.
+# Folders and files already there are left as they are (nothing is overwritten); delete one to rebuild it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
@@ -46,4 +52,23 @@ if [ ! -d .whl_bnb ]; then
   ls .whl_bnb
 else
   echo ".whl_bnb/ is there: left as it is"
+fi
+# bench/artifacts/blocks/<run>.{manifest.json,partNN} -> .blocks/, bench/artifacts/teacher/<hash>/* -> .teacher/<hash>/
+if [ -f bench/artifact_commits.txt ]; then
+  while read -r sha _; do
+    [ -n "$sha" ] && [ "${sha#\#}" = "$sha" ] || continue
+    git cat-file -e "$sha^{commit}" || { echo "artifact commit $sha is not in this clone's history"; exit 1; }
+    git ls-tree -r --name-only "$sha" bench/artifacts | while read -r path; do
+      rel=${path#bench/artifacts/}
+      case $rel in
+        blocks/*) dest=.blocks/${rel#blocks/} ;;
+        teacher/*) dest=.teacher/${rel#teacher/} ;;
+        *) continue ;;
+      esac
+      [ -e "$dest" ] && continue
+      mkdir -p "$(dirname "$dest")"
+      git show "$sha:$path" >"$dest.tmp" && mv "$dest.tmp" "$dest"
+      echo "restored $dest from $sha"
+    done
+  done <bench/artifact_commits.txt
 fi
