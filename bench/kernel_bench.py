@@ -432,7 +432,9 @@ def main() -> None:
     p.add_argument("--batches", default=",".join(map(str, BATCHES)))
     p.add_argument("--formats", default=",".join(DEFAULT_FORMATS))
     p.add_argument("--sweep", action="store_true", help="time tile variants of every kernel family")
-    p.add_argument("--sweep-families", default="gemv,lut,mm,dense", help="with --sweep: which families")
+    p.add_argument(
+        "--sweep-families", default="gemv,lut,mm,dense,table", help="with --sweep: which families (name prefixes)"
+    )
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--no-baselines", action="store_true", help="skip bitsandbytes NF4 and AQLM (fp16 always runs)")
     p.add_argument("--no-fused", action="store_true", help="skip the fused q/k/v and gate/up rows")
@@ -567,17 +569,22 @@ def main() -> None:
                     if args.sweep:
                         families = tuple(args.sweep_families.split(","))
                         variants = [v for v in sweep_variants(K, batch, g, m, b) if v[0].startswith(families)]
+                        ref = dense_reference(x, layers[0][0], layers[0][2], layers[0][3])
                         for name, fn in variants:
                             try:
+                                err = rel_err(fn(x, layers[0][1], layers[0][2], layers[0][3], b), ref)
+                                for L in layers:  # per-layer setup (the table kernel's code layout) before timing
+                                    fn(x, L[1], L[2], L[3], b)
                                 t = time_us([lambda L=L, fn=fn, x=x, b=b: fn(x, L[1], L[2], L[3], b) for L in layers])
                             except Exception as e:  # noqa: BLE001
                                 print(name, "failed", repr(e)[:200])
                                 continue
-                            sr = {"shape": shape, "batch": batch, "format": fname, "variant": name}
+                            sr = {"shape": shape, "batch": batch, "format": fname, "variant": name, "rel_err": err}
                             sr.update({"us": round(t, 2), "GBps": round(moved / t / 1e3, 1)})
                             sweep_rows.append(sr)
                             print("  sweep", json.dumps(sr), flush=True)
                     del layers
+                    _INTERLEAVED.clear()
                 if device == "cuda":
                     torch.cuda.empty_cache()
             del ws, nf4
@@ -643,9 +650,54 @@ def summarize(rows: list[dict]) -> dict:
     return {f"{r['shape']} b{r['batch']} {r['format']}": {kk: r[kk] for kk in keep if kk in r} for r in rows}
 
 
+_INTERLEAVED: dict[tuple, torch.Tensor] = {}  # cleared with the layers they belong to
+
+
+def interleaved(codes: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """The table kernel's code layout of a bench layer's codes, made once per layer (as a layer would at load) so
+    that the timed calls (and a CUDA graph's capture) only launch kernels."""
+    from lit_cb.kernels import table_gemv as T
+
+    key = (codes.data_ptr(), tuple(codes.shape), chunk)
+    if key not in _INTERLEAVED:
+        _INTERLEAVED[key] = T.interleave_codes(codes, chunk)
+    return _INTERLEAVED[key]
+
+
+def table_variants(batch: int, b: int) -> list:
+    """The lookup-table matvec (lit_cb/kernels/table_gemv.py; issue 10's L1-sector bound): rows per program,
+    chunks a loop step, programs per SM, warps, code columns per lane and fp32 tables. The table build is inside
+    every timed call, as a layer that does not share it pays it."""
+    from lit_cb.kernels import table_gemv as T
+
+    if batch > 4 or b > T.MAX_NBITS:
+        return []
+    out = []
+    for bn, bb, per_sm, warps, chunk, f32 in [
+        (128, 1, 4, 4, 16, False),
+        (256, 1, 4, 8, 16, False),
+        (64, 1, 4, 2, 16, False),
+        (128, 2, 4, 4, 16, False),
+        (128, 1, 8, 4, 16, False),
+        (128, 1, 2, 4, 16, False),
+        (128, 1, 4, 4, 8, False),
+        (128, 1, 4, 4, 16, True),
+    ]:
+        cfg = T.TableGemvConfig(block_n=bn, block_b=bb, programs_per_sm=per_sm, num_warps=warps, table_fp32=f32)
+        out.append(
+            (
+                f"table_n{bn}_b{bb}_p{per_sm}_w{warps}_c{chunk}{'_f32' if f32 else ''}",
+                lambda x, c, cb, s, b, cfg=cfg, chunk=chunk: T.table_gemv(
+                    x, interleaved(c, chunk), cb, s, None, b, cfg
+                ),
+            )
+        )
+    return out
+
+
 def sweep_variants(K, batch: int, g: int, m: int, b: int):
     """Tile variants per kernel family for this batch size (for tuning dispatch thresholds)."""
-    out = []
+    out = table_variants(batch, b)
     if batch <= 16 and K.LUT_MIN_NBITS <= b <= K.LUT_MAX_NBITS:
         for cols, bn, per_sm, warps in [
             (32, 128, 2, 4),

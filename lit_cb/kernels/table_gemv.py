@@ -1,0 +1,271 @@
+"""A matvec through per-input lookup tables kept in global memory (L1/L2), for codebook formats with B <= 8.
+
+Why (issue 10): the default gemv (:mod:`lit_cb.kernels.codebook`) is bound by L1, not HBM. Each lane gathers
+a whole codeword (8-16 bytes) from a 2-8 KB codebook at a random code, so a warp-wide gather touches about 24
+32-byte sectors (Nsight Compute, ``kernel_counters_h100.json``), and L1 runs at 75-83% of its peak while DRAM
+moves a sixth of what it could. Shared-memory tables fixed the sectors but not the residency
+(``kernels_smem_h100.json``); a table gathered from registers (``codebook_lut_gemv``, ``tl.gather``) needed 168
+registers. This kernel keeps the table in global memory and arranges the lanes so that one gather reads one
+small window of it:
+
+* **The table.** For each token and each code column ``c = group * M + m`` (the layout of a row's codes),
+  ``table[t, c, k] = <codebooks[m, k, 0, :], x[t, group]>``: ``2**B`` values of one input group, 512 bytes in
+  fp16 at B = 8. One small kernel builds it per call (``G * 2**B`` multiply-adds per code column: 2.8 M for a
+  4096 x 11008 layer at 1x8 g4, against the matvec's 45 M) and writes it to L2 (0.5-1.4 MB).
+* **The codes, interleaved.** ``[C / CHUNK, N, CHUNK]``: ``CHUNK`` (16) consecutive code columns of one row are
+  one 16-byte vector, and the rows follow each other. A warp then loads 32 rows' vectors (512 contiguous
+  bytes, coalesced), and each of its ``CHUNK`` gathers has all 32 lanes at the same code column, i.e. in the
+  same 512-byte table window: at most 16 sectors, about 14 at random codes, for 4 (1x8 g4) or 8 (2x8 g8)
+  weights a lane, where a codeword gather touches about 24 for as many weights. No multiply per weight either:
+  a row's dot product is a sum of table values. The layer keeps its codes in this layout (:func:`interleave_codes`,
+  done once at load), as a serving format would.
+* **Split-K** over chunks of code columns, so that enough programs run: wide rows walk all of K, narrow ones
+  (4096 x 11008) split it; partial sums (fp32) are reduced by :func:`lit_cb.kernels.codebook._reduce_parts`,
+  deterministic, no atomics. With one split the scales and bias are applied in the same kernel.
+
+The table costs precision: fp16 entries (about 11 bits) sum in fp32, like an fp16 GEMM's products.
+``table_fp32`` keeps them in fp32 (1 KB windows, twice the sectors) for inputs whose group dots could overflow
+fp16. Experimental: measured by ``bench/kernel_bench.py --sweep --sweep-families table``, not dispatched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from lit_cb.kernels.codebook import _num_sms, _reduce_parts
+
+MAX_NBITS = 8  # 2**B table entries per code column: 512 bytes of fp16 at B = 8
+CHUNKS = (16, 8, 4, 2, 1)  # code columns per lane vector, largest first: the largest that divides C is used
+
+
+@dataclass(frozen=True)
+class TableGemvConfig:
+    """``block_n`` rows per program (32 lanes a warp over rows: ``32 * num_warps`` puts every lane on its own
+    row), ``block_b`` chunks per loop step, enough K splits that about ``programs_per_sm`` programs run per SM,
+    fp16 or fp32 table entries. The chunk (code columns per lane vector) is the codes' layout
+    (:func:`interleave_codes`), not a launch setting."""
+
+    block_n: int = 128
+    block_b: int = 1
+    programs_per_sm: int = 4
+    num_warps: int = 4
+    table_fp32: bool = False
+
+
+@triton.jit
+def _table_build_kernel(
+    x_ptr,
+    cb_ptr,
+    table_ptr,
+    NUM_COLS,
+    stride_xt,
+    stride_tt,
+    NUM_CODEBOOKS: tl.constexpr,
+    NCODE: tl.constexpr,
+    G: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """table[t, c, k] = sum_j codebooks[m, k, 0, j] * x[t, group * G + j], c = group * M + m; grid
+    (cdiv(NUM_COLS, BLOCK_C), tokens)."""
+    t = tl.program_id(1)
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < NUM_COLS
+    grp = offs_c // NUM_CODEBOOKS
+    m = offs_c % NUM_CODEBOOKS
+    offs_k = tl.arange(0, NCODE)
+    x_row = x_ptr + t.to(tl.int64) * stride_xt
+    acc = tl.zeros([BLOCK_C, NCODE], dtype=tl.float32)
+    for j in tl.static_range(G):
+        xv = tl.load(x_row + grp * G + j, mask=c_ok, other=0.0).to(tl.float32)
+        w = tl.load(cb_ptr + (m[:, None] * NCODE + offs_k[None, :]) * G + j, mask=c_ok[:, None], other=0.0)
+        acc += xv[:, None] * w.to(tl.float32)
+    dest = table_ptr + t.to(tl.int64) * stride_tt + offs_c[:, None] * NCODE + offs_k[None, :]
+    tl.store(dest, acc.to(table_ptr.dtype.element_ty), mask=c_ok[:, None])
+
+
+@triton.jit
+def _table_gemv_kernel(
+    codes_ptr,
+    table_ptr,
+    scales_ptr,
+    bias_ptr,
+    part_ptr,
+    out_ptr,
+    N,
+    NUM_CHUNKS,
+    CHUNKS_PER_SPLIT,
+    stride_tt,
+    stride_pt,
+    stride_ps,
+    stride_ot,
+    NBITS: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    DIRECT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    """Rows [pid_n * BLOCK_N, +BLOCK_N) over this split's chunks of code columns: the sum of table[t, c, code]
+    over them; DIRECT (one split): times scales, plus bias, into out; else into part[t, split, n]. Grid
+    (cdiv(N, BLOCK_N), splits, tokens)."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    t = tl.program_id(2)
+    NCODE: tl.constexpr = 1 << NBITS
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_j = tl.arange(0, CHUNK)
+    table_t = table_ptr + t.to(tl.int64) * stride_tt
+    b_start = pid_s * CHUNKS_PER_SPLIT
+    b_end = tl.minimum(b_start + CHUNKS_PER_SPLIT, NUM_CHUNKS)
+    acc = tl.zeros([BLOCK_B, BLOCK_N, CHUNK], dtype=tl.float32)
+    for b0 in range(b_start, b_end, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        mask = (offs_b < b_end)[:, None, None] & n_mask[None, :, None]
+        # [C / CHUNK, N, CHUNK]: a lane's CHUNK codes are one vector, consecutive lanes consecutive rows
+        codes = tl.load(
+            codes_ptr + (offs_b[:, None, None] * N + offs_n[None, :, None]) * CHUNK + offs_j[None, None, :],
+            mask=mask,
+            other=0,
+            eviction_policy="evict_first",  # streamed once; the table is what should stay in L1
+        )
+        col = offs_b[:, None, None] * CHUNK + offs_j[None, None, :]  # the code column: one table window
+        vals = tl.load(table_t + col * NCODE + (codes.to(tl.int32) & (NCODE - 1)), mask=mask, other=0.0)
+        acc += vals.to(tl.float32)
+    total = tl.sum(tl.sum(acc, axis=2), axis=0)  # [BLOCK_N]
+    if DIRECT:
+        total = total * tl.load(scales_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            total += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + t.to(tl.int64) * stride_ot + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        tl.store(part_ptr + t.to(tl.int64) * stride_pt + pid_s * stride_ps + offs_n, total, mask=n_mask)
+
+
+def chunk_for(num_cols: int, preferred: int = 16) -> int:
+    """The largest of :data:`CHUNKS` up to ``preferred`` that divides ``num_cols`` (a row's code count)."""
+    if preferred not in CHUNKS:
+        raise ValueError(f"chunk={preferred}; expected one of {list(CHUNKS)}")
+    return next(c for c in CHUNKS if c <= preferred and num_cols % c == 0)
+
+
+def interleave_codes(codes: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """``[N, K_GROUPS, M]`` codes (uint8) as the kernel reads them: ``[C / chunk, N, chunk]`` with ``C =
+    K_GROUPS * M`` the code columns of a row, ``chunk`` from :func:`chunk_for`. Same bytes, another order."""
+    if codes.dim() != 3 or codes.dtype != torch.uint8:
+        raise ValueError(f"codes must be [N, K_GROUPS, M] uint8, got {tuple(codes.shape)} {codes.dtype}")
+    num_out, num_groups, num_cb = codes.shape
+    cols = num_groups * num_cb
+    chunk = chunk_for(cols, chunk)
+    return codes.reshape(num_out, cols // chunk, chunk).transpose(0, 1).contiguous()
+
+
+def build_tables(x: torch.Tensor, codebooks: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """``[T, C, 2**B]`` tables of ``x [T, K]`` (module docstring), in ``dtype`` (fp16 or fp32)."""
+    num_cb, ncode, _, g = codebooks.shape
+    tokens, k = x.shape
+    cols = (k // g) * num_cb
+    table = torch.empty(tokens, cols, ncode, dtype=dtype, device=x.device)
+    if tokens == 0:
+        return table
+    block_c = max(1, min(64, 4096 // ncode))  # about 4,096 accumulators a program
+    _table_build_kernel[(triton.cdiv(cols, block_c), tokens)](
+        x,
+        codebooks.contiguous(),
+        table,
+        cols,
+        x.stride(0),
+        table.stride(0),
+        NUM_CODEBOOKS=num_cb,
+        NCODE=ncode,
+        G=g,
+        BLOCK_C=block_c,
+        num_warps=4,
+    )
+    return table
+
+
+def _check(x: torch.Tensor, codes_il: torch.Tensor, codebooks: torch.Tensor, nbits: int) -> None:
+    if not 1 <= nbits <= MAX_NBITS:
+        raise ValueError(f"the table kernel needs 1 <= nbits_per_codebook <= {MAX_NBITS}, got {nbits}")
+    if codebooks.dim() != 4 or codebooks.shape[2] != 1 or codebooks.shape[1] != 2**nbits:
+        raise ValueError(
+            f"codebooks must be [M, 2**nbits={2**nbits}, 1, G] (one part, out_group_size 1), "
+            f"got {tuple(codebooks.shape)}"
+        )
+    if codes_il.dim() != 3 or codes_il.dtype != torch.uint8:
+        raise ValueError(f"codes must be interleaved [C / chunk, N, chunk] uint8 (interleave_codes), got "
+                         f"{tuple(codes_il.shape)} {codes_il.dtype}")  # fmt: skip
+    num_cb, _, _, g = codebooks.shape
+    cols = codes_il.shape[0] * codes_il.shape[2]
+    if x.dim() != 2 or x.shape[1] % g or cols != (x.shape[1] // g) * num_cb:
+        raise ValueError(
+            f"x {tuple(x.shape)} and codes with {cols} code columns a row do not fit {num_cb} codebook(s) "
+            f"of groups of {g}: expected {num_cb} x K / {g} columns"
+        )
+    if codes_il.numel() >= 2**31:
+        raise ValueError("codes with >= 2**31 elements need 64-bit offsets, which this kernel does not use")
+
+
+def table_gemv(
+    x: torch.Tensor,
+    codes_il: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    nbits: int,
+    config: TableGemvConfig | None = None,
+    table: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x [T, K] -> [T, N]``: ``out[t, n] = scales[n] * sum_k x[t, k] W'[n, k] + bias[n]`` through lookup tables.
+    ``codes_il`` from :func:`interleave_codes`; ``table`` from :func:`build_tables` of the same ``x`` (layers
+    reading one input, as q/k/v do, can share it), else built here."""
+    _check(x, codes_il, codebooks, nbits)
+    cfg = config or TableGemvConfig()
+    x = x.contiguous()
+    num_chunks, num_out, chunk = codes_il.shape
+    tokens = x.shape[0]
+    out = torch.empty(tokens, num_out, dtype=x.dtype, device=x.device)
+    if tokens == 0:
+        return out
+    if table is None:
+        table = build_tables(x, codebooks, torch.float32 if cfg.table_fp32 else torch.float16)
+    if table.shape != (tokens, num_chunks * chunk, 2**nbits):
+        raise ValueError(f"table {tuple(table.shape)} does not fit {tokens} token(s) x {num_chunks * chunk} columns")
+    row_tiles = triton.cdiv(num_out, cfg.block_n)
+    target = cfg.programs_per_sm * _num_sms(x.device)
+    splits = max(1, min(triton.cdiv(num_chunks, cfg.block_b), triton.cdiv(target, row_tiles * tokens)))
+    per_split = triton.cdiv(triton.cdiv(num_chunks, splits), cfg.block_b) * cfg.block_b
+    splits = triton.cdiv(num_chunks, per_split)
+    direct = splits == 1
+    part = out if direct else torch.empty(tokens, splits, num_out, dtype=torch.float32, device=x.device)
+    scales_flat = scales.reshape(-1).contiguous()
+    _table_gemv_kernel[(row_tiles, splits, tokens)](
+        codes_il,
+        table,
+        scales_flat,
+        bias if bias is not None else scales_flat,
+        part,
+        out,
+        num_out,
+        num_chunks,
+        per_split,
+        table.stride(0),
+        part.stride(0),
+        part.stride(1) if not direct else 0,
+        out.stride(0),
+        NBITS=nbits,
+        CHUNK=chunk,
+        BLOCK_N=cfg.block_n,
+        BLOCK_B=cfg.block_b,
+        DIRECT=direct,
+        HAS_BIAS=bias is not None,
+        num_warps=cfg.num_warps,
+    )
+    if not direct:
+        _reduce_parts(part, scales, bias, out)
+    return out

@@ -1,0 +1,147 @@
+"""The lookup-table matvec (lit_cb/kernels/table_gemv.py) against a float64 reference, on the CPU under the Triton
+interpreter (CI has no GPU; bench/kernel_bench.py --sweep --sweep-families table checks and times it on one).
+
+TRITON_INTERPRET must be set before the kernels are decorated: the modules are reloaded when another test
+imported them for real (as tests/test_kernels.py does).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import triton  # noqa: E402, F401  (a missing Triton fails the module, never skips it)
+
+
+def _modules():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    codebook = importlib.import_module("lit_cb.kernels.codebook")
+    if not isinstance(codebook._splitk_reduce_kernel, InterpretedFunction):
+        codebook = importlib.reload(codebook)
+    table = importlib.import_module("lit_cb.kernels.table_gemv")
+    if not isinstance(table._table_gemv_kernel, InterpretedFunction) or table._reduce_parts is not (
+        codebook._reduce_parts
+    ):
+        table = importlib.reload(table)
+    return table
+
+
+T = _modules()
+
+
+def layer(n: int, k: int, m: int, b: int, g: int, seed: int = 0, bias: bool = False):
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, 2**b, (n, k // g, m), generator=gen)
+    codebooks = torch.randn(m, 2**b, 1, g, generator=gen).half()
+    scales = (torch.rand(n, 1, 1, 1, generator=gen) + 0.5).half()
+    b_vec = torch.randn(n, generator=gen).half() if bias else None
+    return idx, codebooks, scales, b_vec
+
+
+def reference(x, idx, codebooks, scales, bias) -> torch.Tensor:
+    """float64: W[n, group*g + j] = scales[n] * sum_m codebooks[m, idx[n, group, m], 0, j]."""
+    n, groups, m = idx.shape
+    cb = codebooks.double()[:, :, 0, :]  # [M, 2**B, g]
+    w = sum(cb[mm][idx[:, :, mm]] for mm in range(m))  # [N, groups, g]
+    w = w.reshape(n, -1) * scales.double().reshape(n, 1)
+    out = x.double() @ w.T
+    return out + bias.double() if bias is not None else out
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "m", "b", "g", "tokens", "bias", "cfg"),
+    [
+        # 1x8 g4, ragged rows, one split (scales in the kernel)
+        (70, 64, 1, 8, 4, 1, False, T.TableGemvConfig(block_n=32, num_warps=1, programs_per_sm=1)),
+        # 2x8 g8 with bias, two tokens, split-K (partials reduced by the codebook module's epilogue)
+        (40, 128, 2, 8, 8, 2, True, T.TableGemvConfig(block_n=32, num_warps=1, programs_per_sm=8)),
+        # 1x4 g8: 16-entry tables, several chunks a loop step
+        (33, 256, 1, 4, 8, 1, False, T.TableGemvConfig(block_n=64, block_b=2, num_warps=2, programs_per_sm=2)),
+        # 2x6 g2: 24 code columns a row, so chunks of 8
+        (20, 24, 2, 6, 2, 3, True, T.TableGemvConfig(block_n=32, num_warps=1)),
+    ],
+)
+def test_matches_float64(n, k, m, b, g, tokens, bias, cfg):
+    idx, codebooks, scales, b_vec = layer(n, k, m, b, g, bias=bias)
+    x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(1)).half()
+    codes = T.interleave_codes(idx.to(torch.uint8))
+    out = T.table_gemv(x, codes, codebooks, scales, b_vec, b, cfg)
+    ref = reference(x, idx, codebooks, scales, b_vec)
+    assert out.dtype == x.dtype and out.shape == (tokens, n)
+    # fp16 table entries (rounded once per group dot) summed in fp32, then fp16 out
+    err = (out.double() - ref).abs().max() / ref.abs().max()
+    assert err < 3e-3, err
+
+
+def test_fp32_table_is_exact_to_float32():
+    idx, codebooks, scales, _ = layer(50, 128, 1, 8, 4, seed=2)
+    x = torch.randn(1, 128, generator=torch.Generator().manual_seed(3))
+    codes = T.interleave_codes(idx.to(torch.uint8))
+    out = T.table_gemv(x, codes, codebooks, scales, None, 8, T.TableGemvConfig(block_n=32, num_warps=1,
+                                                                               table_fp32=True))  # fmt: skip
+    ref = reference(x, idx, codebooks, scales, None)
+    assert ((out.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+def test_tables_are_group_dots_and_can_be_shared():
+    """table[t, c, k] = <codebooks[m, k], x[t, group]> (c = group * M + m), checked entry by entry; layers that
+    read one input (q/k/v) pass one table and get what they get alone."""
+    idx, codebooks, scales, _ = layer(24, 32, 2, 4, 4, seed=4)
+    x = torch.randn(2, 32, generator=torch.Generator().manual_seed(5)).half()
+    table = T.build_tables(x, codebooks, torch.float32)
+    xg = x.double().reshape(2, 8, 4)
+    expect = torch.einsum("tgj,mkj->tgmk", xg, codebooks.double()[:, :, 0, :]).reshape(2, 16, 16)
+    assert torch.allclose(table.double(), expect, atol=1e-5)
+    codes = T.interleave_codes(idx.to(torch.uint8))
+    cfg = T.TableGemvConfig(block_n=32, num_warps=1, table_fp32=True)
+    shared = T.table_gemv(x, codes, codebooks, scales, None, 4, cfg, table=table)
+    assert torch.equal(shared, T.table_gemv(x, codes, codebooks, scales, None, 4, cfg))
+
+
+def test_interleave_is_a_permutation():
+    idx = torch.randint(0, 256, (5, 12, 2), generator=torch.Generator().manual_seed(6)).to(torch.uint8)
+    il = T.interleave_codes(idx)
+    assert il.shape == (3, 5, 8)  # 24 code columns: chunks of 8 (16 does not divide 24)
+    assert torch.equal(il.transpose(0, 1).reshape(5, 12, 2), idx)
+
+
+def test_bad_input_is_named():
+    idx, codebooks, scales, _ = layer(8, 32, 1, 8, 4)
+    codes = T.interleave_codes(idx.to(torch.uint8))
+    x = torch.randn(1, 32).half()
+    with pytest.raises(ValueError, match="nbits_per_codebook <= 8, got 9"):
+        T.table_gemv(x, codes, codebooks, scales, None, 9)
+    with pytest.raises(ValueError, match="do not fit"):
+        T.table_gemv(torch.randn(1, 48).half(), codes, codebooks, scales, None, 8)
+    with pytest.raises(ValueError, match="uint8"):
+        T.interleave_codes(idx.to(torch.int16))
+    with pytest.raises(ValueError, match="chunk=3"):
+        T.chunk_for(24, 3)
+
+
+def test_bench_sweep_checks_every_table_variant(tmp_path):
+    """bench/kernel_bench.py's table family (the GPU sweep that decides whether the kernel is dispatched) at toy
+    sizes: every variant runs and its recorded error against the dense reference is small."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = tmp_path / "sweep.json"
+    cmd = [sys.executable, "bench/kernel_bench.py", "--smoke", "--formats", "1x8_g4,2x8_g8", "--no-fused"]
+    cmd += ["--sweep", "--sweep-families", "table", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=root,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["sweep"]
+    assert {(r["shape"], r["format"]) for r in rows} == {
+        (s, f) for s in ("48x64", "96x32") for f in ("1x8_g4", "2x8_g8")
+    }
+    assert len(rows) == 4 * 8 and {r["batch"] for r in rows} == {1}
+    assert all(r["variant"].startswith("table_") and r["rel_err"] < 3e-3 and r["us"] > 0 for r in rows), rows
