@@ -145,3 +145,41 @@ def test_bench_sweep_checks_every_table_variant(tmp_path):
     }
     assert len(rows) == 4 * 8 and {r["batch"] for r in rows} == {1}
     assert all(r["variant"].startswith("table_") and r["rel_err"] < 3e-3 and r["us"] > 0 for r in rows), rows
+
+
+def test_dispatch_opt_in_runs_it_and_follows_code_changes(monkeypatch):
+    """With LIT_CB_TABLE_GEMV=1 a gemv call of a one-part layer runs the table kernel on codes interleaved once and
+    kept; an in-place change of the codes is seen (version counter), freed codes drop their copy. Without the
+    flag the gemv runs as before."""
+    import gc
+
+    ops = importlib.import_module("lit_cb.kernels.ops")
+    calls = []
+    real = T.table_gemv
+    monkeypatch.setattr(T, "table_gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    idx, codebooks, scales, b_vec = layer(64, 64, 2, 8, 8, seed=7, bias=True)
+    codes = idx.to(torch.uint8)
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(8)).half()
+    monkeypatch.delenv(T.ENV_FLAG, raising=False)
+    plain = ops.run_algo(x, codes, codebooks, scales, b_vec, 8, "gemv")
+    assert calls == []
+    monkeypatch.setenv(T.ENV_FLAG, "1")
+    out = ops.run_algo(x, codes, codebooks, scales, b_vec, 8, "gemv")
+    assert calls == [1] and id(codes) in T._LAYER_CODES
+    ref = reference(x, idx, codebooks, scales, b_vec)
+    for y in (out, plain):
+        assert ((y.double() - ref).abs().max() / ref.abs().max()) < 3e-3
+    codes[:, 0, 0] = 255 - codes[:, 0, 0]  # in place: the kept copy must not be used
+    idx[:, 0, 0] = 255 - idx[:, 0, 0]
+    out = ops.run_algo(x, codes, codebooks, scales, b_vec, 8, "gemv")
+    ref = reference(x, idx, codebooks, scales, b_vec)
+    assert ((out.double() - ref).abs().max() / ref.abs().max()) < 3e-3
+    assert ops.run_algo(torch.randn(5, 64).half(), codes, codebooks, scales, b_vec, 8, "gemv").shape == (5, 64)
+    assert len(calls) == 2  # 5 tokens: past MAX_TOKENS, the gemv
+    fresh = idx.to(torch.uint8)  # one that only the table path saw (the gemv's launch may keep a view alive)
+    ops.run_algo(x, fresh, codebooks, scales, b_vec, 8, "gemv")
+    key = id(fresh)
+    assert key in T._LAYER_CODES
+    del fresh
+    gc.collect()
+    assert key not in T._LAYER_CODES

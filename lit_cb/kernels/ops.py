@@ -191,6 +191,11 @@ def run_algo(
     num_sms = _num_sms(x2d.device) if algo == "mm" else 0
     cfg = kernel_config(algo, tokens, num_out, in_features, g, codes.shape[2], num_sms)
     if algo == "gemv":
+        if part_sizes is None and _table_gemv(x2d, codes, codebooks, nbits):
+            from . import table_gemv
+
+            codes_il = table_gemv.layer_codes(codes)
+            return table_gemv.table_gemv(x2d, codes_il, codebooks, scales, bias, nbits)
         if part_sizes is None and _smem_tables(x2d, codes, codebooks, nbits):
             from . import smem_table
 
@@ -209,6 +214,14 @@ def run_algo(
     if algo == "dense":
         return K.codebook_dense(x2d, codes, codebooks, scales, bias, nbits, cfg, part_sizes)
     return K.codebook_dense_chunked(x2d, codes, codebooks, scales, bias, nbits, cfg)
+
+
+def _table_gemv(x2d: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, nbits: int) -> bool:
+    """Whether a ``gemv`` call runs the lookup-table matvec (lit_cb/kernels/table_gemv.py): only when opted in
+    with ``LIT_CB_TABLE_GEMV=1``, for the layers it takes."""
+    from . import table_gemv
+
+    return table_gemv.enabled() and table_gemv.supports(x2d, codes, codebooks, nbits)
 
 
 def _smem_tables(x2d: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, nbits: int) -> bool:

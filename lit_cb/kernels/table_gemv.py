@@ -25,11 +25,18 @@ small window of it:
 
 The table costs precision: fp16 entries (about 11 bits) sum in fp32, like an fp16 GEMM's products.
 ``table_fp32`` keeps them in fp32 (1 KB windows, twice the sectors) for inputs whose group dots could overflow
-fp16. Experimental: measured by ``bench/kernel_bench.py --sweep --sweep-families table``, not dispatched.
+fp16.
+
+Experimental: timed by ``bench/kernel_bench.py --sweep --sweep-families table``. The dispatcher sends ``gemv``
+calls here only when opted in with ``LIT_CB_TABLE_GEMV=1`` (:func:`enabled`), for one-part layers it takes
+(:func:`supports`); each layer's codes are then interleaved once and kept beside them (:func:`layer_codes`:
+another copy of the codes' bytes, 0.25 byte a weight at 2 bits).
 """
 
 from __future__ import annotations
 
+import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +47,8 @@ from lit_cb.kernels.codebook import _num_sms, _reduce_parts
 
 MAX_NBITS = 8  # 2**B table entries per code column: 512 bytes of fp16 at B = 8
 CHUNKS = (16, 8, 4, 2, 1)  # code columns per lane vector, largest first: the largest that divides C is used
+ENV_FLAG = "LIT_CB_TABLE_GEMV"
+MAX_TOKENS = 4  # one table per token: past a few tokens the mm kernel reads the codes once for all of them
 
 
 @dataclass(frozen=True)
@@ -161,7 +170,9 @@ def interleave_codes(codes: torch.Tensor, chunk: int = 16) -> torch.Tensor:
     num_out, num_groups, num_cb = codes.shape
     cols = num_groups * num_cb
     chunk = chunk_for(cols, chunk)
-    return codes.reshape(num_out, cols // chunk, chunk).transpose(0, 1).contiguous()
+    view = codes.reshape(num_out, cols // chunk, chunk).transpose(0, 1)
+    # a copy always (a single chunk's transpose is already contiguous: a view would keep the codes alive)
+    return torch.empty(view.shape, dtype=codes.dtype, device=codes.device).copy_(view)
 
 
 def build_tables(x: torch.Tensor, codebooks: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
@@ -269,3 +280,38 @@ def table_gemv(
     if not direct:
         _reduce_parts(part, scales, bias, out)
     return out
+
+
+def enabled() -> bool:
+    """Opt-in (``LIT_CB_TABLE_GEMV=1``): off by default until the GPU sweep shows it beating the gemv."""
+    return os.environ.get(ENV_FLAG) == "1"
+
+
+def supports(x2d: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, nbits: int) -> bool:
+    """One-part layers with uint8 codes ``[N, K_GROUPS, M]`` (B <= 8), up to :data:`MAX_TOKENS` tokens."""
+    return (
+        codebooks.dim() == 4
+        and codes.dtype == torch.uint8
+        and codes.dim() == 3
+        and nbits <= MAX_NBITS
+        and 0 < x2d.shape[0] <= MAX_TOKENS
+    )
+
+
+# id(codes) -> (codes._version, interleaved copy); an entry goes when its codes tensor is freed
+_LAYER_CODES: dict[int, tuple[int, torch.Tensor]] = {}
+
+
+def layer_codes(codes: torch.Tensor) -> torch.Tensor:
+    """``codes`` interleaved (:func:`interleave_codes`), made on a layer's first call and kept until its codes
+    change (version counter) or are freed, as :meth:`lit_cb.trellis.TrellisLinear.tile_words` keeps its layout.
+    A CUDA-graph capture must come after one eager call, as ``lit_cb generate``'s warm-up does."""
+    key = id(codes)
+    hit = _LAYER_CODES.get(key)
+    if hit is not None and hit[0] == codes._version:
+        return hit[1]
+    if hit is None:
+        weakref.finalize(codes, _LAYER_CODES.pop, key, None)
+    copy = interleave_codes(codes)
+    _LAYER_CODES[key] = (codes._version, copy)
+    return copy
