@@ -673,15 +673,18 @@ def table_variants(batch: int, b: int) -> list:
     if batch > 4 or b > T.MAX_NBITS:
         return []
     out = []
+    # rows per program set the table's L2 -> SM traffic (every row tile reads every window: C * 2**B * 2 bytes,
+    # 1.4 MB at 4096 x 11008 1x8 g4, times N / block_n tiles); more rows than lanes repeat the lanes' rows
     for bn, bb, per_sm, warps, chunk, f32 in [
         (128, 1, 4, 4, 16, False),
+        (256, 1, 4, 4, 16, False),
         (256, 1, 4, 8, 16, False),
-        (64, 1, 4, 2, 16, False),
-        (128, 2, 4, 4, 16, False),
-        (128, 1, 8, 4, 16, False),
-        (128, 1, 2, 4, 16, False),
-        (128, 1, 4, 4, 8, False),
-        (128, 1, 4, 4, 16, True),
+        (512, 1, 4, 8, 16, False),
+        (512, 1, 2, 16, 16, False),
+        (256, 2, 4, 8, 16, False),
+        (256, 1, 8, 8, 16, False),
+        (256, 1, 4, 8, 8, False),
+        (256, 1, 4, 8, 16, True),
     ]:
         cfg = T.TableGemvConfig(block_n=bn, block_b=bb, programs_per_sm=per_sm, num_warps=warps, table_fp32=f32)
         out.append(
