@@ -95,12 +95,33 @@ def test_tables_are_group_dots_and_can_be_shared():
     x = torch.randn(2, 32, generator=torch.Generator().manual_seed(5)).half()
     table = T.build_tables(x, codebooks, torch.float32)
     xg = x.double().reshape(2, 8, 4)
-    expect = torch.einsum("tgj,mkj->tgmk", xg, codebooks.double()[:, :, 0, :]).reshape(2, 16, 16)
+    expect = torch.einsum("tgj,mkj->tgmk", xg, codebooks.double()[:, :, 0, :]).reshape(1, 2, 16, 16)
     assert torch.allclose(table.double(), expect, atol=1e-5)
     codes = T.interleave_codes(idx.to(torch.uint8))
     cfg = T.TableGemvConfig(block_n=32, num_warps=1, table_fp32=True)
     shared = T.table_gemv(x, codes, codebooks, scales, None, 4, cfg, table=table)
     assert torch.equal(shared, T.table_gemv(x, codes, codebooks, scales, None, 4, cfg))
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_fused_parts_use_their_own_tables(split):
+    """A fused layer (q/k/v: three row parts, each with its own codebooks and scales) against three float64
+    layers, ragged part sizes so that parts meet inside a row tile; with and without split-K."""
+    sizes = [24, 40, 17]
+    layers = [layer(n, 64, 2, 8, 8, seed=10 + i) for i, n in enumerate(sizes)]
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(9)).half()
+    codes = T.interleave_codes(torch.cat([idx for idx, *_ in layers]).to(torch.uint8))
+    codebooks = torch.stack([cb for _, cb, _, _ in layers])  # [P, M, 2**B, 1, G]
+    scales = torch.cat([s for _, _, s, _ in layers])
+    cfg = T.TableGemvConfig(block_n=32, num_warps=1, programs_per_sm=4 if split else 1)
+    out = T.table_gemv(x, codes, codebooks, scales, None, 8, cfg, part_sizes=sizes)
+    ref = torch.cat([reference(x, idx, cb, s, None) for idx, cb, s, _ in layers], dim=1)
+    assert ((out.double() - ref).abs().max() / ref.abs().max()) < 3e-3
+    table = T.build_tables(x, codebooks)
+    assert table.shape == (3, 2, 16, 256)
+    assert torch.equal(T.table_gemv(x, codes, codebooks, scales, None, 8, cfg, sizes, table), out)
+    with pytest.raises(ValueError, match="part_sizes"):
+        T.table_gemv(x, codes, codebooks, scales, None, 8, cfg, part_sizes=[24, 40])
 
 
 def test_interleave_is_a_permutation():
@@ -186,3 +207,24 @@ def test_dispatch_opt_in_runs_it_and_follows_code_changes(monkeypatch):
     del fresh
     gc.collect()
     assert key not in T._LAYER_CODES
+
+
+def test_dispatch_opt_in_takes_fused_layers(monkeypatch):
+    """The fused op's gemv (q/k/v in one launch, lit_cb/fused.py) runs the table kernel when opted in, with the
+    same result as the gemv it replaces (to fp16 rounding)."""
+    ops = importlib.import_module("lit_cb.kernels.ops")
+    sizes = [16, 8]
+    layers = [layer(n, 32, 1, 8, 4, seed=20 + i) for i, n in enumerate(sizes)]
+    codes = torch.cat([idx for idx, *_ in layers]).to(torch.uint8)
+    codebooks = torch.stack([cb for _, cb, _, _ in layers])
+    scales = torch.cat([s for _, _, s, _ in layers])
+    x = torch.randn(1, 32, generator=torch.Generator().manual_seed(21)).half()
+    monkeypatch.delenv(T.ENV_FLAG, raising=False)
+    plain = ops.run_algo(x, codes, codebooks, scales, None, 8, "gemv", sizes)
+    calls = []
+    real = T.table_gemv
+    monkeypatch.setattr(T, "table_gemv", lambda *a, **k: calls.append(k.get("part_sizes")) or real(*a, **k))
+    monkeypatch.setenv(T.ENV_FLAG, "1")
+    out = ops.run_algo(x, codes, codebooks, scales, None, 8, "gemv", sizes)
+    assert calls == [sizes]
+    assert ((out.float() - plain.float()).abs().max() / plain.float().abs().max()) < 3e-3

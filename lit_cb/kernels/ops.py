@@ -191,11 +191,11 @@ def run_algo(
     num_sms = _num_sms(x2d.device) if algo == "mm" else 0
     cfg = kernel_config(algo, tokens, num_out, in_features, g, codes.shape[2], num_sms)
     if algo == "gemv":
-        if part_sizes is None and _table_gemv(x2d, codes, codebooks, nbits):
+        if _table_gemv(x2d, codes, codebooks, nbits):
             from . import table_gemv
 
             codes_il = table_gemv.layer_codes(codes)
-            return table_gemv.table_gemv(x2d, codes_il, codebooks, scales, bias, nbits)
+            return table_gemv.table_gemv(x2d, codes_il, codebooks, scales, bias, nbits, part_sizes=part_sizes)
         if part_sizes is None and _smem_tables(x2d, codes, codebooks, nbits):
             from . import smem_table
 
@@ -218,7 +218,7 @@ def run_algo(
 
 def _table_gemv(x2d: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, nbits: int) -> bool:
     """Whether a ``gemv`` call runs the lookup-table matvec (lit_cb/kernels/table_gemv.py): only when opted in
-    with ``LIT_CB_TABLE_GEMV=1``, for the layers it takes."""
+    with ``LIT_CB_TABLE_GEMV=1``, for the layers it takes (fused ones too)."""
     from . import table_gemv
 
     return table_gemv.enabled() and table_gemv.supports(x2d, codes, codebooks, nbits)

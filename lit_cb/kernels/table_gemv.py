@@ -28,9 +28,9 @@ The table costs precision: fp16 entries (about 11 bits) sum in fp32, like an fp1
 fp16.
 
 Experimental: timed by ``bench/kernel_bench.py --sweep --sweep-families table``. The dispatcher sends ``gemv``
-calls here only when opted in with ``LIT_CB_TABLE_GEMV=1`` (:func:`enabled`), for one-part layers it takes
-(:func:`supports`); each layer's codes are then interleaved once and kept beside them (:func:`layer_codes`:
-another copy of the codes' bytes, 0.25 byte a weight at 2 bits).
+calls here only when opted in with ``LIT_CB_TABLE_GEMV=1`` (:func:`enabled`), for the layers it takes, fused
+q/k/v and gate/up too (:func:`supports`); each layer's codes are then interleaved once and kept beside them
+(:func:`layer_codes`: another copy of the codes' bytes, 0.25 byte a weight at 2 bits).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lit_cb.kernels.codebook import _num_sms, _reduce_parts
+from lit_cb.kernels.codebook import _num_sms, _part_offset, _parts, _reduce_parts
 
 MAX_NBITS = 8  # 2**B table entries per code column: 512 bytes of fp16 at B = 8
 CHUNKS = (16, 8, 4, 2, 1)  # code columns per lane vector, largest first: the largest that divides C is used
@@ -72,28 +72,32 @@ def _table_build_kernel(
     table_ptr,
     NUM_COLS,
     stride_xt,
+    stride_tp,
     stride_tt,
+    CB_PART_STRIDE: tl.constexpr,
     NUM_CODEBOOKS: tl.constexpr,
     NCODE: tl.constexpr,
     G: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """table[t, c, k] = sum_j codebooks[m, k, 0, j] * x[t, group * G + j], c = group * M + m; grid
-    (cdiv(NUM_COLS, BLOCK_C), tokens)."""
+    """table[p, t, c, k] = sum_j codebooks[p, m, k, 0, j] * x[t, group * G + j], c = group * M + m; grid
+    (cdiv(NUM_COLS, BLOCK_C), tokens, parts)."""
     t = tl.program_id(1)
+    p = tl.program_id(2)
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < NUM_COLS
     grp = offs_c // NUM_CODEBOOKS
     m = offs_c % NUM_CODEBOOKS
     offs_k = tl.arange(0, NCODE)
     x_row = x_ptr + t.to(tl.int64) * stride_xt
+    cb_part = cb_ptr + p * CB_PART_STRIDE
     acc = tl.zeros([BLOCK_C, NCODE], dtype=tl.float32)
     for j in tl.static_range(G):
         xv = tl.load(x_row + grp * G + j, mask=c_ok, other=0.0).to(tl.float32)
-        w = tl.load(cb_ptr + (m[:, None] * NCODE + offs_k[None, :]) * G + j, mask=c_ok[:, None], other=0.0)
+        w = tl.load(cb_part + (m[:, None] * NCODE + offs_k[None, :]) * G + j, mask=c_ok[:, None], other=0.0)
         acc += xv[:, None] * w.to(tl.float32)
-    dest = table_ptr + t.to(tl.int64) * stride_tt + offs_c[:, None] * NCODE + offs_k[None, :]
-    tl.store(dest, acc.to(table_ptr.dtype.element_ty), mask=c_ok[:, None])
+    base = table_ptr + p.to(tl.int64) * stride_tp + t.to(tl.int64) * stride_tt
+    tl.store(base + offs_c[:, None] * NCODE + offs_k[None, :], acc.to(table_ptr.dtype.element_ty), mask=c_ok[:, None])
 
 
 @triton.jit
@@ -107,10 +111,15 @@ def _table_gemv_kernel(
     N,
     NUM_CHUNKS,
     CHUNKS_PER_SPLIT,
+    P1,
+    P2,
+    P3,
+    stride_tp,
     stride_tt,
     stride_pt,
     stride_ps,
     stride_ot,
+    NUM_PARTS: tl.constexpr,
     NBITS: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -119,8 +128,8 @@ def _table_gemv_kernel(
     HAS_BIAS: tl.constexpr,
 ):
     """Rows [pid_n * BLOCK_N, +BLOCK_N) over this split's chunks of code columns: the sum of table[t, c, code]
-    over them; DIRECT (one split): times scales, plus bias, into out; else into part[t, split, n]. Grid
-    (cdiv(N, BLOCK_N), splits, tokens)."""
+    over them (rows of a fused layer's part p, from row P_p on, read the part's tables); DIRECT (one split): times
+    scales, plus bias, into out; else into part[t, split, n]. Grid (cdiv(N, BLOCK_N), splits, tokens)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     t = tl.program_id(2)
@@ -128,7 +137,8 @@ def _table_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_j = tl.arange(0, CHUNK)
-    table_t = table_ptr + t.to(tl.int64) * stride_tt
+    row_part = _part_offset(offs_n, P1, P2, P3, NUM_PARTS, 1)  # the part index of each row
+    table_t = table_ptr + t.to(tl.int64) * stride_tt + (row_part.to(tl.int64) * stride_tp)[None, :, None]
     b_start = pid_s * CHUNKS_PER_SPLIT
     b_end = tl.minimum(b_start + CHUNKS_PER_SPLIT, NUM_CHUNKS)
     acc = tl.zeros([BLOCK_B, BLOCK_N, CHUNK], dtype=tl.float32)
@@ -176,21 +186,25 @@ def interleave_codes(codes: torch.Tensor, chunk: int = 16) -> torch.Tensor:
 
 
 def build_tables(x: torch.Tensor, codebooks: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """``[T, C, 2**B]`` tables of ``x [T, K]`` (module docstring), in ``dtype`` (fp16 or fp32)."""
-    num_cb, ncode, _, g = codebooks.shape
+    """``[P, T, C, 2**B]`` tables of ``x [T, K]`` (module docstring), in ``dtype`` (fp16 or fp32): one per part of
+    stacked ``[P, M, 2**B, 1, G]`` codebooks (a fused layer's), ``P = 1`` for ``[M, 2**B, 1, G]``."""
+    stacked = codebooks if codebooks.dim() == 5 else codebooks.unsqueeze(0)
+    num_parts, num_cb, ncode, _, g = stacked.shape
     tokens, k = x.shape
     cols = (k // g) * num_cb
-    table = torch.empty(tokens, cols, ncode, dtype=dtype, device=x.device)
+    table = torch.empty(num_parts, tokens, cols, ncode, dtype=dtype, device=x.device)
     if tokens == 0:
         return table
     block_c = max(1, min(64, 4096 // ncode))  # about 4,096 accumulators a program
-    _table_build_kernel[(triton.cdiv(cols, block_c), tokens)](
+    _table_build_kernel[(triton.cdiv(cols, block_c), tokens, num_parts)](
         x,
-        codebooks.contiguous(),
+        stacked.contiguous(),
         table,
         cols,
         x.stride(0),
         table.stride(0),
+        table.stride(1),
+        CB_PART_STRIDE=stacked[0].numel(),
         NUM_CODEBOOKS=num_cb,
         NCODE=ncode,
         G=g,
@@ -203,15 +217,15 @@ def build_tables(x: torch.Tensor, codebooks: torch.Tensor, dtype: torch.dtype = 
 def _check(x: torch.Tensor, codes_il: torch.Tensor, codebooks: torch.Tensor, nbits: int) -> None:
     if not 1 <= nbits <= MAX_NBITS:
         raise ValueError(f"the table kernel needs 1 <= nbits_per_codebook <= {MAX_NBITS}, got {nbits}")
-    if codebooks.dim() != 4 or codebooks.shape[2] != 1 or codebooks.shape[1] != 2**nbits:
+    if codebooks.dim() not in (4, 5) or codebooks.shape[-2] != 1 or codebooks.shape[-3] != 2**nbits:
         raise ValueError(
-            f"codebooks must be [M, 2**nbits={2**nbits}, 1, G] (one part, out_group_size 1), "
-            f"got {tuple(codebooks.shape)}"
+            f"codebooks must be [M, 2**nbits={2**nbits}, 1, G] or a fused layer's [P, M, 2**nbits, 1, G] "
+            f"(out_group_size 1), got {tuple(codebooks.shape)}"
         )
     if codes_il.dim() != 3 or codes_il.dtype != torch.uint8:
         raise ValueError(f"codes must be interleaved [C / chunk, N, chunk] uint8 (interleave_codes), got "
                          f"{tuple(codes_il.shape)} {codes_il.dtype}")  # fmt: skip
-    num_cb, _, _, g = codebooks.shape
+    num_cb, g = codebooks.shape[-4], codebooks.shape[-1]
     cols = codes_il.shape[0] * codes_il.shape[2]
     if x.dim() != 2 or x.shape[1] % g or cols != (x.shape[1] // g) * num_cb:
         raise ValueError(
@@ -230,23 +244,28 @@ def table_gemv(
     bias: torch.Tensor | None,
     nbits: int,
     config: TableGemvConfig | None = None,
+    part_sizes: list[int] | None = None,
     table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x [T, K] -> [T, N]``: ``out[t, n] = scales[n] * sum_k x[t, k] W'[n, k] + bias[n]`` through lookup tables.
-    ``codes_il`` from :func:`interleave_codes`; ``table`` from :func:`build_tables` of the same ``x`` (layers
-    reading one input, as q/k/v do, can share it), else built here."""
+    ``codes_il`` from :func:`interleave_codes`. Stacked ``[P, M, 2**B, 1, G]`` codebooks with ``part_sizes`` run a
+    fused layer (rows of part p use codebooks[p], as :func:`lit_cb.kernels.codebook.codebook_gemv`). ``table``
+    from :func:`build_tables` of the same ``x`` and codebooks (layers reading one input can share it), else built
+    here."""
     _check(x, codes_il, codebooks, nbits)
     cfg = config or TableGemvConfig()
     x = x.contiguous()
     num_chunks, num_out, chunk = codes_il.shape
+    parts, _ = _parts(codebooks, part_sizes, num_out)
     tokens = x.shape[0]
     out = torch.empty(tokens, num_out, dtype=x.dtype, device=x.device)
     if tokens == 0:
         return out
     if table is None:
         table = build_tables(x, codebooks, torch.float32 if cfg.table_fp32 else torch.float16)
-    if table.shape != (tokens, num_chunks * chunk, 2**nbits):
-        raise ValueError(f"table {tuple(table.shape)} does not fit {tokens} token(s) x {num_chunks * chunk} columns")
+    expect = (parts["NUM_PARTS"], tokens, num_chunks * chunk, 2**nbits)
+    if tuple(table.shape) != expect:
+        raise ValueError(f"table {tuple(table.shape)} does not fit this call: expected {expect}")
     row_tiles = triton.cdiv(num_out, cfg.block_n)
     target = cfg.programs_per_sm * _num_sms(x.device)
     splits = max(1, min(triton.cdiv(num_chunks, cfg.block_b), triton.cdiv(target, row_tiles * tokens)))
@@ -265,10 +284,15 @@ def table_gemv(
         num_out,
         num_chunks,
         per_split,
+        parts["P1"],
+        parts["P2"],
+        parts["P3"],
         table.stride(0),
+        table.stride(1),
         part.stride(0),
         part.stride(1) if not direct else 0,
         out.stride(0),
+        NUM_PARTS=parts["NUM_PARTS"],
         NBITS=nbits,
         CHUNK=chunk,
         BLOCK_N=cfg.block_n,
@@ -288,9 +312,10 @@ def enabled() -> bool:
 
 
 def supports(x2d: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, nbits: int) -> bool:
-    """One-part layers with uint8 codes ``[N, K_GROUPS, M]`` (B <= 8), up to :data:`MAX_TOKENS` tokens."""
+    """Layers (one part or fused) with uint8 codes ``[N, K_GROUPS, M]`` (B <= 8), up to :data:`MAX_TOKENS`
+    tokens."""
     return (
-        codebooks.dim() == 4
+        codebooks.dim() in (4, 5)
         and codes.dtype == torch.uint8
         and codes.dim() == 3
         and nbits <= MAX_NBITS
