@@ -24,8 +24,8 @@ small window of it:
   deterministic, no atomics. With one split the scales and bias are applied in the same kernel.
 
 The table costs precision: fp16 entries (about 11 bits) sum in fp32, like an fp16 GEMM's products.
-``table_fp32`` keeps them in fp32 (1 KB windows, twice the sectors) for inputs whose group dots could overflow
-fp16.
+``table_fp32`` keeps them in fp32 (1 KB windows, twice the sectors), as bf16 and fp32 inputs always do: their
+group dots could overflow fp16.
 
 Experimental: timed by ``bench/kernel_bench.py --sweep --sweep-families table``. The dispatcher sends ``gemv``
 calls here only when opted in with ``LIT_CB_TABLE_GEMV=1`` (:func:`enabled`), for the layers it takes, fused
@@ -262,7 +262,9 @@ def table_gemv(
     if tokens == 0:
         return out
     if table is None:
-        table = build_tables(x, codebooks, torch.float32 if cfg.table_fp32 else torch.float16)
+        # fp16 entries for fp16 inputs; bf16 / fp32 inputs (a range fp16 may not hold) get fp32 ones
+        wide = cfg.table_fp32 or x.dtype != torch.float16
+        table = build_tables(x, codebooks, torch.float32 if wide else torch.float16)
     expect = (parts["NUM_PARTS"], tokens, num_chunks * chunk, 2**nbits)
     if tuple(table.shape) != expect:
         raise ValueError(f"table {tuple(table.shape)} does not fit this call: expected {expect}")
