@@ -674,22 +674,23 @@ def table_variants(batch: int, b: int) -> list:
         return []
     out = []
     # rows per program set the table's L2 -> SM traffic (every row tile reads every window: C * 2**B * 2 bytes,
-    # 1.4 MB at 4096 x 11008 1x8 g4, times N / block_n tiles); more rows than lanes repeat the lanes' rows
-    for bn, bb, per_sm, warps, chunk, f32 in [
-        (128, 1, 4, 4, 16, False),
-        (256, 1, 4, 4, 16, False),
+    # 1.4 MB at 4096 x 11008 1x8 g4, times N / block_n tiles); more rows than lanes repeat the lanes' rows;
+    # tokens per program (bt) share one load of the codes
+    for bn, bt, per_sm, warps, chunk, f32 in [
+        (128, 4, 4, 4, 16, False),
+        (256, 4, 4, 4, 16, False),
+        (256, 4, 4, 8, 16, False),
+        (512, 4, 4, 8, 16, False),
+        (512, 4, 2, 16, 16, False),
         (256, 1, 4, 8, 16, False),
-        (512, 1, 4, 8, 16, False),
-        (512, 1, 2, 16, 16, False),
-        (256, 2, 4, 8, 16, False),
-        (256, 1, 8, 8, 16, False),
-        (256, 1, 4, 8, 8, False),
-        (256, 1, 4, 8, 16, True),
+        (256, 4, 8, 8, 16, False),
+        (256, 4, 4, 8, 8, False),
+        (256, 4, 4, 8, 16, True),
     ]:
-        cfg = T.TableGemvConfig(block_n=bn, block_b=bb, programs_per_sm=per_sm, num_warps=warps, table_fp32=f32)
+        cfg = T.TableGemvConfig(block_n=bn, block_t=bt, programs_per_sm=per_sm, num_warps=warps, table_fp32=f32)
         out.append(
             (
-                f"table_n{bn}_b{bb}_p{per_sm}_w{warps}_c{chunk}{'_f32' if f32 else ''}",
+                f"table_n{bn}_t{bt}_p{per_sm}_w{warps}_c{chunk}{'_f32' if f32 else ''}",
                 lambda x, c, cb, s, b, cfg=cfg, chunk=chunk: T.table_gemv(
                     x, interleaved(c, chunk), cb, s, None, b, cfg
                 ),

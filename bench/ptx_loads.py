@@ -358,27 +358,27 @@ def per_thread_loads(tile: dict, fmt: str) -> dict:
     }
 
 
-def table_compiled(num_out: int, in_features: int, fmt: str):
-    """The lookup-table matvec (lit_cb/kernels/table_gemv.py) at 1 token with its default config, compiled for
-    sm_90 from the launch its launcher makes (the table build and the split-K reduction are not compiled), and
+def table_compiled(num_out: int, in_features: int, fmt: str, tokens: int = 1):
+    """The lookup-table matvec (lit_cb/kernels/table_gemv.py) for ``tokens`` tokens with its default config, compiled
+    for sm_90 from the launch its launcher makes (the table build and the split-K reduction are not compiled), and
     its tile."""
     from lit_cb.kernels import table_gemv as T
 
     m, b, g = FORMATS[fmt]
     codes = T.interleave_codes(torch.zeros(num_out, in_features // g, m, dtype=torch.uint8))
     codebooks = torch.zeros(m, 2**b, 1, g, dtype=torch.float16)
-    table = torch.zeros(1, 1, (in_features // g) * m, 2**b, dtype=torch.float16)
+    table = torch.zeros(1, tokens, (in_features // g) * m, 2**b, dtype=torch.float16)
     cfg = T.TableGemvConfig()
     rec = _Recorder(T._table_gemv_kernel)
     saved = T._table_gemv_kernel, T._num_sms, T._reduce_parts
     T._table_gemv_kernel, T._num_sms, T._reduce_parts = rec, lambda device: 132, lambda *a: None  # H100: 132 SMs
     try:
-        x = torch.zeros(1, in_features, dtype=torch.float16)
+        x = torch.zeros(tokens, in_features, dtype=torch.float16)
         T.table_gemv(x, codes, codebooks, torch.ones(num_out, 1, 1, 1, dtype=torch.float16), None, b, cfg, None, table)
     finally:
         T._table_gemv_kernel, T._num_sms, T._reduce_parts = saved
     ((args, kwargs),) = rec.calls
-    tile = {"block_n": cfg.block_n, "block_b": cfg.block_b, "chunk": codes.shape[2], "num_warps": cfg.num_warps}
+    tile = {"block_n": cfg.block_n, "block_t": kwargs["BLOCK_T"], "chunk": codes.shape[2], "num_warps": cfg.num_warps}
     return compile_launch(saved[0], args, dict(kwargs)), tile
 
 
@@ -401,7 +401,7 @@ def main() -> None:
         help="the shared-table prototypes: gemv (1 token, smem_table.py), mm (smem_mm.py)",
     )
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"], help="with --smem: codebooks and x")
-    p.add_argument("--table", action="store_true", help="the lookup-table matvec (table_gemv.py) at 1 token")
+    p.add_argument("--table", action="store_true", help="the lookup-table matvec (table_gemv.py), 1-4 tokens")
     args = p.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("TRITON_INTERPRET=1 makes the kernels Python functions: unset it to compile them")
@@ -414,9 +414,7 @@ def main() -> None:
             for tokens in (int(t) for t in args.tokens.split(",")):
                 extra = {}
                 if args.table:
-                    if tokens != 1:
-                        sys.exit("--table compiles the 1-token launch: pass --tokens 1")
-                    compiled, tile = table_compiled(num_out, in_features, fmt)
+                    compiled, tile = table_compiled(num_out, in_features, fmt, tokens)
                     kernel, ptx = "table_gemv", compiled.asm["ptx"]
                     extra = {"load_layouts": blocked_layouts(compiled.asm["ttgir"])}
                 elif tokens == 1 and args.smem:

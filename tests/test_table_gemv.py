@@ -60,10 +60,12 @@ def reference(x, idx, codebooks, scales, bias) -> torch.Tensor:
         (70, 64, 1, 8, 4, 1, False, T.TableGemvConfig(block_n=32, num_warps=1, programs_per_sm=1)),
         # 2x8 g8 with bias, two tokens, split-K (partials reduced by the codebook module's epilogue)
         (40, 128, 2, 8, 8, 2, True, T.TableGemvConfig(block_n=32, num_warps=1, programs_per_sm=8)),
-        # 1x4 g8: 16-entry tables, several chunks a loop step
-        (33, 256, 1, 4, 8, 1, False, T.TableGemvConfig(block_n=64, block_b=2, num_warps=2, programs_per_sm=2)),
-        # 2x6 g2: 24 code columns a row, so chunks of 8
+        # 1x4 g8: 16-entry tables, three tokens in tiles of two (the second tile half empty)
+        (33, 256, 1, 4, 8, 3, False, T.TableGemvConfig(block_n=64, block_t=2, num_warps=2, programs_per_sm=2)),
+        # 2x6 g2: 24 code columns a row, so chunks of 8; three tokens in one tile of four
         (20, 24, 2, 6, 2, 3, True, T.TableGemvConfig(block_n=32, num_warps=1)),
+        # five tokens, one a program: every token's codes loaded on their own
+        (36, 64, 1, 8, 4, 5, True, T.TableGemvConfig(block_n=32, block_t=1, num_warps=1, programs_per_sm=2)),
     ],
 )
 def test_matches_float64(n, k, m, b, g, tokens, bias, cfg):

@@ -54,12 +54,12 @@ MAX_TOKENS = 4  # one table per token: past a few tokens the mm kernel reads the
 @dataclass(frozen=True)
 class TableGemvConfig:
     """``block_n`` rows per program (32 lanes a warp over rows: ``32 * num_warps`` puts every lane on its own
-    row), ``block_b`` chunks per loop step, enough K splits that about ``programs_per_sm`` programs run per SM,
-    fp16 or fp32 table entries. The chunk (code columns per lane vector) is the codes' layout
-    (:func:`interleave_codes`), not a launch setting."""
+    row), up to ``block_t`` tokens per program (their codes are loaded once), enough K splits that about
+    ``programs_per_sm`` programs run per SM, fp16 or fp32 table entries. The chunk (code columns per lane
+    vector) is the codes' layout (:func:`interleave_codes`), not a launch setting."""
 
     block_n: int = 128
-    block_b: int = 1
+    block_t: int = 4
     programs_per_sm: int = 4
     num_warps: int = 4
     table_fp32: bool = False
@@ -109,6 +109,7 @@ def _table_gemv_kernel(
     part_ptr,
     out_ptr,
     N,
+    TOKENS,
     NUM_CHUNKS,
     CHUNKS_PER_SPLIT,
     P1,
@@ -123,46 +124,58 @@ def _table_gemv_kernel(
     NBITS: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_B: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     DIRECT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
 ):
-    """Rows [pid_n * BLOCK_N, +BLOCK_N) over this split's chunks of code columns: the sum of table[t, c, code]
-    over them (rows of a fused layer's part p, from row P_p on, read the part's tables); DIRECT (one split): times
-    scales, plus bias, into out; else into part[t, split, n]. Grid (cdiv(N, BLOCK_N), splits, tokens)."""
+    """Rows [pid_n * BLOCK_N, +BLOCK_N) of tokens [pid_t * BLOCK_T, +BLOCK_T) over this split's chunks of code
+    columns: the sum of table[t, c, code] over them, the codes loaded once for all the tile's tokens (rows of a
+    fused layer's part p, from row P_p on, read the part's tables); DIRECT (one split): times scales, plus bias,
+    into out; else into part[t, split, n]. Grid (cdiv(N, BLOCK_N), splits, cdiv(tokens, BLOCK_T))."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    t = tl.program_id(2)
     NCODE: tl.constexpr = 1 << NBITS
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
+    offs_t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = offs_t < TOKENS
     offs_j = tl.arange(0, CHUNK)
     row_part = _part_offset(offs_n, P1, P2, P3, NUM_PARTS, 1)  # the part index of each row
-    table_t = table_ptr + t.to(tl.int64) * stride_tt + (row_part.to(tl.int64) * stride_tp)[None, :, None]
+    # [BLOCK_T, 1, BLOCK_N]: each token's tables, each row's part. The rows are the LAST axis of every gather so
+    # that Triton lays a warp's 32 lanes along them (contiguity ties put the last axis fastest): one code column,
+    # hence one table window, per warp-wide gather (tests/test_ptx_loads.py checks the compiled layout)
+    table_tn = (
+        table_ptr
+        + (offs_t.to(tl.int64) * stride_tt)[:, None, None]
+        + (row_part.to(tl.int64) * stride_tp)[None, None, :]
+    )
+    mask = t_mask[:, None, None] & n_mask[None, None, :]
     b_start = pid_s * CHUNKS_PER_SPLIT
     b_end = tl.minimum(b_start + CHUNKS_PER_SPLIT, NUM_CHUNKS)
-    acc = tl.zeros([BLOCK_B, BLOCK_N, CHUNK], dtype=tl.float32)
-    for b0 in range(b_start, b_end, BLOCK_B):
-        offs_b = b0 + tl.arange(0, BLOCK_B)
-        mask = (offs_b < b_end)[:, None, None] & n_mask[None, :, None]
+    acc = tl.zeros([BLOCK_T, CHUNK, BLOCK_N], dtype=tl.float32)
+    for b in range(b_start, b_end):
         # [C / CHUNK, N, CHUNK]: a lane's CHUNK codes are one vector, consecutive lanes consecutive rows
         codes = tl.load(
-            codes_ptr + (offs_b[:, None, None] * N + offs_n[None, :, None]) * CHUNK + offs_j[None, None, :],
-            mask=mask,
+            codes_ptr + (b * N + offs_n[:, None]) * CHUNK + offs_j[None, :],
+            mask=n_mask[:, None],
             other=0,
             eviction_policy="evict_first",  # streamed once; the table is what should stay in L1
         )
-        col = offs_b[:, None, None] * CHUNK + offs_j[None, None, :]  # the code column: one table window
-        vals = tl.load(table_t + col * NCODE + (codes.to(tl.int32) & (NCODE - 1)), mask=mask, other=0.0)
+        # the code column (b * CHUNK + j) picks one table window; the code, the entry in it
+        entry = (b * CHUNK + offs_j[None, :]) * NCODE + (codes.to(tl.int32) & (NCODE - 1))  # [BLOCK_N, CHUNK]
+        vals = tl.load(table_tn + tl.trans(entry)[None, :, :], mask=mask, other=0.0)  # [BLOCK_T, CHUNK, BLOCK_N]
         acc += vals.to(tl.float32)
-    total = tl.sum(tl.sum(acc, axis=2), axis=0)  # [BLOCK_N]
+    total = tl.sum(acc, axis=1)  # [BLOCK_T, BLOCK_N]
+    tn_mask = t_mask[:, None] & n_mask[None, :]
     if DIRECT:
-        total = total * tl.load(scales_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        total = total * tl.load(scales_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
-            total += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + t.to(tl.int64) * stride_ot + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_mask)
+            total += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        dest = out_ptr + (offs_t.to(tl.int64) * stride_ot)[:, None] + offs_n[None, :]
+        tl.store(dest, total.to(out_ptr.dtype.element_ty), mask=tn_mask)
     else:
-        tl.store(part_ptr + t.to(tl.int64) * stride_pt + pid_s * stride_ps + offs_n, total, mask=n_mask)
+        dest = part_ptr + (offs_t.to(tl.int64) * stride_pt)[:, None] + pid_s * stride_ps + offs_n[None, :]
+        tl.store(dest, total, mask=tn_mask)
 
 
 def chunk_for(num_cols: int, preferred: int = 16) -> int:
@@ -269,14 +282,16 @@ def table_gemv(
     if tuple(table.shape) != expect:
         raise ValueError(f"table {tuple(table.shape)} does not fit this call: expected {expect}")
     row_tiles = triton.cdiv(num_out, cfg.block_n)
+    block_t = min(triton.next_power_of_2(tokens), cfg.block_t)
+    token_tiles = triton.cdiv(tokens, block_t)
     target = cfg.programs_per_sm * _num_sms(x.device)
-    splits = max(1, min(triton.cdiv(num_chunks, cfg.block_b), triton.cdiv(target, row_tiles * tokens)))
-    per_split = triton.cdiv(triton.cdiv(num_chunks, splits), cfg.block_b) * cfg.block_b
+    splits = max(1, min(num_chunks, triton.cdiv(target, row_tiles * token_tiles)))
+    per_split = triton.cdiv(num_chunks, splits)
     splits = triton.cdiv(num_chunks, per_split)
     direct = splits == 1
     part = out if direct else torch.empty(tokens, splits, num_out, dtype=torch.float32, device=x.device)
     scales_flat = scales.reshape(-1).contiguous()
-    _table_gemv_kernel[(row_tiles, splits, tokens)](
+    _table_gemv_kernel[(row_tiles, splits, token_tiles)](
         codes_il,
         table,
         scales_flat,
@@ -284,6 +299,7 @@ def table_gemv(
         part,
         out,
         num_out,
+        tokens,
         num_chunks,
         per_split,
         parts["P1"],
@@ -298,7 +314,7 @@ def table_gemv(
         NBITS=nbits,
         CHUNK=chunk,
         BLOCK_N=cfg.block_n,
-        BLOCK_B=cfg.block_b,
+        BLOCK_T=block_t,
         DIRECT=direct,
         HAS_BIAS=bias is not None,
         num_warps=cfg.num_warps,
