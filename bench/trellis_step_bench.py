@@ -167,7 +167,7 @@ def graphed_variant(model, ids: torch.Tensor, steps: int, ref_grads: torch.Tenso
         def forward(self, tokens: torch.Tensor) -> torch.Tensor:
             # graphs need autocast's weight cache off: a cached cast would be a tensor made outside the graph
             with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-                return self.inner(tokens).logits
+                return self.inner(tokens, use_cache=False).logits
 
     try:
         graphed = torch.cuda.make_graphed_callables(Logits(model), (ids,), num_warmup_iters=3)
