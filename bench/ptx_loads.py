@@ -382,6 +382,25 @@ def table_compiled(num_out: int, in_features: int, fmt: str, tokens: int = 1):
     return compile_launch(saved[0], args, dict(kwargs)), tile
 
 
+def resource_usage(compiled) -> dict[str, int]:
+    """Registers per thread and static shared memory of a compiled kernel, from the cubin (``cuobjdump -res-usage``
+    of the triton wheel's CUDA tools): what bounds its occupancy."""
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        text = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    return {
+        "registers": int(re.search(r"REG:(\d+)", text).group(1)),
+        "shared": int(re.search(r"SHARED:(\d+)", text).group(1)),
+    }
+
+
 def blocked_layouts(ttgir: str) -> list[str]:
     """The ``#blocked`` layouts of the loads in a kernel's TTGIR (which dims the lanes of a warp run along)."""
     names = dict(re.findall(r"^(#blocked\d*) = #ttg\.blocked<(\{[^}]*\})>", ttgir, re.M))
@@ -416,7 +435,7 @@ def main() -> None:
                 if args.table:
                     compiled, tile = table_compiled(num_out, in_features, fmt, tokens)
                     kernel, ptx = "table_gemv", compiled.asm["ptx"]
-                    extra = {"load_layouts": blocked_layouts(compiled.asm["ttgir"])}
+                    extra = {"load_layouts": blocked_layouts(compiled.asm["ttgir"]), **resource_usage(compiled)}
                 elif tokens == 1 and args.smem:
                     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
                     compiled, plan, tile = smem_gemv_compiled(num_out, in_features, fmt, dtype=dtype)

@@ -71,3 +71,5 @@ def test_table_gemv_lanes_sit_on_rows_and_load_codes_as_vectors(tmp_path):
         codes_layout, gather_layout = row["load_layouts"]
         assert "threadsPerWarp = [32, 1]" in codes_layout and "sizePerThread = [1, 16]" in codes_layout, row
         assert "threadsPerWarp = [1, 1, 32]" in gather_layout, row
+        # few registers, so many warps stay resident (the tl.gather table kernel needed 168: 13% occupancy)
+        assert row["registers"] <= 40 * row["tokens"], row  # 32 at one token, 72 at two (sm_90, triton 3.9)
