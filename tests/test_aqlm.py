@@ -219,3 +219,47 @@ def test_weighted_kmeans_assigns_by_weighted_distance() -> None:
     same, same_assign = kmeans(points, 8, 5, torch.Generator().manual_seed(0), 2**20, torch.ones_like(points))
     torch.testing.assert_close(plain, same)
     assert torch.equal(plain_assign, same_assign)
+
+
+def _reference_beam_search(weight, hessian, codes, codebooks, scales, m: int, beam_size: int) -> torch.Tensor:
+    """The beam search by its definition, in float64 with every hypothesis scored by the full objective: per
+    output group, visit the input groups in order; every hypothesis (the searched codebook's codes of the groups
+    visited so far, the rest as given) grows by every codeword; the ``beam_size`` lowest objectives stay. The
+    best final hypothesis, or the given codes where it is not better (the search never makes a group worse)."""
+    num_out, num_in, _ = codes.shape
+    og = codebooks.shape[2]
+    out = codes.clone()
+    for o in range(num_out):
+        rows = slice(o * og, (o + 1) * og)
+
+        def objective(col: torch.Tensor, o: int = o, rows: slice = rows) -> float:
+            trial = codes[o : o + 1].clone()
+            trial[0, :, m] = col
+            delta = weight[rows].double() - reconstruct(trial, codebooks.double(), scales[o : o + 1].double())
+            return float(((delta @ hessian.double()) * delta).sum())
+
+        beams = [codes[o, :, m].clone()]
+        for i in range(num_in):
+            children = []
+            for parent in beams:
+                for k in range(codebooks.shape[1]):
+                    child = parent.clone()
+                    child[i] = k
+                    children.append((objective(child), child))
+            children.sort(key=lambda c: c[0])
+            beams = [c for _, c in children[:beam_size]]
+        if objective(beams[0]) < objective(codes[o, :, m]):
+            out[o, :, m] = beams[0]
+    return out
+
+
+@pytest.mark.parametrize(("seed", "og", "beam_size", "lazy_block"), [(0, 1, 1, 1), (1, 1, 3, 3), (2, 2, 4, 8),
+                                                                     (3, 1, 8, 5), (4, 2, 2, 32)])  # fmt: skip
+def test_beam_search_matches_its_definition(seed: int, og: int, beam_size: int, lazy_block: int) -> None:
+    """The incremental search (rank-g updates of R H, applied lazily a block of groups at a time) chooses what
+    scoring every hypothesis by the whole objective chooses, in float64; for every block size, one that does
+    not divide the 8 input groups and one larger than all of them included."""
+    weight, hessian, codes, codebooks, scales = _random_problem(seed, 4 * og, 32, 4, og, 2, 3, torch.float64)
+    for m in range(2):
+        got = beam_search_codes(weight, hessian, codes, codebooks, scales, m, beam_size, lazy_block=lazy_block)
+        assert torch.equal(got, _reference_beam_search(weight, hessian, codes, codebooks, scales, m, beam_size))

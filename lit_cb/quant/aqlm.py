@@ -184,6 +184,11 @@ def residual_kmeans_init(
 # Codes: beam search
 
 
+LAZY_BLOCK = 32
+"""Input groups between materialisations of the hypotheses' ``R H`` in the beam search (:func:`_beam_search_chunk`):
+32 groups of 8 make ``[.., 256] x [256, in_rest]`` updates, and a 32nd of the per-step traffic."""
+
+
 def beam_search_codes(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -193,6 +198,7 @@ def beam_search_codes(
     codebook_index: int,
     beam_size: int,
     max_chunk_elements: int = 2**26,
+    lazy_block: int = LAZY_BLOCK,
 ) -> torch.Tensor:
     """Re-choose the codes of codebook ``codebook_index`` by beam search on ``tr(ΔW H ΔWᵀ)``.
 
@@ -223,6 +229,7 @@ def beam_search_codes(
                 beam_size,
                 diag_blocks,
                 unary,
+                lazy_block,
             )
         new_delta = weight - reconstruct(codes, codebooks, scales)
         new_loss = _row_group_objective(new_delta, hessian, og)  # [O]
@@ -255,12 +262,23 @@ def _beam_search_chunk(
     beam_size: int,
     diag_blocks: torch.Tensor,
     unary: torch.Tensor,
+    lazy_block: int = LAZY_BLOCK,
 ) -> torch.Tensor:
     """Beam search for one codebook over a chunk of output groups.
 
     ``delta [Oc, og, in]`` residual ``W - Ŵ``; ``current [Oc, I]`` this codebook's codes;
     ``codebook [K, og, g]``; ``scales [Oc]``; ``diag_blocks [I, g, g]`` and ``unary [I, K]``
     from :func:`_group_terms`. Returns the best hypothesis' codes ``[Oc, I]``.
+
+    Each step scores group ``i``'s codewords from ``(R H)[:, group i]`` of every hypothesis, where ``R`` is the
+    hypothesis' residual. Keeping ``R H`` of every hypothesis on every column still to visit, reordered by beam
+    parent and updated by a rank-g product after each step, reads and writes ``Oc x beam x in`` floats per step:
+    ``O(in^2)`` traffic per row, which dominated wide layers (LLaMA-7B's down projection). Here, as GPTQ batches
+    its updates, ``R H`` is materialised once per ``lazy_block`` groups, for the hypotheses alive at the block's
+    start; a hypothesis inside the block reads its block-start ancestor's columns and subtracts its own changes
+    in the block times ``H`` (a ``[.., l g] x [l g, g]`` product). At the block's end one gather by ancestor and
+    one ``[.., lazy_block g] x [lazy_block g, in_rest]`` product bring ``R H`` forward: the same arithmetic, a
+    ``lazy_block``-th of the traffic, and wider products.
     """
     num_rows, og, in_features = delta.shape
     num_codewords, _, g = codebook.shape
@@ -269,16 +287,26 @@ def _beam_search_chunk(
     s_col = scales.view(num_rows, 1)  # [Oc, 1]   broadcasts over hypotheses
     s4 = scales.view(num_rows, 1, 1, 1)  # [Oc, 1, 1, 1]   broadcasts over hypotheses and a group
 
-    grad = (delta @ hessian).unsqueeze(1)  # [Oc, beam=1, og, in_remaining]: (R H) per hypothesis
+    # base: R H of the hypotheses alive at the block's start (start column first), [Oc * nb_start, og, in_rest]
+    base = delta @ hessian  # [Oc, og, in]: the one hypothesis (the given codes) at step 0
+    # [Oc, nb]: each hypothesis' block-start ancestor, as an index into base's first axis
+    ancestor = torch.arange(num_rows, device=delta.device).unsqueeze(1)
+    history = delta.new_zeros(num_rows, 1, og, 0)  # [Oc, nb, og, l g]: changes of groups visited in this block
+    block_start = 0
     scores = torch.zeros(num_rows, 1, dtype=delta.dtype, device=delta.device)  # [Oc, beam]
     hyp_codes = current.unsqueeze(1).clone()  # [Oc, beam, I]
     kk = min(beam_size, num_codewords)
     arange_rows = torch.arange(num_rows, device=delta.device)
     for i in range(num_in):
         nb = hyp_codes.shape[1]
+        local = i - block_start
         cur_word = codebook[current[:, i]]  # [Oc, og, g]; identical across hypotheses (unvisited group)
         h_cur = cur_word @ diag_blocks[i]  # [Oc, og, g]  (H_ii symmetric)
-        g_i = grad[..., :g]  # [Oc, nb, og, g]
+        # (R H)[:, group i] of every hypothesis: its ancestor's, less its changes in this block times H
+        g_i = base[:, :, local * g : (local + 1) * g].index_select(0, ancestor.view(-1)).view(num_rows, nb, og, g)
+        if local:
+            h_block = hessian[block_start * g : i * g, i * g : (i + 1) * g]  # [l g, g]
+            g_i = g_i - (history.reshape(num_rows * nb * og, local * g) @ h_block).view(num_rows, nb, og, g)
         # delta_k = C_k · q + s² unary_k + const, with q = -2 s G_i - 2 s² H_ii C_cur.
         q = -2 * s4 * g_i - 2 * s4 * s4 * h_cur.unsqueeze(1)  # [Oc, nb, og, g]
         const = 2 * s_col * (g_i * cur_word.unsqueeze(1)).sum((-1, -2)) + s_col * s_col * (
@@ -296,15 +324,22 @@ def _beam_search_chunk(
         flat_parent = (parent + arange_rows[:, None] * nb).view(-1)  # [Oc * new_nb]
         hyp_codes = hyp_codes.view(num_rows * nb, num_in).index_select(0, flat_parent).view(num_rows, new_nb, -1)
         hyp_codes[:, :, i] = words
-        if i + 1 < num_in:
-            # Residual change of group i and the rank-g update of R H on the groups still to visit.
-            change = s4 * (codebook[words] - cur_word.unsqueeze(1))  # [Oc, new_nb, og, g]
-            remaining = grad.shape[-1] - g
-            grad = grad.view(num_rows * nb, og, -1)[:, :, g:].index_select(0, flat_parent)
-            grad = grad.view(num_rows, new_nb, og, remaining)  # [Oc, new_nb, og, in_rem - g]
-            h_row = hessian[i * g : (i + 1) * g, (i + 1) * g :]  # [g, in_rem - g]
-            # R' = R - change on group i, so (R H)' = R H - change @ H[group i, :].
-            grad.view(-1, remaining).addmm_(change.reshape(-1, g), h_row, alpha=-1.0)
+        if i + 1 == num_in:
+            break
+        # The residual change of group i joins the block's history of each surviving hypothesis.
+        change = s4 * (codebook[words] - cur_word.unsqueeze(1))  # [Oc, new_nb, og, g]
+        history = history.reshape(num_rows * nb, og, local * g).index_select(0, flat_parent)
+        history = torch.cat([history.view(num_rows, new_nb, og, local * g), change], dim=-1)
+        ancestor = ancestor.gather(1, parent)
+        if local + 1 == lazy_block:
+            # Block end: R' H = R H - changes @ H[block, :] on the columns after the block, per hypothesis.
+            rest = base[:, :, (local + 1) * g :].index_select(0, ancestor.view(-1))  # [Oc * new_nb, og, in_rest]
+            h_rows = hessian[block_start * g : (i + 1) * g, (i + 1) * g :]  # [B g, in_rest]
+            rest.view(-1, rest.shape[-1]).addmm_(history.reshape(-1, h_rows.shape[0]), h_rows, alpha=-1.0)
+            base = rest
+            ancestor = torch.arange(num_rows * new_nb, device=delta.device).view(num_rows, new_nb)
+            history = delta.new_zeros(num_rows, new_nb, og, 0)
+            block_start = i + 1
     best = scores.argmin(dim=1)  # [Oc]
     return hyp_codes[arange_rows, best]  # [Oc, I]
 
