@@ -286,6 +286,10 @@ def _beam_search_chunk(
     flat_codebook = codebook.reshape(num_codewords, og * g)  # [K, og*g]
     s_col = scales.view(num_rows, 1)  # [Oc, 1]   broadcasts over hypotheses
     s4 = scales.view(num_rows, 1, 1, 1)  # [Oc, 1, 1, 1]   broadcasts over hypotheses and a group
+    # loop invariants (each step is ~30 small ops: on a GPU their launches, not their arithmetic, set the time)
+    neg2_s4 = -2 * s4
+    s2_3 = (s_col * s_col).unsqueeze(-1)  # [Oc, 1, 1]
+    full_offsets = torch.arange(num_rows, device=delta.device)[:, None] * beam_size  # once nb reaches the beam
 
     # base: R H of the hypotheses alive at the block's start (start column first), [Oc * nb_start, og, in_rest]
     base = delta @ hessian  # [Oc, og, in]: the one hypothesis (the given codes) at step 0
@@ -307,13 +311,13 @@ def _beam_search_chunk(
         if local:
             h_block = hessian[block_start * g : i * g, i * g : (i + 1) * g]  # [l g, g]
             g_i = g_i - (history.reshape(num_rows * nb * og, local * g) @ h_block).view(num_rows, nb, og, g)
-        # delta_k = C_k · q + s² unary_k + const, with q = -2 s G_i - 2 s² H_ii C_cur.
-        q = -2 * s4 * g_i - 2 * s4 * s4 * h_cur.unsqueeze(1)  # [Oc, nb, og, g]
-        const = 2 * s_col * (g_i * cur_word.unsqueeze(1)).sum((-1, -2)) + s_col * s_col * (
-            (h_cur * cur_word).sum((-1, -2)).unsqueeze(1)
-        )  # [Oc, nb]
+        # delta_k = C_k · q + s² unary_k + const, with t = G_i + s H_ii C_cur, q = -2 s t and
+        # const = 2 s G_i · C_cur + s² C_cur H_ii C_cur = s (G_i + t) · C_cur.
+        t = g_i + (h_cur * s_col.unsqueeze(-1)).unsqueeze(1)  # [Oc, nb, og, g]
+        const = ((g_i + t) * cur_word.unsqueeze(1)).sum((-1, -2)) * s_col  # [Oc, nb]
+        q = t * neg2_s4
         cand = torch.mm(q.reshape(num_rows * nb, og * g), flat_codebook.T).view(num_rows, nb, -1)  # [Oc, nb, K]
-        cand = cand + (s_col * s_col).unsqueeze(-1) * unary[i].view(1, 1, -1) + (scores + const).unsqueeze(-1)
+        cand = cand + s2_3 * unary[i] + (scores + const).unsqueeze(-1)
         # Two-stage top-k (exact): the best `beam` children overall are among each parent's best `beam`.
         best_val, best_word = cand.topk(kk, dim=-1, largest=False)  # [Oc, nb, kk]
         new_nb = min(beam_size, nb * kk)
@@ -321,7 +325,8 @@ def _beam_search_chunk(
         parent = flat_idx // kk  # [Oc, new_nb]
         words = best_word.view(num_rows, nb * kk).gather(1, flat_idx)  # [Oc, new_nb]
         # Flat (row, parent) indices: index_select copies whole rows, much faster than fancy indexing.
-        flat_parent = (parent + arange_rows[:, None] * nb).view(-1)  # [Oc * new_nb]
+        offsets = full_offsets if nb == beam_size else arange_rows[:, None] * nb
+        flat_parent = (parent + offsets).view(-1)  # [Oc * new_nb]
         hyp_codes = hyp_codes.view(num_rows * nb, num_in).index_select(0, flat_parent).view(num_rows, new_nb, -1)
         hyp_codes[:, :, i] = words
         if i + 1 == num_in:
