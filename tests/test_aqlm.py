@@ -263,3 +263,27 @@ def test_beam_search_matches_its_definition(seed: int, og: int, beam_size: int, 
     for m in range(2):
         got = beam_search_codes(weight, hessian, codes, codebooks, scales, m, beam_size, lazy_block=lazy_block)
         assert torch.equal(got, _reference_beam_search(weight, hessian, codes, codebooks, scales, m, beam_size))
+
+
+def test_beam_search_bench_runs_and_records(tmp_path) -> None:
+    """bench/beam_search_bench.py (the GPU timing of the batched updates) on a toy shape, as a process: both
+    timings and objectives recorded, the two objectives close, tensor ops per step counted; --out never
+    overwrites."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = tmp_path / "beam.json"
+    cmd = [sys.executable, "bench/beam_search_bench.py", "--shapes", "16x64,8x128", "--ops", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert {"device", "versions", "date", "command", "rows"} <= set(doc) and len(doc["rows"]) == 2
+    for row in doc["rows"]:
+        assert row["per_group_s"] > 0 and row["batched_s"] > 0
+        assert row["batched_objective"] == pytest.approx(row["per_group_objective"], rel=1e-3)
+    assert 0 < doc["ops_per_step_64x512"]["batched"] < 40
+    again = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert again.returncode != 0 and "exists" in again.stderr
