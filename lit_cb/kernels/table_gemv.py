@@ -17,8 +17,10 @@ small window of it:
   bytes, coalesced), and each of its ``CHUNK`` gathers has all 32 lanes at the same code column, i.e. in the
   same 512-byte table window: at most 16 sectors, about 14 at random codes, for 4 (1x8 g4) or 8 (2x8 g8)
   weights a lane, where a codeword gather touches about 24 for as many weights. No multiply per weight either:
-  a row's dot product is a sum of table values. The layer keeps its codes in this layout (:func:`interleave_codes`,
-  done once at load), as a serving format would.
+  a row's dot product is a sum of table values. A layer's codes are put in this layout once
+  (:func:`interleave_codes`, kept by :func:`layer_codes`), as a serving format would store them. The gathers'
+  tensors have the rows as their last axis, which is where Triton puts a warp's lanes when nothing else decides
+  (``tests/test_ptx_loads.py`` reads the compiled layouts).
 * **Split-K** over chunks of code columns, so that enough programs run: wide rows walk all of K, narrow ones
   (4096 x 11008) split it; partial sums (fp32) are reduced by :func:`lit_cb.kernels.codebook._reduce_parts`,
   deterministic, no atomics. With one split the scales and bias are applied in the same kernel.
