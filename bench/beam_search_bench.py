@@ -8,11 +8,14 @@
 before the batching: ``rows x beam x in`` floats a group); the default (``LAZY_BLOCK``) once per block. One
 search pass over codebook 0 of a 2x8 g8 layer (beam 8) with random codes, correlated inputs and float32; each
 row of the result has both times, both objectives and the tensor ops per step (CPU profiler, when asked).
+``--graphs`` (CUDA) adds the batched search replayed from CUDA graphs (``LIT_CB_GRAPH_BEAM``,
+lit_cb/quant/beam_graphs.py), and whether it found the same codes.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 import time
@@ -86,12 +89,15 @@ def main() -> None:
     p.add_argument("--shapes", default="576x576,576x1536,1536x576,256x4096,128x11008", help="OUTxIN,...")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--ops", action="store_true", help="also count tensor ops per step (profiler, a 64 x 512 layer)")
+    p.add_argument("--graphs", action="store_true", help="CUDA: also the batched search from CUDA graphs")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.out and pathlib.Path(args.out).exists():
         p.error(f"--out {args.out} exists; choose another path (nothing is overwritten)")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no GPU here")
+    if args.graphs and args.device != "cuda":
+        p.error("--graphs needs --device cuda (CUDA graphs)")
     from lit_cb.quant.aqlm import LAZY_BLOCK, layer_objective, reconstruct
 
     doc = header(args.device)
@@ -106,6 +112,19 @@ def main() -> None:
                 timed_search(prob, block, args.device)
             row[f"{name}_s"], codes = timed_search(prob, block, args.device)
             row[f"{name}_objective"] = float(layer_objective(weight, reconstruct(codes, codebooks, scales), hessian))
+        if args.graphs:  # LIT_CB_GRAPH_BEAM: the first call captures, the second is timed
+            from lit_cb.quant import beam_graphs
+
+            os.environ[beam_graphs.ENV_FLAG] = "1"
+            try:
+                timed_search(prob, LAZY_BLOCK, args.device)
+                row["graphed_s"], graphed = timed_search(prob, LAZY_BLOCK, args.device)
+                row["graphed_same_codes"] = bool(torch.equal(graphed, codes))
+                row["graphed_speedup"] = row["batched_s"] / row["graphed_s"]
+            except Exception as err:  # noqa: BLE001  (a failed capture is a result)
+                row["graphed_error"] = f"{type(err).__name__}: {err}"[:1000]
+            finally:
+                del os.environ[beam_graphs.ENV_FLAG]
         row["speedup"] = row["per_group_s"] / row["batched_s"]
         doc["rows"].append(row)
         print(row, flush=True)

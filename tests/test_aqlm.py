@@ -287,3 +287,40 @@ def test_beam_search_bench_runs_and_records(tmp_path) -> None:
     assert 0 < doc["ops_per_step_64x512"]["batched"] < 40
     again = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
     assert again.returncode != 0 and "exists" in again.stderr
+
+
+def test_graphed_beam_search_plumbing_matches_eager(monkeypatch) -> None:
+    """LIT_CB_GRAPH_BEAM's path (lit_cb/quant/beam_graphs.py) with an eager stand-in for the CUDA capture: every
+    call of one shape reuses one capture (its static inputs refilled) and returns what the eager search returns;
+    another shape gets its own; the least recently used goes past MAX_GRAPHS; state past MAX_STATE_ELEMENTS runs
+    eagerly. (The capture itself needs a GPU: bench/beam_search_bench.py --graphs.)"""
+    from lit_cb.quant import beam_graphs
+
+    captures = []
+
+    def eager_capture(fn, static):
+        captures.append(tuple(t.shape for t in static))
+        out = fn(*static)
+        return (lambda: out.copy_(fn(*static))), out
+
+    expected = {}
+    problems = {seed: _random_problem(seed, 12, 32, 4, 1, 2, 4) for seed in range(3)}
+    problems[3] = _random_problem(3, 8, 16, 4, 1, 2, 4)
+    for seed, prob in problems.items():
+        expected[seed] = [beam_search_codes(*prob, m, 4) for m in range(2)]
+    wide = _random_problem(5, 10, 32, 4, 1, 2, 4)  # a third shape, for the eviction below
+    expected_wide = beam_search_codes(*wide, 0, 4)
+    monkeypatch.setattr(beam_graphs, "enabled", lambda like: True)
+    monkeypatch.setattr(beam_graphs, "cuda_capture", eager_capture)
+    monkeypatch.setattr(beam_graphs, "_GRAPHS", type(beam_graphs._GRAPHS)())
+    for seed, prob in problems.items():
+        for m in range(2):
+            assert torch.equal(beam_search_codes(*prob, m, 4), expected[seed][m]), (seed, m)
+    assert len(captures) == 2 and len(beam_graphs._GRAPHS) == 2  # one per shape, reused across data and codebooks
+    monkeypatch.setattr(beam_graphs, "MAX_GRAPHS", 1)
+    assert torch.equal(beam_search_codes(*wide, 0, 4), expected_wide)  # its capture evicts the other two
+    assert len(beam_graphs._GRAPHS) == 1 and len(captures) == 3
+    assert torch.equal(beam_search_codes(*problems[3], 0, 4), expected[3][0])
+    assert len(captures) == 4  # the 8 x 16 one had been evicted: captured again
+    monkeypatch.setattr(beam_graphs, "MAX_STATE_ELEMENTS", 10)
+    assert torch.equal(beam_search_codes(*problems[1], 1, 4), expected[1][1]) and len(captures) == 4  # eager

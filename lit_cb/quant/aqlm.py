@@ -37,6 +37,7 @@ import torch
 
 from lit_cb.configs.aqlm import AQLM_PRESETS, AQLMConfig  # noqa: F401 (re-exported: the config lives torch-free)
 from lit_cb.layers import CodebookLinear, dequantize_weight
+from lit_cb.quant import beam_graphs
 from lit_cb.quant.objective import damped_hessian
 from lit_cb.quant.registry import register_method
 
@@ -218,19 +219,29 @@ def beam_search_codes(
         per_row = beam_size * og * max(in_features, num_codewords)
         chunk = max(1, max_chunk_elements // per_row)
         diag_blocks, unary = _group_terms(hessian, codebooks[codebook_index])
+
+        def search(delta_rows, hessian_, current, codebook, scales_rows, diag_blocks_, unary_):
+            return _beam_search_chunk(
+                delta_rows, hessian_, current, codebook, scales_rows, beam_size, diag_blocks_, unary_, lazy_block
+            )
+
         for start in range(0, num_out, chunk):
             rows = slice(start, min(start + chunk, num_out))
-            codes[rows, :, codebook_index] = _beam_search_chunk(
+            tensors = (
                 delta.view(num_out, og, in_features)[rows],
                 hessian,
                 codes[rows, :, codebook_index],
                 codebooks[codebook_index],
                 scales[rows],
-                beam_size,
                 diag_blocks,
                 unary,
-                lazy_block,
             )
+            state = (rows.stop - rows.start) * beam_size * og * in_features
+            if beam_graphs.enabled(delta) and state <= beam_graphs.MAX_STATE_ELEMENTS:
+                found = beam_graphs.run(search, tensors, (beam_size, lazy_block))
+            else:
+                found = search(*tensors)
+            codes[rows, :, codebook_index] = found
         new_delta = weight - reconstruct(codes, codebooks, scales)
         new_loss = _row_group_objective(new_delta, hessian, og)  # [O]
         worse = new_loss > old_loss
