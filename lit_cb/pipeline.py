@@ -165,6 +165,11 @@ def _run(cfg: RunConfig, requeue: SlurmRequeue | None) -> dict:
     run_dir = cfg.run_dir
     train_lock = TrainLock(cfg.trainer.train_lock, run_dir) if cfg.trainer.train_lock else None  # checks the path
     device = _device(cfg)
+    if cfg.recovery.cuda_graphs and cfg.recovery.max_steps and device.type != "cuda":
+        raise ValueError(
+            f"recovery.cuda_graphs=true needs a GPU, but this run computes on {device} (trainer.accelerator="
+            f"{cfg.trainer.accelerator!r}, torch.cuda.is_available()={torch.cuda.is_available()})"
+        )
     metrics: dict = {
         "run_name": cfg.run_name,
         "method": cfg.compression.method,
@@ -334,6 +339,8 @@ def _run(cfg: RunConfig, requeue: SlurmRequeue | None) -> dict:
     }
     if train_lock is not None:
         stages["recover"]["waited_for_train_lock_s"] = train_lock.waited_s
+    if module.step_graphs is not None:
+        stages["recover"]["cuda_graphs"] = module.step_graphs.status.to_dict()
     if held_out is not None:
         metrics["recovery_curve"] = {
             k: v for k, v in held_out.summary().items() if k in ("best_step", "best_val_ppl", "stopped_early_at")

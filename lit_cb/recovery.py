@@ -17,6 +17,7 @@ import warnings
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
@@ -29,6 +30,7 @@ from lit_cb.distillation import kl_to_teacher, next_token_cross_entropy
 from lit_cb.evaluate import causal_lm_perplexity_update
 from lit_cb.layers import CodebookLinear, CompressedLinear
 from lit_cb.lora import CodebookLoraLinear, register_dispatcher  # noqa: F401 (re-exported)
+from lit_cb.step_graphs import StepGraphs
 
 
 def lora_target_names(model: nn.Module, config: RecoveryConfig) -> list[str]:
@@ -102,6 +104,8 @@ class RecoveryModule(L.LightningModule):
         # RNG states for checkpoints: set by CrashCheckpoint to the state at the failed step's start.
         self._rng_for_checkpoint: dict | None = None
         self._rng_at_batch_start: dict | None = None
+        # recovery.cuda_graphs: made at train start (after LoRA and the trainable set are final)
+        self.step_graphs: StepGraphs | None = None
         self.save_hyperparameters({"recovery": config.to_dict()})
 
     def configure_model(self) -> None:
@@ -194,6 +198,12 @@ class RecoveryModule(L.LightningModule):
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
             self._rng_to_restore = None
+        if self.config.cuda_graphs and self.step_graphs is None:
+            if self.device.type != "cuda":
+                raise ValueError(f"recovery.cuda_graphs=true needs a GPU; this run trains on {self.device}")
+            self.step_graphs = StepGraphs(
+                self.model, self._teacher[0] if self._teacher else None, log=rank_zero_info
+            )
 
     def on_fit_start(self) -> None:
         for t in self._teacher:
@@ -202,6 +212,8 @@ class RecoveryModule(L.LightningModule):
                 p.requires_grad_(False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.step_graphs is not None:
+            return self.step_graphs.student_logits(input_ids)
         return self.model(input_ids=input_ids, use_cache=False).logits
 
     @property
@@ -212,6 +224,8 @@ class RecoveryModule(L.LightningModule):
     @torch.no_grad()
     def teacher_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """The float teacher's logits of a batch of token ids (no gradient)."""
+        if self.step_graphs is not None:
+            return self.step_graphs.teacher_logits(ids)
         return self._teacher[0](input_ids=ids, use_cache=False).logits
 
     def loss_terms(self, ids: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

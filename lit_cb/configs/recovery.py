@@ -78,6 +78,10 @@ class RecoveryConfig:
     """Improvement of the held-out perplexity that counts as better (>= 0)."""
     test_probe_every_n_steps: int = 0
     """Also record WikiText-2 perplexity every N steps, a labelled test-set probe never used to stop (0: off)."""
+    cuda_graphs: bool = False
+    """Replay the student's forward and backward and the teacher's forward from CUDA graphs at the training
+    batch's shape (lit_cb/step_graphs.py: the step is bound by Python and launches, not the GPU), after a
+    self-check against eager; falls back to eager, saying why. GPU, one process, codes frozen."""
 
     def __post_init__(self) -> None:
         if self.max_steps < 0:
@@ -118,6 +122,12 @@ class RecoveryConfig:
             raise ValueError(
                 f"recovery.early_stop_patience={self.early_stop_patience} needs recovery.val_every_n_steps >= 1 "
                 "(the held-out perplexity it watches is measured every val_every_n_steps steps)"
+            )
+        if self.cuda_graphs and (self.code_update_every or self.ste_codes):
+            raise ValueError(
+                f"recovery.cuda_graphs=true with recovery.code_update_every={self.code_update_every}, "
+                f"recovery.ste_codes={self.ste_codes}: a graph replays the layers as captured and would miss new "
+                "codes; set code_update_every=0 and ste_codes=false, or cuda_graphs=false"
             )
         try:
             re.compile(self.lora_targets)

@@ -153,11 +153,27 @@ class RunConfig:
                 f"compression.method={self.compression.method!r} does not make; allowed: "
                 f"{list(MIXED_PRECISION_METHODS)} (or code_update_every=0)"
             )
+        if self.recovery.cuda_graphs:
+            self._check_cuda_graphs()
         if self.recovery.val_every_n_steps and self.data.num_val_samples < 1:
             raise ValueError(
                 f"recovery.val_every_n_steps={self.recovery.val_every_n_steps} measures held-out perplexity, but "
                 f"data.num_val_samples={self.data.num_val_samples} holds out no window: set it >= 1, or "
                 "val_every_n_steps=0"
+            )
+
+    def _check_cuda_graphs(self) -> None:
+        """recovery.cuda_graphs needs a GPU and one process (lit_cb/step_graphs.py): refused before any work."""
+        tr = self.trainer
+        if tr.accelerator == "cpu":
+            raise ValueError(
+                "recovery.cuda_graphs=true needs a GPU, but trainer.accelerator='cpu' (set trainer.accelerator: gpu, "
+                "or recovery.cuda_graphs: false)"
+            )
+        if tr.num_nodes > 1 or tr.devices not in (1, "1"):
+            raise ValueError(
+                f"recovery.cuda_graphs=true is verified in one process only; this run asks for trainer.devices="
+                f"{tr.devices!r} x trainer.num_nodes={tr.num_nodes} (set recovery.cuda_graphs: false)"
             )
 
     def _check_one_codebook(self) -> None:
