@@ -172,7 +172,9 @@ def graphed_variant(model, ids: torch.Tensor, steps: int, ref_grads: torch.Tenso
     try:
         graphed = torch.cuda.make_graphed_callables(Logits(model), (ids,), num_warmup_iters=3)
     except Exception as err:  # noqa: BLE001  (the result says why)
-        return {"error": f"{type(err).__name__}: {err}"[:2000]}
+        import traceback
+
+        return {"error": f"{type(err).__name__}: {err}"[:2000], "traceback": traceback.format_exc()[-4000:]}
     times = []
     for i in range(steps + 2):
         model.zero_grad(set_to_none=True)

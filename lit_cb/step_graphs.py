@@ -35,6 +35,7 @@ stand-ins to check the plumbing (shapes, fallbacks, the self-check, the RNG), th
 from __future__ import annotations
 
 import contextlib
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -233,7 +234,10 @@ class StepGraphs:
             got_logits, got_grads = self._probe(graphed, ids, params)
         except Exception as err:  # noqa: BLE001 (the run goes on eagerly; the status says why)
             self.status.student = f"off: capture failed ({type(err).__name__}: {err})"[:500]
-            self._log(f"recovery.cuda_graphs: the student's capture failed, training eagerly: {self.status.student}")
+            self._log(
+                f"recovery.cuda_graphs: the student's capture failed, training eagerly: {self.status.student}\n"
+                + traceback.format_exc()[-3000:]
+            )
             _set_rng_state(rng, device)
             return
         diffs = [_rel_diff(g, r) for g, r in zip(got_grads, ref_grads) if r is not None and g is not None]

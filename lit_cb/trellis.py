@@ -159,12 +159,15 @@ class InputRotation:
             p *= 2
         self.n, self.p, self.m, self.seed = n, p, n // p, seed
         gen = torch.Generator().manual_seed(seed)
-        self._signs = torch.randint(0, 2, (n,), generator=gen).double() * 2 - 1
-        q, r = torch.linalg.qr(torch.randn(self.m, self.m, generator=gen, dtype=torch.float64))
+        # on the CPU whatever the default device (Lightning builds models under torch.device("cuda")), so that
+        # (n, seed) gives one R everywhere
+        self._signs = torch.randint(0, 2, (n,), generator=gen, device="cpu").double() * 2 - 1
+        q, r = torch.linalg.qr(torch.randn(self.m, self.m, generator=gen, dtype=torch.float64, device="cpu"))
         self._mix = q * torch.sign(torch.diagonal(r))[None, :]
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        # (weak ref to an input, its version, its rotation): see TrellisLinear.rotated_input
-        self.last_rotated: tuple[weakref.ref, int, torch.Tensor] | None = None
+        # (weak ref to an input, its version, a callable returning its rotation or None): see
+        # TrellisLinear.rotated_input (a strong holder without autograd, a weak reference under it)
+        self.last_rotated: tuple[weakref.ref, int, Callable[[], torch.Tensor | None]] | None = None
 
     def _parts(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Signs, the Hadamard factor ``H_q`` and the mix in ``like``'s device and dtype (``H_p = H_a (x) H_q``
@@ -255,6 +258,18 @@ def shared_rotations() -> Iterator[None]:
         _SHARE_INFERENCE_ROTATIONS = previous
         for rot in _ROTATIONS.values():
             rot.last_rotated = None
+
+
+class _Held:
+    """A strong reference with a weak reference's call: ``_Held(t)() is t``."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def __call__(self) -> torch.Tensor:
+        return self.tensor
 
 
 def input_rotation(n: int, seed: int) -> InputRotation:
@@ -479,8 +494,10 @@ class TrellisLinear(CompressedLinear):
         keep = not inference or _SHARE_INFERENCE_ROTATIONS
         version = -1 if inference else x._version
         last = rot.last_rotated
-        if keep and last is not None and last[0]() is x and last[1] == version and not last[2].requires_grad:
-            return last[2]
+        if keep and last is not None and last[0]() is x and last[1] == version:
+            cached = last[2]()
+            if cached is not None and not cached.requires_grad:
+                return cached
         xr = None
         if self.use_kernels:
             try:
@@ -492,7 +509,7 @@ class TrellisLinear(CompressedLinear):
         if xr is None:
             xr = rot.rotate(x.float()).to(x.dtype)
         if keep:
-            rot.last_rotated = (weakref.ref(x), version, xr)
+            rot.last_rotated = (weakref.ref(x), version, _Held(xr))
         return xr
 
     @staticmethod
@@ -502,16 +519,16 @@ class TrellisLinear(CompressedLinear):
         ``DENSE_TRAINING_ROTATION_MAX`` inputs."""
         last = rot.last_rotated
         share = SHARE_TRAINING_ROTATIONS and not x.is_inference()  # inference tensors have no version counter
-        if (
-            share
-            and last is not None
-            and last[0]() is x
-            and last[1] == x._version
-            and last[2].requires_grad == x.requires_grad
-        ):
-            return last[2]
+        if share and last is not None and last[0]() is x and last[1] == x._version:
+            cached = last[2]()
+            if cached is not None and cached.requires_grad == x.requires_grad:
+                return cached
         xr = rot.rotate(x.float(), dense=rot.n <= DENSE_TRAINING_ROTATION_MAX).to(x.dtype)
-        rot.last_rotated = (weakref.ref(x), x._version, xr) if share else None
+        # A weak reference to the result too: a strong one would keep this step's autograd graph (and the
+        # parameters' gradient accumulators made on this stream) alive into the next step, which breaks CUDA
+        # graph capture (recovery.cuda_graphs: the engine syncs with the old accumulators' stream). While the
+        # layers that share it run, the graph holds it (saved for their backward).
+        rot.last_rotated = (weakref.ref(x), x._version, weakref.ref(xr)) if share else None
         return xr
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

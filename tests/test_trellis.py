@@ -317,8 +317,18 @@ def test_layers_reading_one_input_rotate_it_once_and_a_changed_input_is_rotated_
             outs.append(k(x.clone()))  # another tensor
             assert len(calls) == 3
         xg = x.clone().requires_grad_(True)
-        q(xg), k(xg)  # autograd on: shared as well
+        for layer in (q, k):
+            layer.scales.requires_grad_(True)  # as in recovery: the layers save the rotation for their backward
+        kept = (q(xg), k(xg))  # autograd on: shared as well, while the layers' graphs hold it
         assert len(calls) == 4
+        q.scales.grad = torch.autograd.grad(kept[0].sum(), q.scales)[0]  # q's graph freed, k's still holds it
+        del kept
+        assert rot.last_rotated[2]() is None  # the step's graph is gone with its consumers
+        q(xg)  # nothing holds the last rotation any more: rotated again (no graph outlives its step)
+        assert len(calls) == 5
+        for layer in (q, k):
+            layer.scales.requires_grad_(False)
+        calls.pop()
         with torch.no_grad():  # not the rotation that carries xg's graph
             q(xg)
         assert len(calls) == 5
