@@ -241,3 +241,26 @@ def test_dispatch_opt_in_takes_fused_layers(monkeypatch):
     out = ops.run_algo(x, codes, codebooks, scales, None, 8, "gemv", sizes)
     assert calls == [sizes]
     assert ((out.float() - plain.float()).abs().max() / plain.float().abs().max()) < 3e-3
+
+
+def test_dispatch_default_is_the_measured_shapes_and_the_flag_is_checked(monkeypatch):
+    """Unset, LIT_CB_TABLE_GEMV leaves the choice to the measured rule: tables for several codebooks at the huge
+    shape class only (28672x8192 2x8_g8 won the H100 sweep; 11008x4096 tied, one codebook lost), on CUDA; 0 and 1
+    force it; anything else is refused with the value named before any launch."""
+    ops = importlib.import_module("lit_cb.kernels.ops")
+    assert (ops.shape_class(28672, 8192), True) in ops.TABLE_GEMV_SHAPES
+    assert (ops.shape_class(28672, 8192), False) not in ops.TABLE_GEMV_SHAPES
+    assert (ops.shape_class(11008, 4096), True) not in ops.TABLE_GEMV_SHAPES
+    assert (ops.shape_class(4096, 11008), True) not in ops.TABLE_GEMV_SHAPES
+    idx, codebooks, scales, _ = layer(64, 64, 2, 8, 8, seed=9)
+    codes, x = idx.to(torch.uint8), torch.randn(1, 64).half()
+    monkeypatch.delenv(T.ENV_FLAG, raising=False)
+    assert T.forced() is None and not ops._table_gemv(x, codes, codebooks, 8)  # CPU, narrow: the gemv
+    monkeypatch.setenv(T.ENV_FLAG, "0")
+    assert T.forced() is False and not ops._table_gemv(x, codes, codebooks, 8)
+    monkeypatch.setenv(T.ENV_FLAG, "1")
+    assert ops._table_gemv(x, codes, codebooks, 8)
+    monkeypatch.setenv(T.ENV_FLAG, "yes")
+    with pytest.raises(ValueError, match="LIT_CB_TABLE_GEMV='yes'"):
+        ops.run_algo(x, codes, codebooks, scales, None, 8, "gemv")
+    assert T.layer_codes(codes).shape == (2 * 8 // T.DISPATCH_CHUNK, 64, T.DISPATCH_CHUNK)

@@ -86,6 +86,12 @@ GEMV_TILES: dict[tuple[str, bool], tuple[int, int, int, int]] = {
     (HUGE, False): (16, 512, 8, 2),
 }
 
+# batch 1-4 through per-input lookup tables (table_gemv.py, its DISPATCH_CONFIG) instead of the gemv: (shape
+# class, several codebooks) where the H100 sweep measured them ahead (results/table_sweep_h100.json, batch 1):
+# "28672x8192 2x8_g8" 96.44 us against the gemv's 105.15 (1.59x fp16 against 1.46x); "11008x4096 2x8_g8" 24.51
+# both (a tie: the gemv stays); one codebook (1x8_g4) the gemv ahead on both (82.17 / 19.99 against 94.74 / 23.78)
+TABLE_GEMV_SHAPES: set[tuple[str, bool]] = {(HUGE, True)}
+
 # 2-16 tokens, mm: shape class -> (block_m, block_n, inputs per K step, warps, split_k); num_stages=1
 MM_DECODE_TILES: dict[str, tuple[int, int, int, int, int]] = {
     # "4096x4096 b16" and "4096x11008 b16", both formats: mm_m16_n32_k256_w4_split4 (20.76 / 15.21 /
@@ -195,7 +201,8 @@ def run_algo(
             from . import table_gemv
 
             codes_il = table_gemv.layer_codes(codes)
-            return table_gemv.table_gemv(x2d, codes_il, codebooks, scales, bias, nbits, part_sizes=part_sizes)
+            cfg_t = table_gemv.DISPATCH_CONFIG
+            return table_gemv.table_gemv(x2d, codes_il, codebooks, scales, bias, nbits, cfg_t, part_sizes=part_sizes)
         if part_sizes is None and _smem_tables(x2d, codes, codebooks, nbits):
             from . import smem_table
 
@@ -217,11 +224,17 @@ def run_algo(
 
 
 def _table_gemv(x2d: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, nbits: int) -> bool:
-    """Whether a ``gemv`` call runs the lookup-table matvec (lit_cb/kernels/table_gemv.py): only when opted in
-    with ``LIT_CB_TABLE_GEMV=1``, for the layers it takes (fused ones too)."""
+    """Whether a ``gemv`` call runs the lookup-table matvec (lit_cb/kernels/table_gemv.py), for the layers it takes
+    (fused ones too): by :data:`TABLE_GEMV_SHAPES` unless ``LIT_CB_TABLE_GEMV`` forces it on (1) or off (0)."""
     from . import table_gemv
 
-    return table_gemv.enabled() and table_gemv.supports(x2d, codes, codebooks, nbits)
+    if not table_gemv.supports(x2d, codes, codebooks, nbits):
+        return False
+    forced = table_gemv.forced()
+    if forced is not None:
+        return forced
+    num_out, in_features = codes.shape[0], x2d.shape[1]
+    return (shape_class(num_out, in_features), codes.shape[2] >= 2) in TABLE_GEMV_SHAPES and x2d.is_cuda
 
 
 def _smem_tables(x2d: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, nbits: int) -> bool:

@@ -326,9 +326,27 @@ def table_gemv(
     return out
 
 
+# What the dispatcher launches (lit_cb/kernels/ops.py): the H100 sweep's best table variant on every cell it
+# timed (results/table_sweep_h100.json: 11008x4096 and 28672x8192, batch 1, 1x8_g4 and 2x8_g8), 256 rows and 8
+# warps a program, about 4 programs an SM, the codes in 8-column vectors
+DISPATCH_CONFIG = TableGemvConfig(block_n=256, block_t=4, programs_per_sm=4, num_warps=8)
+DISPATCH_CHUNK = 8
+
+
+def forced() -> bool | None:
+    """``LIT_CB_TABLE_GEMV``: ``1`` sends every gemv call the kernel takes to it, ``0`` none; unset (None), the
+    dispatcher's measured shape rule decides (:func:`lit_cb.kernels.ops._table_gemv`)."""
+    flag = os.environ.get(ENV_FLAG)
+    if flag in (None, ""):
+        return None
+    if flag not in ("0", "1"):
+        raise ValueError(f"{ENV_FLAG}={flag!r}; allowed: 1 (always), 0 (never), or unset (the measured default)")
+    return flag == "1"
+
+
 def enabled() -> bool:
-    """Opt-in (``LIT_CB_TABLE_GEMV=1``): off by default until the GPU sweep shows it beating the gemv."""
-    return os.environ.get(ENV_FLAG) == "1"
+    """Whether ``LIT_CB_TABLE_GEMV=1`` asks for the kernel on every gemv call it takes."""
+    return forced() is True
 
 
 def supports(x2d: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, nbits: int) -> bool:
@@ -357,6 +375,6 @@ def layer_codes(codes: torch.Tensor) -> torch.Tensor:
         return hit[1]
     if hit is None:
         weakref.finalize(codes, _LAYER_CODES.pop, key, None)
-    copy = interleave_codes(codes)
+    copy = interleave_codes(codes, DISPATCH_CHUNK)
     _LAYER_CODES[key] = (codes._version, copy)
     return copy
