@@ -6,9 +6,10 @@ backward (``bench/trellis_step_bench.py``, ``results/trellis_step_h100.json``) s
 once and replays them with one call, so the step costs what its kernels cost.
 
 What is graphed, at the shape of the first training batch:
-- the student's ``ids -> logits`` forward and its backward (``torch.cuda.make_graphed_callables``: one
-  autograd node whose backward replays the backward graph; gradients flow to every trainable parameter as
-  in eager mode, and the optimizer, clipping and logging stay eager);
+- the student's forward from its input embeddings to its logits, and its backward
+  (``torch.cuda.make_graphed_callables``: one autograd node whose backward replays the backward graph;
+  gradients flow to every trainable parameter as in eager mode; the embedding lookup, the loss, the
+  optimizer, clipping and logging stay eager);
 - the float teacher's forward (``torch.cuda.graph``; no gradient).
 
 Everything else stays eager: another batch shape (the last, shorter batch), evaluation (no gradient, or the
@@ -64,8 +65,10 @@ def _autocast(device_type: str, dtype: torch.dtype | None) -> contextlib.Abstrac
 
 
 class StudentLogits(nn.Module):
-    """``ids -> logits`` of a causal LM under the step's autocast: the module that is graphed (its
-    parameters are the model's, so ``make_graphed_callables`` returns their gradients)."""
+    """``input embeddings -> logits`` of a causal LM under the step's autocast: the module that is graphed (its
+    parameters are the model's, so ``make_graphed_callables`` returns their gradients). The embedding lookup
+    stays outside, eager: its backward (a trained embedding's) reads how many distinct tokens the batch has on
+    the host, which a capture cannot do; the tied output head is a matmul inside the graph."""
 
     def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None, device_type: str) -> None:
         super().__init__()
@@ -73,9 +76,9 @@ class StudentLogits(nn.Module):
         self.autocast_dtype = autocast_dtype
         self.device_type = device_type
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
         with _autocast(self.device_type, self.autocast_dtype):
-            return self.model(input_ids=ids, use_cache=False).logits
+            return self.model(inputs_embeds=embeds, use_cache=False).logits
 
 
 def cuda_capture_student(module: nn.Module, sample: tuple[torch.Tensor, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -197,7 +200,10 @@ class StepGraphs:
             self.status.eager += 1
             return self._eager_student(ids)
         self.status.replays += 1
-        return self._student(ids)
+        return self._graphed_student(ids)
+
+    def _graphed_student(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._student(self.model.get_input_embeddings()(ids))
 
     @torch.no_grad()
     def teacher_logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -229,10 +235,14 @@ class StepGraphs:
             _set_rng_state(rng, device)
             ref_logits, ref_grads = self._probe(self._eager_student, ids, params)
             self._module = StudentLogits(self.model, dtype, device.type)
-            graphed = self._capture_student(self._module, (ids.clone(),))
+            with torch.no_grad():
+                sample = self.model.get_input_embeddings()(ids)
+            embeds_need_grad = any(p.requires_grad for p in self.model.get_input_embeddings().parameters())
+            self._student = self._capture_student(self._module, (sample.detach().requires_grad_(embeds_need_grad),))
             _set_rng_state(rng, device)
-            got_logits, got_grads = self._probe(graphed, ids, params)
+            got_logits, got_grads = self._probe(self._graphed_student, ids, params)
         except Exception as err:  # noqa: BLE001 (the run goes on eagerly; the status says why)
+            self._student = None
             self.status.student = f"off: capture failed ({type(err).__name__}: {err})"[:500]
             self._log(
                 f"recovery.cuda_graphs: the student's capture failed, training eagerly: {self.status.student}\n"
@@ -246,10 +256,10 @@ class StepGraphs:
         worst = max(self.status.check.values())
         if missing or worst > self.tolerance:
             why = f"{missing} gradients missing" if missing else f"differs from eager by {worst:.3g}"
+            self._student = None
             self.status.student = f"off: self-check failed ({why} > tolerance {self.tolerance:g})"
             self._log(f"recovery.cuda_graphs: {self.status.student}; training eagerly")
         else:
-            self._student = graphed
             self.status.student = "on"
         if self.teacher is not None:
             self._capture_teacher_graph(ids, dtype)
