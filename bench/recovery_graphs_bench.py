@@ -147,7 +147,7 @@ def main() -> None:
         write_json(args.out, doc)
     eager, graphed = doc["variants"]["eager"], doc["variants"]["graphs"]
     doc["speedup"] = eager["step_ms_median"] / graphed["step_ms_median"]
-    diffs = [abs(a - b) / max(abs(a), 1e-12) for a, b in zip(eager["kl_per_step"], graphed["kl_per_step"])]
+    diffs = [abs(a - b) / max(abs(a), 1e-12) for a, b in zip(eager["kl_per_step"], graphed["kl_per_step"], strict=True)]
     doc["kl_max_rel_diff"] = max(diffs)
     status = graphed.get("cuda_graphs", {})
     # bf16 kernels that sum with atomics drift apart over steps; far apart would mean another function

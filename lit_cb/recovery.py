@@ -17,8 +17,8 @@ import warnings
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from torchmetrics.text import Perplexity
@@ -201,9 +201,7 @@ class RecoveryModule(L.LightningModule):
         if self.config.cuda_graphs and self.step_graphs is None:
             if self.device.type != "cuda":
                 raise ValueError(f"recovery.cuda_graphs=true needs a GPU; this run trains on {self.device}")
-            self.step_graphs = StepGraphs(
-                self.model, self._teacher[0] if self._teacher else None, log=rank_zero_info
-            )
+            self.step_graphs = StepGraphs(self.model, self._teacher[0] if self._teacher else None, log=rank_zero_info)
 
     def on_fit_start(self) -> None:
         for t in self._teacher:

@@ -47,7 +47,8 @@ DEFAULT_TOLERANCE = 2e-2
 """Largest accepted ``max |graphed - eager| / max |eager|`` of the logits and of each gradient."""
 
 StudentCapture = Callable[[nn.Module, tuple[torch.Tensor, ...]], Callable[[torch.Tensor], torch.Tensor]]
-TeacherCapture = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
+Forward = Callable[[torch.Tensor], torch.Tensor]
+TeacherCapture = Callable[[Forward, torch.Tensor], Forward]
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -250,8 +251,8 @@ class StepGraphs:
             )
             _set_rng_state(rng, device)
             return
-        diffs = [_rel_diff(g, r) for g, r in zip(got_grads, ref_grads) if r is not None and g is not None]
-        missing = sum((g is None) != (r is None) for g, r in zip(got_grads, ref_grads))
+        diffs = [_rel_diff(g, r) for g, r in zip(got_grads, ref_grads, strict=True) if r is not None and g is not None]
+        missing = sum((g is None) != (r is None) for g, r in zip(got_grads, ref_grads, strict=True))
         self.status.check = {"logits": _rel_diff(got_logits, ref_logits), "grads": max(diffs, default=0.0)}
         worst = max(self.status.check.values())
         if missing or worst > self.tolerance:

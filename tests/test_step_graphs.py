@@ -60,9 +60,7 @@ def test_replays_at_the_captured_shape_and_runs_eagerly_otherwise():
     model = _trainable(tiny_llama())
     ref_model = copy.deepcopy(model)
     logs = []
-    graphs = StepGraphs(
-        model, None, capture_student=eager_student, capture_teacher=eager_teacher, log=logs.append
-    )
+    graphs = StepGraphs(model, None, capture_student=eager_student, capture_teacher=eager_teacher, log=logs.append)
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(123)
     rng = torch.get_rng_state()
@@ -110,7 +108,8 @@ def test_a_graph_that_differs_from_eager_is_not_used():
 
     graphs = StepGraphs(model, None, capture_student=raises, log=logs.append)
     torch.testing.assert_close(graphs.student_logits(ids), ref, rtol=0, atol=0)
-    assert graphs.status.student == "off: capture failed (RuntimeError: operation not permitted when stream is capturing)"
+    why = "off: capture failed (RuntimeError: operation not permitted when stream is capturing)"
+    assert graphs.status.student == why
     assert "Traceback" in logs[-1]
 
 
