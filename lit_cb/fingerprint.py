@@ -44,6 +44,7 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "overwrite",
     "eval.",
     "recovery.max_steps",
+    "recovery.cuda_graphs",  # how the step is launched; the graphs are checked against eager (lit_cb/step_graphs.py)
     "trainer.log_every_n_steps",
     "trainer.val_check_interval",
     "data.num_workers",

@@ -193,3 +193,15 @@ def test_the_module_refuses_to_graph_on_a_cpu():
     ids = torch.randint(0, 512, (2, 16))
     with pytest.raises(ValueError, match="cuda_graphs=true needs a GPU; this run trains on cpu"):
         trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_Windows(ids), batch_size=2))
+
+
+def test_a_run_resumes_with_graphs_turned_on_or_off():
+    """recovery.cuda_graphs changes how the step is launched, not what it computes (checked against eager at
+    capture): a resume may toggle it; another recovery setting still counts as a different run."""
+    from lit_cb.fingerprint import differences, flatten
+
+    def fp(**recovery) -> dict:
+        return {"config": flatten(RunConfig(recovery=RecoveryConfig(**recovery)).to_dict())}
+
+    assert differences(fp(cuda_graphs=False), fp(cuda_graphs=True)) == []
+    assert differences(fp(lr=1e-4), fp(lr=2e-4)) == ["config recovery.lr: 0.0001 -> 0.0002"]
