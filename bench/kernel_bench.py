@@ -686,6 +686,10 @@ def table_variants(batch: int, b: int) -> list:
         (256, 4, 8, 8, 16, False),
         (256, 4, 4, 8, 8, False),
         (256, 4, 4, 8, 16, True),
+        # session 23: 8-column code vectors won every cell (fewer registers a lane, more warps in flight); around it
+        (256, 4, 8, 8, 8, False),
+        (128, 4, 4, 4, 8, False),
+        (256, 4, 4, 8, 4, False),
     ]:
         cfg = T.TableGemvConfig(block_n=bn, block_t=bt, programs_per_sm=per_sm, num_warps=warps, table_fp32=f32)
         out.append(

@@ -180,7 +180,7 @@ def test_bench_sweep_checks_every_table_variant(tmp_path):
     sys.path.insert(0, str(root))
     from bench.kernel_bench import table_variants
 
-    assert len(rows) == 4 * len(table_variants(1, 8)) == 4 * 10 and {r["batch"] for r in rows} == {1}
+    assert len(rows) == 4 * len(table_variants(1, 8)) == 4 * 13 and {r["batch"] for r in rows} == {1}
     assert all(r["variant"].startswith("table_") and r["rel_err"] < 3e-3 and r["us"] > 0 for r in rows), rows
 
 
