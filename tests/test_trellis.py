@@ -464,3 +464,39 @@ def test_step_bench_smoke_times_the_four_rotation_variants_and_they_agree(tmp_pa
     assert doc["profile_shared_dense"]["wall_ms"] > 0, doc["profile_shared_dense"]  # the profiler's path ran
     again = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=60)
     assert again.returncode != 0 and "exists" in again.stderr  # nothing is overwritten
+
+
+def test_no_autograd_graph_outlives_a_training_step():
+    """A model of trellis layers trained a step: while its forward runs, layers reading one tensor share its rotation
+    (one per block input instead of one per layer); once its backward ran and the loss is gone, no rotation holds
+    the step's rotated input, so no autograd graph (nor the gradient accumulators in it) reaches into the next step,
+    which is what lets ``recovery.cuda_graphs`` capture the step (lit_cb/step_graphs.py)."""
+    from lit_cb.compress import _set_submodule
+    from lit_cb.trellis import _ROTATIONS
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(num_layers=2)
+    for name, mod in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]:
+        layer = _layer(mod.out_features, mod.in_features, bias=False, seed=3)  # one seed: same-width layers share
+        layer.scales.requires_grad_(True)
+        _set_submodule(model, name, layer)
+    model.train()
+    calls = []
+    rotations = {id(m.rotation()): m.rotation() for m in model.modules() if isinstance(m, TrellisLinear)}
+    for r in rotations.values():
+        r.matrix(torch.zeros(1))  # the dense R, built once (by rotating the identity) before counting
+    originals = {k: r.rotate for k, r in rotations.items()}
+    for k, r in rotations.items():
+        r.rotate = lambda t, _orig=originals[k], **kw: calls.append(1) or _orig(t, **kw)
+    try:
+        ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(4))
+        loss = model(input_ids=ids).logits.float().logsumexp(-1).mean()
+        # per block: q/k/v share one rotation of the normed input, o its own, gate/up one, down its own
+        assert len(calls) == 2 * 4
+        loss.backward()
+        del loss
+        held = [r.last_rotated[2]() for r in _ROTATIONS.values() if r.last_rotated is not None]
+        assert held and all(t is None for t in held)
+    finally:
+        for k, r in rotations.items():
+            r.rotate = originals[k]
