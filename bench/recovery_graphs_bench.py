@@ -18,7 +18,6 @@ stand-ins for the captures (no timing).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import pathlib
 import statistics
@@ -31,7 +30,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.kernel_bench import result_header, write_json  # noqa: E402
-from bench.trellis_step_bench import trellis_model  # noqa: E402
+from bench.trellis_step_bench import step_bench_args, trellis_model  # noqa: E402
 
 
 def recovery_config(steps: int, graphs: bool):
@@ -109,26 +108,16 @@ def run_variant(student0, teacher, args, graphs: bool, device: str) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=None)
-    p.add_argument("--layers", type=int, default=30)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--smoke", action="store_true", help="CPU, 2 blocks, 2 x 32 tokens, eager stand-in captures")
-    args = p.parse_args()
-    if args.out and pathlib.Path(args.out).exists():
-        p.error(f"--out {args.out} exists; choose another path (nothing is overwritten)")
+    args, device = step_bench_args(
+        __doc__,
+        30,
+        "CPU, 2 blocks, 2 x 32 tokens, eager stand-in captures",
+        lambda p: p.add_argument("--warmup", type=int, default=5, help="steps left out of the median"),
+    )
     if args.smoke:
-        args.layers, args.batch, args.seqlen, args.steps, args.warmup = 2, 2, 32, 3, 1
-        device = "cpu"
-    elif torch.cuda.is_available():
-        device = "cuda"
-    else:
-        sys.exit("no GPU: use --smoke on a CPU")
+        args.steps, args.warmup = 3, 1
     if not 0 <= args.warmup < args.steps:
-        p.error(f"--warmup {args.warmup} must lie in [0, --steps={args.steps})")
+        sys.exit(f"--warmup {args.warmup} must lie in [0, --steps={args.steps})")
     if device == "cuda":
         from lit_cb.pipeline import use_deterministic_kernels
 

@@ -79,24 +79,34 @@ def scale_grads(model) -> torch.Tensor:
     return torch.cat([m.scales.grad.flatten().float() for m in model.modules() if isinstance(m, TrellisLinear)])
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def step_bench_args(doc: str, steps: int, smoke_help: str, extra=None) -> tuple[argparse.Namespace, str]:
+    """The command line of a training-step bench on the SmolLM2-shaped trellis model (this one and
+    bench/recovery_graphs_bench.py) and its device: ``--smoke`` is the CPU with 2 blocks of 2 x 32 tokens and 2-3
+    steps; otherwise a GPU. ``extra(parser)`` adds a bench's own options."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None)
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--smoke", action="store_true", help="CPU, 2 blocks, 2 x 32 tokens: the code path only")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--smoke", action="store_true", help=smoke_help)
+    if extra is not None:
+        extra(p)
     args = p.parse_args()
     if args.out and pathlib.Path(args.out).exists():
         p.error(f"--out {args.out} exists; choose another path (nothing is overwritten)")
     if args.smoke:
-        args.layers, args.batch, args.seqlen, args.steps = 2, 2, 32, 2
-        device = "cpu"
-    elif torch.cuda.is_available():
-        device = "cuda"
-    else:
+        args.layers, args.batch, args.seqlen = 2, 2, 32
+        return args, "cpu"
+    if not torch.cuda.is_available():
         sys.exit("no GPU: use --smoke on a CPU")
+    return args, "cuda"
+
+
+def main() -> None:
+    args, device = step_bench_args(__doc__, 10, "CPU, 2 blocks, 2 x 32 tokens: the code path only")
+    if args.smoke:
+        args.steps = 2
     from lit_cb import trellis
 
     doc = result_header("a trellis model's training step (student forward + backward), rotation knobs", args.smoke)

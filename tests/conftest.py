@@ -43,6 +43,19 @@ def tiny_llama(num_layers: int = 2, hidden: int = 64, intermediate: int = 128, v
     return model
 
 
+class TokenWindows(torch.utils.data.Dataset):
+    """Rows of a ``[N, T]`` id tensor as ``{"input_ids": row}`` items: what recovery's training step reads."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i]}
+
+
 @pytest.fixture
 def tiny_model():
     return tiny_llama()

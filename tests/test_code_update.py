@@ -32,7 +32,7 @@ from lit_cb.quant.code_update import (
 )
 from lit_cb.recovery import RecoveryModule
 
-from .conftest import TINY_RUN, tiny_llama
+from .conftest import TINY_RUN, TokenWindows, tiny_llama
 
 # -- float64 references -------------------------------------------------------------------------
 
@@ -252,17 +252,6 @@ def test_hooks_record_the_autograd_gradient_of_the_dense_weight():
     assert hooks.tokens == 32
 
 
-class _OneBatch(torch.utils.data.Dataset):
-    def __init__(self, ids: torch.Tensor) -> None:
-        self.ids = ids
-
-    def __len__(self) -> int:
-        return self.ids.shape[0]
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.ids[i]}
-
-
 def _loss(model, ids) -> float:
     with torch.no_grad():
         return float(model(input_ids=ids, labels=ids).loss)
@@ -273,7 +262,7 @@ def _fit(model, ids, every, steps, teacher=None, **extra):
         max_steps=steps, lr=1e-12, lora_r=0, train_norms=True, warmup_steps=0, code_update_every=every, **extra
     )
     module = RecoveryModule(model, cfg, teacher=teacher)
-    loader = torch.utils.data.DataLoader(_OneBatch(ids), batch_size=ids.shape[0])
+    loader = torch.utils.data.DataLoader(TokenWindows(ids), batch_size=ids.shape[0])
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=steps,

@@ -15,7 +15,7 @@ from lit_cb.configs.recovery import RecoveryConfig
 from lit_cb.configs.run import RunConfig, TrainerConfig
 from lit_cb.recovery import RecoveryModule
 from lit_cb.step_graphs import StepGraphs, StudentLogits
-from tests.conftest import tiny_llama
+from tests.conftest import TokenWindows, tiny_llama
 
 
 def eager_student(module, sample):
@@ -141,17 +141,6 @@ def test_teacher_graph_replays_at_the_shape_and_is_checked():
     torch.testing.assert_close(bad.teacher_logits(ids), ref)
 
 
-class _Windows(torch.utils.data.Dataset):
-    def __init__(self, ids: torch.Tensor) -> None:
-        self.ids = ids
-
-    def __len__(self) -> int:
-        return self.ids.shape[0]
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.ids[i]}
-
-
 def _fit(graphs: bool, ids: torch.Tensor) -> RecoveryModule:
     L.seed_everything(0, verbose=False)
     student, teacher = tiny_llama(), tiny_llama(seed=1)
@@ -169,7 +158,7 @@ def _fit(graphs: bool, ids: torch.Tensor) -> RecoveryModule:
         accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=1.0,
     )  # fmt: skip
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_Windows(ids), batch_size=4))
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(TokenWindows(ids), batch_size=4))
     return module
 
 
@@ -192,7 +181,7 @@ def test_the_module_refuses_to_graph_on_a_cpu():
     )  # fmt: skip
     ids = torch.randint(0, 512, (2, 16))
     with pytest.raises(ValueError, match="cuda_graphs=true needs a GPU; this run trains on cpu"):
-        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_Windows(ids), batch_size=2))
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(TokenWindows(ids), batch_size=2))
 
 
 def test_a_run_resumes_with_graphs_turned_on_or_off():
@@ -205,3 +194,25 @@ def test_a_run_resumes_with_graphs_turned_on_or_off():
 
     assert differences(fp(cuda_graphs=False), fp(cuda_graphs=True)) == []
     assert differences(fp(lr=1e-4), fp(lr=2e-4)) == ["config recovery.lr: 0.0001 -> 0.0002"]
+
+
+def test_recovery_graphs_bench_runs_and_records(tmp_path):
+    """bench/recovery_graphs_bench.py --smoke as a process: both variants through the Lightning Trainer, the graph
+    path with eager stand-ins on and equal to eager step for step; --out never overwrites."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = tmp_path / "graphs.json"
+    cmd = [sys.executable, "bench/recovery_graphs_bench.py", "--smoke", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert {"device", "versions", "date", "command", "variants", "speedup", "passed"} <= set(doc) and doc["passed"]
+    eager, graphs = doc["variants"]["eager"], doc["variants"]["graphs"]
+    assert len(eager["kl_per_step"]) == len(graphs["kl_per_step"]) == 3 and doc["kl_max_rel_diff"] == 0.0
+    assert graphs["cuda_graphs"]["student"] == "on" and graphs["cuda_graphs"]["replays"] == 3
+    again = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert again.returncode != 0 and "exists" in again.stderr
