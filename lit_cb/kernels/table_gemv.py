@@ -29,10 +29,12 @@ The table costs precision: fp16 entries (about 11 bits) sum in fp32, like an fp1
 ``table_fp32`` keeps them in fp32 (1 KB windows, twice the sectors), as bf16 and fp32 inputs always do: their
 group dots could overflow fp16.
 
-Experimental: timed by ``bench/kernel_bench.py --sweep --sweep-families table``. The dispatcher sends ``gemv``
-calls here only when opted in with ``LIT_CB_TABLE_GEMV=1`` (:func:`enabled`), for the layers it takes, fused
-q/k/v and gate/up too (:func:`supports`); each layer's codes are then interleaved once and kept beside them
-(:func:`layer_codes`: another copy of the codes' bytes, 0.25 byte a weight at 2 bits).
+Timed by ``bench/kernel_bench.py --sweep --sweep-families table`` (H100: ahead of the gemv only for several
+codebooks at the huge shape class, 96.44 against 105.15 µs at 28672x8192 2x8_g8). The dispatcher sends ``gemv``
+calls here where that sweep measured a win (``TABLE_GEMV_SHAPES`` in :mod:`lit_cb.kernels.ops`), or wherever
+``LIT_CB_TABLE_GEMV=1`` asks (``0``: never; :func:`forced`), for the layers it takes, fused q/k/v and gate/up too
+(:func:`supports`); each layer's codes are then interleaved once and kept beside them (:func:`layer_codes`:
+another copy of the codes' bytes, 0.25 byte a weight at 2 bits).
 """
 
 from __future__ import annotations
