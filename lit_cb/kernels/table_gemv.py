@@ -346,11 +346,6 @@ def forced() -> bool | None:
     return flag == "1"
 
 
-def enabled() -> bool:
-    """Whether ``LIT_CB_TABLE_GEMV=1`` asks for the kernel on every gemv call it takes."""
-    return forced() is True
-
-
 def supports(x2d: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, nbits: int) -> bool:
     """Layers (one part or fused) with uint8 codes ``[N, K_GROUPS, M]`` (B <= 8), up to :data:`MAX_TOKENS`
     tokens."""
