@@ -39,9 +39,9 @@ def teacher_calibration(folder: Path, num: int, seqlen: int, seed: int) -> torch
     """``num`` windows of ``seqlen`` tokens, each ``seqlen / L`` random sequences of a teacher-text cache (the
     float model's own samples, ``[S, L]`` in ``folder/tokens.safetensors``, as recovery's teacher text is)
     joined: calibration without any dataset (LLM-QAT's data-free idea, applied to the Hessians)."""
-    from safetensors.torch import load_file
+    from lit_cb.data.teacher_text import read_tokens
 
-    tokens = next(iter(load_file(str(folder / "tokens.safetensors")).values()))
+    tokens = read_tokens(folder / "tokens.safetensors")
     per = tokens.shape[1]
     if seqlen % per:
         raise ValueError(f"calibration_seqlen {seqlen} is not a multiple of the teacher sequences' {per} tokens")

@@ -50,7 +50,7 @@ def test_only_the_first_blocks_are_compressed_and_every_block_is_put_back():
 def test_teacher_windows_join_whole_cached_sequences_chosen_by_the_seed(tmp_path):
     probe = _probe()
     cache = torch.arange(40 * 8).reshape(40, 8)  # 40 sequences of 8 tokens, every token distinct
-    save_file({"tokens": cache}, str(tmp_path / "tokens.safetensors"))
+    save_file({"input_ids": cache}, str(tmp_path / "tokens.safetensors"))
     w = probe.teacher_calibration(tmp_path, 5, 16, seed=3)
     assert w.shape == (5, 16) and w.dtype == torch.long
     rows = w.reshape(10, 8)
@@ -72,7 +72,7 @@ def test_the_probe_compares_three_pools_per_seed_on_the_tiny_model(tmp_path, tin
     teacher = tmp_path / "teacher"
     teacher.mkdir()
     ids = torch.randint(0, len(tiny_tokenizer), (64, 16), generator=torch.Generator().manual_seed(1))
-    save_file({"tokens": ids}, str(teacher / "tokens.safetensors"))
+    save_file({"input_ids": ids}, str(teacher / "tokens.safetensors"))
     out = tmp_path / "r.json"
     args = ["--config", str(config), "--blocks", "1", "--seeds", "0,1", "--eval-windows", "2", "--out", str(out)]
     args += ["--samplings", "document,concat,teacher", "--teacher-dir", str(teacher), f"model.name={model_dir}"]

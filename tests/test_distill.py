@@ -127,6 +127,32 @@ def test_teacher_text_is_seeded_has_the_length_and_is_cached_never_overwritten(t
     assert len(calls) == 1
 
 
+def test_teacher_tokens_are_stored_narrow_and_read_back_as_the_same_int64_ids(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    import lit_cb.data.teacher_text as tt
+
+    # The narrowest exact dtype, at the boundaries.
+    assert tt.compact_token_dtype(torch.tensor([0, 65535])) == torch.uint16
+    assert tt.compact_token_dtype(torch.tensor([0, 65536])) == torch.int32
+    assert tt.compact_token_dtype(torch.tensor([-1, 5])) == torch.int32
+    assert tt.compact_token_dtype(torch.tensor([0, 2**31])) == torch.int64
+    # SmolLM2-sized ids: stored as uint16 (a quarter of int64's bytes), read back bit-identical as int64.
+    ids = torch.randint(0, 49152, (8, 16))
+    ids[0, 0], ids[0, 1] = 0, 49151
+    tt.write_tokens(tmp_path / "t.safetensors", ids)
+    assert load_file(str(tmp_path / "t.safetensors"))["input_ids"].dtype == torch.uint16
+    back = tt._load_tokens(tmp_path / "t.safetensors", tmp_path, [8, 16])
+    assert back.dtype == torch.long and torch.equal(back, ids)
+    # A cache written as int64 (before this storage) still loads, the same ids.
+    save_file({"input_ids": ids}, str(tmp_path / "old.safetensors"))
+    assert torch.equal(tt._load_tokens(tmp_path / "old.safetensors", tmp_path, [8, 16]), ids)
+    # Token ids stored as floats are refused, naming the dtype.
+    save_file({"input_ids": ids.float()}, str(tmp_path / "f.safetensors"))
+    with pytest.raises(ValueError, match="torch.float32 token ids"):
+        tt.read_tokens(tmp_path / "f.safetensors")
+
+
 def test_pipeline_adds_teacher_windows_and_a_resumed_run_reuses_them(model_dir, tmp_path, monkeypatch):
     import lit_cb.data.teacher_text as tt
     from lit_cb.data import CompressionDataModule
@@ -141,7 +167,7 @@ def test_pipeline_adds_teacher_windows_and_a_resumed_run_reuses_them(model_dir, 
     metrics = run(cfg)
     (windows,) = added
     assert windows.shape == (6, 32)  # 3 sequences of 64 tokens, cut into 32-token training windows
-    stored = load_file(str(cfg.run_dir / "teacher_text" / "tokens.safetensors"))["input_ids"]
+    stored = tt.read_tokens(cfg.run_dir / "teacher_text" / "tokens.safetensors")
     assert torch.equal(stored.reshape(-1, 32), windows)
     assert "teacher_text" in metrics["stages"]
     meta = json.loads((cfg.run_dir / "teacher_text" / "meta.json").read_text())["fingerprint"]
