@@ -13,6 +13,7 @@ rows differs in one setting only:
     both_fisher    mixed_fisher + rows_fisher
     mixed_fisher_wide  B 6/7/8/9/10 per layer, allocated by the Fisher-weighted error
     trellis        the computed-codes trellis (L12 k2) instead of the codebook
+    trellis_fisher the trellis with k = 1/2/3 bits per step per layer, Fisher-allocated at uniform k = 2's bits
     uniform_ft8    uniform with 8 epochs of block fine-tuning (with --protocol recipe: 2)
 
     python bench/cpu_weighting.py --runs-dir /tmp/cpu_weighting --seeds 0,1 --out bench/results/cpu_weighting.json
@@ -52,6 +53,14 @@ VARIANTS: dict[str, list[str]] = {
     "rows_fisher": ["compression.row_weighting=fisher"],
     "both_fisher": [*MIXED, "compression.sensitivity_weighting=fisher", "compression.row_weighting=fisher"],
     "trellis": ["compression.method=trellis", "compression.method_config={}"],  # computed codes (issue 10), L12 k2
+    # the trellis with k = 1, 2 or 3 bits per step per layer, Fisher-allocated at uniform k = 2's exact bits
+    "trellis_fisher": [
+        "compression.method=trellis",
+        "compression.method_config={}",
+        "compression.bit_budget=2.0625",
+        "compression.bit_options=[{bits_per_step: 1}, {bits_per_step: 2}, {bits_per_step: 3}]",
+        "compression.sensitivity_weighting=fisher",
+    ],
     # block fine-tuning 4x longer than the recipe protocol's 2 epochs (on the H100 every block's best epoch was the
     # last of 5, for the codebook and the trellis alike: trellis_compressed_h100_runs/, quality_smollm2_h100_runs/)
     "uniform_ft8": ["compression.block_finetune={epochs: 8, lr: 1.0e-4, batch_size: 4}"],

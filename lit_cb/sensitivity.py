@@ -26,8 +26,9 @@ precision pay off (uniform bits give the small layers the same bits/weight altho
 their bits buys more). Not modelled: how much a layer's output error matters to the final loss
 (a Fisher weight would need a backward pass through the whole model).
 
-Bits are exact: each option's cost is ``sum(CodebookFormat.storage_bits().values())`` of the
-format it produces for that layer, what :func:`lit_cb.compress.bits_per_weight` counts.
+Bits are exact: each option's cost is ``sum(fmt.storage_bits().values())`` of the format it produces
+for that layer (a :class:`~lit_cb.layers.CodebookFormat`, or a :class:`~lit_cb.trellis.TrellisFormat`,
+whose options are its bits per step), what :func:`lit_cb.compress.bits_per_weight` counts.
 """
 
 from __future__ import annotations
@@ -48,25 +49,31 @@ from lit_cb.architectures import spec_for
 from lit_cb.configs.aqlm import AQLMConfig
 from lit_cb.configs.codebook import CodebookConfig
 from lit_cb.configs.compression import CompressionConfig
+from lit_cb.configs.trellis import TrellisConfig
 from lit_cb.fingerprint import check_same
 from lit_cb.hessian import HESSIAN_DTYPES, attach_hessian_hooks, remove_hooks
 from lit_cb.layers import CodebookFormat
 from lit_cb.quant import registry
 from lit_cb.quant.allocation import Allocation, LayerChoices, allocate, budget_bits
 from lit_cb.quant.objective import fisher_layer_error, relative_layer_error
+from lit_cb.trellis import TrellisFormat
 
 ALLOCATION_FILE = "bit_allocation.json"
 MIN_VECTORS_PER_CENTROID = 32  # the row subsample keeps at least this many group vectors per centroid
 
 
-def layer_format(method_cfg: Any, layer: nn.Linear) -> CodebookFormat:
-    """The :class:`CodebookFormat` ``method_cfg`` gives ``layer``."""
+def layer_format(method_cfg: Any, layer: nn.Linear) -> CodebookFormat | TrellisFormat:
+    """The format ``method_cfg`` gives ``layer`` (what its ``storage_bits`` count)."""
     bias = layer.bias is not None
     if isinstance(method_cfg, CodebookConfig):
         return method_cfg.make_format(layer.in_features, layer.out_features, bias)
     if isinstance(method_cfg, AQLMConfig):
         return method_cfg.layer_format(layer.out_features, layer.in_features, bias)
-    raise TypeError(f"{type(method_cfg).__name__} has no codebook format; bit_budget needs codebook or aqlm")
+    if isinstance(method_cfg, TrellisConfig):
+        from lit_cb.quant.trellis import layer_format as trellis_format
+
+        return trellis_format(method_cfg, layer.out_features, layer.in_features, bias)
+    raise TypeError(f"{type(method_cfg).__name__} has no per-layer format; bit_budget needs codebook, aqlm or trellis")
 
 
 def option_costs(layer: nn.Linear, settings: list) -> tuple[int, ...]:
@@ -131,15 +138,29 @@ def quick_settings(method_cfg: Any) -> Any:
     return method_cfg
 
 
+def _row_group(settings: Any) -> int:
+    """Rows that the format quantizes together (a sample takes whole groups): a codebook's output group, a
+    trellis's tile rows."""
+    if isinstance(settings, TrellisConfig):
+        return settings.tile_rows
+    return getattr(settings, "out_group_size", 1)
+
+
+def _weights_to_fit(settings: Any) -> int:
+    """Weights a sample needs so that the option is not fitted to too few: >= 32 group vectors per centroid for
+    the codebook formats; none for the trellis, whose values are computed, not fitted."""
+    if isinstance(settings, TrellisConfig):
+        return 0
+    return MIN_VECTORS_PER_CENTROID * settings.codebook_size * settings.in_group_size * _row_group(settings)
+
+
 def _sample_rows(layer: nn.Linear, settings: list, max_rows: int | None, seed: int) -> torch.Tensor | None:
     """Row indices (whole output groups) the options are measured on; None = every row."""
     out_f = layer.out_features
     if max_rows is None or max_rows >= out_f:
         return None
-    og = max(getattr(s, "out_group_size", 1) for s in settings)
-    need = max(
-        MIN_VECTORS_PER_CENTROID * s.codebook_size * s.in_group_size * getattr(s, "out_group_size", 1) for s in settings
-    )
+    og = math.lcm(*(_row_group(s) for s in settings))
+    need = max(_weights_to_fit(s) for s in settings)
     rows = max(max_rows, math.ceil(need / layer.in_features))
     rows = -(-rows // og) * og
     if rows >= out_f or out_f % og:

@@ -390,3 +390,56 @@ def test_run_with_a_bit_budget_saves_a_mixed_model_within_budget(tmp_path, tiny_
     with pytest.raises(ValueError, match=r"compression.bit_budget=0.9 is unreachable"):
         run(bad)
     assert not bad.run_dir.exists()
+
+
+# -- the trellis: bits per step allocated per layer ------------------------------------------------------
+
+TRELLIS_BASE = {"state_bits": 6, "bits_per_step": 2, "tile_rows": 16, "tile_cols": 8}
+TRELLIS_OPTIONS = [{"bits_per_step": 1}, {"bits_per_step": 2}, {"bits_per_step": 3}]
+
+
+@pytest.mark.parametrize("between", [(1, 2), (2, 3)])
+def test_trellis_bits_per_step_meet_the_budget_and_save_as_allocated(between, tmp_path, tiny_tokenizer):
+    """The trellis through the same allocation: with a budget halfway between two uniform settings, each layer
+    takes k = 1, 2 or 3 bits per step, the layers' own storage bits are within the budget and equal the
+    allocation's total, every layer has the format its recorded option says (both settings around the budget are
+    used), each layer's measured error falls with its bits, and the saved model loads back with those formats
+    and the same logits."""
+    from lit_cb.preflight import target_linears
+    from lit_cb.serialization import load_compressed, save_compressed
+    from lit_cb.trellis import TrellisLinear
+
+    model = tiny_llama(num_layers=1)
+    probe = CompressionConfig(method="trellis", method_config=TRELLIS_BASE, bit_budget=3.5, bit_options=TRELLIS_OPTIONS)
+    layers = target_linears(model, probe.targets)
+    costs = [sensitivity.option_costs(m, probe.bit_option_settings()) for m in layers.values()]
+    n = sum(m.in_features * m.out_features for m in layers.values())
+    lo, hi = (sum(c[k - 1] for c in costs) for k in between)
+    budget = (lo + hi) / 2 / n
+    cfg = CompressionConfig(
+        method="trellis", method_config=TRELLIS_BASE, bit_budget=budget, bit_options=TRELLIS_OPTIONS
+    )
+    rep = compress_model(model, _windows(), cfg, device="cpu", progress=False, resume_dir=tmp_path / "blocks")
+
+    done = {name: m for name, m in model.named_modules() if isinstance(m, TrellisLinear)}
+    assert len(done) == len(layers) == 7
+    bits = sum(sum(m.fmt.storage_bits().values()) for m in done.values())
+    assert bits <= budget_bits(budget, n) and bits == rep.bit_allocation["allocation"]["total_bits"]
+    assert bits_per_weight(model)["compressed_linears"] <= budget + 1e-12
+    ks = {r.name: done[r.name].fmt.bits_per_step for r in rep.layers}
+    for r in rep.layers:
+        assert TRELLIS_OPTIONS[r.option]["bits_per_step"] == ks[r.name]
+    assert set(between) <= set(ks.values()), ks  # both sides of the budget (small layers may take k = 3 too)
+    # the measured errors (float model, bit_allocation.json) fall with more bits on every layer
+    errors = json.loads((tmp_path / "blocks" / sensitivity.ALLOCATION_FILE).read_text())["errors"]
+    assert all(e[0] > e[1] > e[2] for e in errors.values()), errors
+
+    ids = _windows(n=2)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    folder = save_compressed(model, tmp_path / "saved", tokenizer=tiny_tokenizer)
+    loaded = load_compressed(folder)[0]
+    again = {name: m.fmt.bits_per_step for name, m in loaded.named_modules() if isinstance(m, TrellisLinear)}
+    assert again == ks
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, before, atol=1e-5, rtol=1e-4)

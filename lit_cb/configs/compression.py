@@ -13,8 +13,12 @@ from lit_cb.typed_config import build
 HessianDtype = Literal["float32", "float64"]
 # Names of lit_cb.hessian.HESSIAN_DTYPES (that dict holds torch dtypes; a test keeps the two equal).
 HESSIAN_DTYPE_NAMES = get_args(HessianDtype)
-# Methods whose layers are a lit_cb.layers.CodebookFormat, whose exact bits bit_budget counts.
-MIXED_PRECISION_METHODS = ("aqlm", "codebook")
+# Methods whose layers hold discrete codes into codebooks (lit_cb.layers.CodebookFormat): what code training
+# (recovery.code_update_every, recovery.ste_codes) re-assigns.
+CODEBOOK_METHODS = ("aqlm", "codebook")
+# Methods whose layer formats count their exact bits (storage_bits), which bit_budget allocates: the codebook
+# formats, and the trellis (lit_cb.trellis.TrellisFormat, its bits_per_step per layer).
+MIXED_PRECISION_METHODS = (*CODEBOOK_METHODS, "trellis")
 SensitivityWeighting = Literal["relative", "fisher"]
 SENSITIVITY_WEIGHTINGS = get_args(SensitivityWeighting)
 RowWeighting = Literal["none", "fisher"]
@@ -127,7 +131,7 @@ class CompressionConfig:
             raise ValueError(f"compression.bit_budget={budget!r} must be a finite number of bits per weight > 0")
         if self.method not in MIXED_PRECISION_METHODS:
             raise ValueError(
-                f"compression.bit_budget needs a codebook-format method; compression.method={self.method!r}, "
+                f"compression.bit_budget needs a method with per-layer formats; compression.method={self.method!r}, "
                 f"allowed: {list(MIXED_PRECISION_METHODS)}"
             )
         if not self.bit_options:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from lit_cb.architectures import FAMILIES
-from lit_cb.configs.compression import MIXED_PRECISION_METHODS, CompressionConfig
+from lit_cb.configs.compression import CODEBOOK_METHODS, CompressionConfig
 from lit_cb.configs.data import DataConfig
 from lit_cb.configs.recovery import RecoveryConfig
 
@@ -147,11 +147,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.recovery.ste_codes and self.recovery.max_steps:
             self._check_one_codebook()
-        if self.recovery.code_update_every and self.compression.method not in MIXED_PRECISION_METHODS:
+        if self.recovery.code_update_every and self.compression.method not in CODEBOOK_METHODS:
             raise ValueError(
                 f"recovery.code_update_every={self.recovery.code_update_every} updates codebook codes, which "
                 f"compression.method={self.compression.method!r} does not make; allowed: "
-                f"{list(MIXED_PRECISION_METHODS)} (or code_update_every=0)"
+                f"{list(CODEBOOK_METHODS)} (or code_update_every=0)"
             )
         if self.recovery.cuda_graphs:
             self._check_cuda_graphs()
@@ -180,10 +180,10 @@ class RunConfig:
         """recovery.ste_codes assigns each group its nearest codeword, which needs one codebook per
         group: refuse a format with several before any work (AQLM's 2x8 uses code_update_every)."""
         comp = self.compression
-        if comp.method not in MIXED_PRECISION_METHODS:
+        if comp.method not in CODEBOOK_METHODS:
             raise ValueError(
                 f"recovery.ste_codes=true trains codes, which compression.method={comp.method!r} does not make; "
-                f"allowed: {list(MIXED_PRECISION_METHODS)}"
+                f"allowed: {list(CODEBOOK_METHODS)}"
             )
         settings = [comp.method_settings(), *comp.bit_option_settings()]
         counts = sorted({getattr(s, "num_codebooks", 1) for s in settings})  # the codebook method has one

@@ -78,6 +78,21 @@ def ldlq_walks(
     return coded, torch.cat(walks)
 
 
+def layer_format(config: TrellisConfig, out_features: int, in_features: int, bias: bool = False) -> TrellisFormat:
+    """The :class:`TrellisFormat` ``config`` gives an ``[out, in]`` layer (its exact bits: ``storage_bits``).
+    Raises ``ValueError`` when the tiles do not divide the layer."""
+    return TrellisFormat(
+        in_features,
+        out_features,
+        config.state_bits,
+        config.bits_per_step,
+        config.tile_rows,
+        config.tile_cols,
+        config.rotation_seed,
+        bias,
+    )
+
+
 @register_method(TrellisConfig, "trellis")
 def quantize_trellis(
     weight: torch.Tensor, hessian: torch.Tensor, config: TrellisConfig, bias: torch.Tensor | None = None
@@ -85,16 +100,7 @@ def quantize_trellis(
     """Compress ``weight`` ``[out, in]`` with its input second moment ``hessian`` ``[in, in]`` into a
     :class:`TrellisLinear` (codes by Viterbi in block-LDLQ feedback; module docstring)."""
     out_f, in_f = weight.shape
-    fmt = TrellisFormat(
-        in_f,
-        out_f,
-        config.state_bits,
-        config.bits_per_step,
-        config.tile_rows,
-        config.tile_cols,
-        config.rotation_seed,
-        bias is not None,
-    )
+    fmt = layer_format(config, out_f, in_f, bias is not None)
     dev, k = weight.device, config.bits_per_step
     rot = input_rotation(in_f, config.rotation_seed)
     wr = rot.rotate(weight.double())
