@@ -22,8 +22,11 @@ def test_every_variant_is_a_valid_config_differing_from_uniform_only_where_named
     base = load_config(ROOT / script.CONFIG).compression
     for name, overrides in script.VARIANTS.items():
         comp = load_config(ROOT / script.CONFIG, overrides).compression
-        if name == "trellis":  # another format at about the same bits (2.06): its own defaults
+        if name.startswith("trellis"):  # another format at about the same bits (2.06): its own defaults
             assert comp.method == "trellis" and comp.method_config == {}, name
+            if name == "trellis_fisher":  # k = 1/2/3 per layer at uniform k = 2's exact bits, Fisher-allocated
+                assert comp.bit_budget == 2.0625 and comp.sensitivity_weighting == "fisher", name
+                assert [o.bits_per_step for o in comp.bit_option_settings()] == [1, 2, 3], name
             continue
         assert comp.method_config == base.method_config, name  # same codebook shape: the same 2.056 bits
         mixed = any(o.startswith("compression.bit_budget") for o in overrides)
