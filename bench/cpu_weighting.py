@@ -60,6 +60,7 @@ VARIANTS: dict[str, list[str]] = {
         "compression.bit_budget=2.0625",
         "compression.bit_options=[{bits_per_step: 1}, {bits_per_step: 2}, {bits_per_step: 3}]",
         "compression.sensitivity_weighting=fisher",
+        "compression.sensitivity_max_rows=128",  # a quarter of the default 512: three L12 Viterbi searches a layer
     ],
     # block fine-tuning 4x longer than the recipe protocol's 2 epochs (on the H100 every block's best epoch was the
     # last of 5, for the codebook and the trellis alike: trellis_compressed_h100_runs/, quality_smollm2_h100_runs/)
