@@ -443,3 +443,17 @@ def test_trellis_bits_per_step_meet_the_budget_and_save_as_allocated(between, tm
     assert again == ks
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=ids).logits, before, atol=1e-5, rtol=1e-4)
+
+
+def test_trellis_sensitivity_samples_whole_row_tiles():
+    """The sensitivity pass measures a trellis option on whole tiles of rows (the walks run over ``tile_rows``
+    rows), however few rows are asked for; no sample where that would be every row."""
+    from lit_cb.configs.trellis import TrellisConfig
+
+    settings = [TrellisConfig(bits_per_step=k, tile_rows=32, tile_cols=8) for k in (1, 2, 3)]
+    layer = torch.nn.Linear(64, 1536, bias=False)
+    rows = sensitivity._sample_rows(layer, settings, 100, seed=0)
+    assert len(rows) == 128 and len(set(rows.tolist())) == 128  # 100 rounded up to whole 32-row tiles
+    tiles = rows.reshape(-1, 32)
+    assert torch.equal(tiles - tiles[:, :1], torch.arange(32).expand(4, 32)) and bool((tiles[:, 0] % 32 == 0).all())
+    assert sensitivity._sample_rows(torch.nn.Linear(64, 128, bias=False), settings, 100, seed=0) is None
