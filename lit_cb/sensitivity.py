@@ -67,12 +67,8 @@ def layer_format(method_cfg: Any, layer: nn.Linear) -> CodebookFormat | TrellisF
     bias = layer.bias is not None
     if isinstance(method_cfg, CodebookConfig):
         return method_cfg.make_format(layer.in_features, layer.out_features, bias)
-    if isinstance(method_cfg, AQLMConfig):
+    if isinstance(method_cfg, AQLMConfig | TrellisConfig):
         return method_cfg.layer_format(layer.out_features, layer.in_features, bias)
-    if isinstance(method_cfg, TrellisConfig):
-        from lit_cb.quant.trellis import layer_format as trellis_format
-
-        return trellis_format(method_cfg, layer.out_features, layer.in_features, bias)
     raise TypeError(f"{type(method_cfg).__name__} has no per-layer format; bit_budget needs codebook, aqlm or trellis")
 
 

@@ -400,7 +400,6 @@ def test_trellis_fisher_config_allocates_at_uniform_k2s_bits_inside_issue_14():
     the rank-2 slots stays inside issue 14's 2.16 whatever the allocation picks."""
     from lit_cb.config import load_config
     from lit_cb.quant.allocation import budget_bits
-    from lit_cb.quant.trellis import layer_format
 
     cfg = load_config(ROOT / "configs/smollm2_trellis_lora2_fisher.yaml")
     comp = cfg.compression
@@ -408,11 +407,11 @@ def test_trellis_fisher_config_allocates_at_uniform_k2s_bits_inside_issue_14():
     assert [o.bits_per_step for o in options] == [1, 2, 3] and comp.sensitivity_weighting == "fisher"
     shapes = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]  # (in, out)
     weights = 30 * sum(i * o for i, o in shapes)
-    uniform = 30 * sum(sum(layer_format(options[1], o, i).storage_bits().values()) for i, o in shapes)
+    uniform = 30 * sum(sum(options[1].layer_format(o, i).storage_bits().values()) for i, o in shapes)
     assert uniform <= budget_bits(comp.bit_budget, weights) < uniform + 30 * 7  # the budget is uniform k = 2's
     low_rank = 0.0
     for in_f, out_f in shapes:
-        layer = TrellisLinear(layer_format(options[1], out_f, in_f), device="meta")
+        layer = TrellisLinear(options[1].layer_format(out_f, in_f), device="meta")
         layer.init_low_rank(cfg.recovery.lora_r, cfg.recovery.low_rank_bits)
         low_rank += (layer.bits_per_weight() - layer.fmt.bits_per_weight()) * in_f * out_f
     assert comp.bit_budget + 30 * low_rank / weights <= 2.16

@@ -66,3 +66,19 @@ class TrellisConfig:
             raise ValueError(f"damp={self.damp!r} must be >= 0 (typically 0.01)")
         if not isinstance(self.column_weights, bool):
             raise ValueError(f"column_weights={self.column_weights!r} must be a bool")
+
+    def layer_format(self, out_features: int, in_features: int, bias: bool = False):
+        """The :class:`lit_cb.trellis.TrellisFormat` this config produces for an ``[out, in]`` weight (its exact bits:
+        ``storage_bits``; imports torch). Raises ``ValueError`` when the tiles do not divide the layer."""
+        from lit_cb.trellis import TrellisFormat
+
+        return TrellisFormat(
+            in_features,
+            out_features,
+            self.state_bits,
+            self.bits_per_step,
+            self.tile_rows,
+            self.tile_cols,
+            self.rotation_seed,
+            bias,
+        )

@@ -14,7 +14,7 @@ import torch
 from lit_cb.configs.trellis import TrellisConfig  # noqa: F401 (re-exported: the config lives torch-free)
 from lit_cb.quant.gptq import upper_cholesky_of_inverse
 from lit_cb.quant.registry import register_method
-from lit_cb.trellis import TrellisFormat, TrellisLinear, block_ldlq, computed_values, input_rotation, viterbi
+from lit_cb.trellis import TrellisLinear, block_ldlq, computed_values, input_rotation, viterbi
 
 SCALE_MULTIPLIERS = (0.8, 0.85, 0.9, 0.95, 1.0, 1.05)
 
@@ -78,21 +78,6 @@ def ldlq_walks(
     return coded, torch.cat(walks)
 
 
-def layer_format(config: TrellisConfig, out_features: int, in_features: int, bias: bool = False) -> TrellisFormat:
-    """The :class:`TrellisFormat` ``config`` gives an ``[out, in]`` layer (its exact bits: ``storage_bits``).
-    Raises ``ValueError`` when the tiles do not divide the layer."""
-    return TrellisFormat(
-        in_features,
-        out_features,
-        config.state_bits,
-        config.bits_per_step,
-        config.tile_rows,
-        config.tile_cols,
-        config.rotation_seed,
-        bias,
-    )
-
-
 @register_method(TrellisConfig, "trellis")
 def quantize_trellis(
     weight: torch.Tensor, hessian: torch.Tensor, config: TrellisConfig, bias: torch.Tensor | None = None
@@ -100,7 +85,7 @@ def quantize_trellis(
     """Compress ``weight`` ``[out, in]`` with its input second moment ``hessian`` ``[in, in]`` into a
     :class:`TrellisLinear` (codes by Viterbi in block-LDLQ feedback; module docstring)."""
     out_f, in_f = weight.shape
-    fmt = layer_format(config, out_f, in_f, bias is not None)
+    fmt = config.layer_format(out_f, in_f, bias is not None)
     dev, k = weight.device, config.bits_per_step
     rot = input_rotation(in_f, config.rotation_seed)
     wr = rot.rotate(weight.double())
